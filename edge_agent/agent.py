@@ -1,0 +1,118 @@
+"""Wiring: sources -> engines -> outbox -> uplink, commands -> downlink -> handlers."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+from ulid import ULID
+
+from . import __version__
+from .clock import Clock, RealClock
+from .config import AgentConfig
+from .contract import Command, InventoryResyncArgs
+from .health import HealthReporter
+from .inventory.book import InventoryBook
+from .sources.simulated_inventory import SimulatedInventorySource
+from .sync.downlink import Downlink
+from .sync.outbox import Outbox
+from .sync.uplink import Uplink
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, clock: Clock | None = None) -> None:
+        self.cfg = cfg
+        self.clock = clock or RealClock()
+        self.boot_id = str(ULID())
+        self.outbox = Outbox(
+            cfg.outbox.path,
+            self.clock,
+            cap_bytes=cfg.outbox.cap_bytes,
+            max_message_bytes=cfg.outbox.max_message_bytes,
+            synchronous=cfg.outbox.synchronous,
+            quarantine_keep=cfg.outbox.quarantine_keep,
+        )
+        self.book = InventoryBook(self.outbox, self.clock)
+        self.uplink = Uplink(
+            cfg.mqtt,
+            cfg.store.id,
+            self.outbox,
+            self.clock,
+            inflight_window=cfg.outbox.inflight_window,
+            boot_id=self.boot_id,
+            agent_version=__version__,
+        )
+        self.downlink = Downlink(cfg.store.id, cfg.mqtt.topic_prefix, self.outbox, self.clock)
+        self.downlink.register("inventory.resync", self._resync)
+        self.uplink.subscribe(self.downlink.topic, self.downlink.on_message)
+        self.health = HealthReporter(
+            self.outbox,
+            self.clock,
+            cfg.health.interval_s,
+            connected=lambda: self.uplink.connected,
+            extra=lambda: {
+                "published_messages": self.uplink.published_messages,
+                "acked_messages": self.uplink.acked_messages,
+                "failed_acks": self.uplink.failed_acks,
+                "mqtt_connect_attempts": self.uplink.conn.attempts,
+            },
+        )
+        self.sources = []
+        if cfg.sources.simulated_inventory.enabled:
+            self.sources.append(SimulatedInventorySource(cfg.sources.simulated_inventory, self.book, self.clock))
+        self._stop = threading.Event()
+        self._housekeeper = threading.Thread(target=self._housekeep, name="housekeeper", daemon=True)
+
+    def _resync(self, cmd: Command, args: InventoryResyncArgs) -> dict:  # type: ignore[override]
+        info = self.book.snapshot(reason=f"resync {cmd.id}: {args.reason}")
+        log.info("inventory resync %s: snapshot %s as of seq %d in %d parts", cmd.id, info.snapshot_id,
+                 info.as_of_seq, info.parts)
+        return {"snapshot_id": info.snapshot_id, "as_of_seq": info.as_of_seq, "parts": info.parts, "keys": info.keys}
+
+    def _housekeep(self) -> None:
+        interval = self.cfg.outbox.cap_check_interval_s
+        while not self._stop.wait(interval):
+            try:
+                if self.outbox.enforce_cap():
+                    self.health.tick(force=True)
+                else:
+                    self.health.tick()
+            except Exception:
+                log.exception("housekeeping round failed")
+
+    def start(self) -> None:
+        log.info("edge-agent %s starting for store %s (boot %s)", __version__, self.cfg.store.id, self.boot_id)
+        self.downlink.start()
+        self.uplink.start()
+        self._housekeeper.start()
+        self.health.tick(force=True)
+        for s in self.sources:
+            s.start()
+
+    def stop(self, flush_timeout: float = 5.0) -> None:
+        log.info("stopping: flushing for up to %.1fs", flush_timeout)
+        for s in self.sources:
+            s.stop()
+        self._stop.set()
+        self._housekeeper.join(5)
+        self.downlink.stop()
+        drained = self.uplink.stop(flush_timeout)
+        self.outbox.close()
+        log.info("stopped (%s)", "outbox drained" if drained else "facts left in the outbox for next start")
+
+    def run_until_signalled(self) -> None:
+        done = threading.Event()
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s", signal.Signals(signum).name)
+            done.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        done.wait()
+        self.stop()

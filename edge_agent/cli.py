@@ -1,0 +1,106 @@
+"""The ``edge-agent`` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .config import ConfigError, HqFileConfig, load_config
+from .contract import write_schemas
+from .logs import setup_logging
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        load_config(args.file)
+    except ConfigError as e:
+        for issue in e.issues:
+            print(issue.render(e.path), file=sys.stderr)
+        print(f"{len(e.issues)} error(s) in {e.path}", file=sys.stderr)
+        return 2
+    print(f"{args.file}: ok")
+    return 0
+
+
+def _load_or_exit(path: str, model: type = None):  # type: ignore[assignment]
+    try:
+        return load_config(path) if model is None else load_config(path, model=model)
+    except ConfigError as e:
+        for issue in e.issues:
+            print(issue.render(e.path), file=sys.stderr)
+        sys.exit(2)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = _load_or_exit(args.config)
+    setup_logging(cfg.log.level)
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    from .agent import Agent
+
+    Agent(cfg).run_until_signalled()
+    return 0
+
+
+def _hq(args: argparse.Namespace) -> int:
+    cfg = _load_or_exit(args.config, HqFileConfig)
+    if args.db:
+        cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"db_path": Path(args.db)})})
+    if args.http_port is not None:
+        cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"http_port": args.http_port})})
+    setup_logging(cfg.log.level)
+    from .hq.receiver import HqReceiver
+
+    rx = HqReceiver(cfg)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    rx.start()
+    done.wait()
+    rx.stop()
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    for p in write_schemas(Path(args.out)):
+        print(p)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from simulators.store_replay import run_demo
+
+    return run_demo(seconds=args.seconds, workdir=Path(args.workdir), facts=args.facts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="edge-agent", description="Per-store smart-store IoT agent")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check-config", help="validate a config file; exit 2 with every error")
+    c.add_argument("file")
+    c.set_defaults(fn=_check_config)
+    r = sub.add_parser("run", help="run the agent")
+    r.add_argument("-c", "--config", required=True)
+    r.set_defaults(fn=_run)
+    h = sub.add_parser("hq", help="run the reference HQ receiver")
+    h.add_argument("-c", "--config", required=True)
+    h.add_argument("--db", help="override hq.db_path")
+    h.add_argument("--http-port", type=int, help="override hq.http_port (0 = no HTTP)")
+    h.set_defaults(fn=_hq)
+    s = sub.add_parser("schema", help="write a JSON Schema per message type")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=_schema)
+    d = sub.add_parser("demo", help="replay a simulated store: broker, simulator, agent, HQ receiver")
+    d.add_argument("--seconds", type=float, default=20.0)
+    d.add_argument("--facts", type=int, default=20_000)
+    d.add_argument("--workdir", default="var/demo")
+    d.set_defaults(fn=_demo)
+    args = p.parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

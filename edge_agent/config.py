@@ -1,0 +1,252 @@
+"""Configuration: TOML loaded with tomllib into pydantic v2 models.
+
+Every error names its dotted key and the line of the file it is on; secrets can come from the
+environment (``EDGE_AGENT_MQTT_PASSWORD`` ...) so they need not be written into the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .contract import DEFAULT_PREFIX, StoreId
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TlsConfig(Section):
+    enabled: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = False  # skip hostname verification; only for lab brokers
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class MqttConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    protocol: Literal["5", "3.1.1"] = "5"
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0)
+    topic_prefix: str = Field(DEFAULT_PREFIX, pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
+    reconnect_min_s: float = Field(0.2, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    tls: TlsConfig = TlsConfig()
+
+    @model_validator(mode="after")
+    def _backoff(self) -> MqttConfig:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be at least reconnect_min_s")
+        return self
+
+
+class OutboxConfig(Section):
+    path: Path = Path("var/outbox.db")
+    cap_bytes: int = Field(256 * 1024 * 1024, ge=256 * 1024)
+    max_message_bytes: int = Field(128 * 1024, ge=4096, le=256 * 1024 * 1024)
+    inflight_window: int = Field(32, ge=1, le=65535)
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    cap_check_interval_s: float = Field(0.5, gt=0)
+    quarantine_keep: int = Field(10_000, ge=10)
+
+
+class HealthConfig(Section):
+    interval_s: float = Field(60.0, gt=0)
+
+
+class SimulatedInventoryConfig(Section):
+    enabled: bool = False
+    seed: int = 1
+    zones: list[str] = ["backroom", "salesfloor", "fitting-room", "pos"]
+    gtins: int = Field(50, ge=1)
+    rate_per_s: float = Field(200.0, gt=0)
+    batch: int = Field(20, ge=1)
+    total: int = Field(10_000, ge=0)  # 0 runs forever
+
+
+class SourcesConfig(Section):
+    simulated_inventory: SimulatedInventoryConfig = SimulatedInventoryConfig()
+
+
+class LogConfig(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class HqConfig(Section):
+    db_path: Path = Path("var/hq.db")
+    client_id: str = "edge-hq"
+    reorder_window_s: float = Field(2.0, ge=0)
+    resync_retry_s: float = Field(15.0, gt=0)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8780, ge=0, le=65535)
+    print_applied: bool = True
+
+
+class StoreConfig(Section):
+    id: StoreId
+
+
+class AgentConfig(Section):
+    store: StoreConfig
+    mqtt: MqttConfig = MqttConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    health: HealthConfig = HealthConfig()
+    sources: SourcesConfig = SourcesConfig()
+    log: LogConfig = LogConfig()
+    hq: HqConfig = HqConfig()
+
+
+class HqFileConfig(BaseModel):
+    """What ``edge-agent hq`` reads; an agent's file works too (its agent-only tables are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    mqtt: MqttConfig = MqttConfig()
+    hq: HqConfig = HqConfig()
+    log: LogConfig = LogConfig()
+
+
+M = TypeVar("M", AgentConfig, HqFileConfig)
+
+# Secrets the environment may supply; the environment wins over the file.
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "EDGE_AGENT_MQTT_USERNAME": ("mqtt", "username"),
+    "EDGE_AGENT_MQTT_PASSWORD": ("mqtt", "password"),
+    "EDGE_AGENT_MQTT_HOST": ("mqtt", "host"),
+    "EDGE_AGENT_MQTT_PORT": ("mqtt", "port"),
+}
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    key: str
+    line: int | None
+    message: str
+
+    def render(self, path: Path) -> str:
+        where = f"{path}:{self.line}" if self.line else str(path)
+        return f"{where}: {self.key}: {self.message}"
+
+
+class ConfigError(Exception):
+    def __init__(self, path: Path, issues: list[ConfigIssue]) -> None:
+        self.path = path
+        self.issues = issues
+        super().__init__("\n".join(i.render(path) for i in issues))
+
+
+_HEADER = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]\s*(#.*)?$")
+_ASSIGN = re.compile(r'^\s*("[^"]+"|[A-Za-z0-9_.-]+)\s*=')
+
+
+def key_lines(text: str) -> dict[str, int]:
+    """Map each dotted key (and table) of a TOML text to its 1-based line number.
+
+    tomllib keeps no positions, so this reads the line structure itself; it only has to be right for
+    the tables and assignments that tomllib has already accepted.
+    """
+    lines: dict[str, int] = {}
+    table = ""
+    for n, raw in enumerate(text.splitlines(), start=1):
+        if m := _HEADER.match(raw):
+            table = m.group(1).strip("[] ").replace('"', "")
+            lines.setdefault(table, n)
+        elif m := _ASSIGN.match(raw):
+            key = m.group(1).strip('"')
+            lines.setdefault(f"{table}.{key}" if table else key, n)
+    return lines
+
+
+def _nearest_line(lines: dict[str, int], key: str) -> int | None:
+    parts = key.split(".")
+    while parts:
+        if (n := lines.get(".".join(parts))) is not None:
+            return n
+        parts.pop()
+    return None
+
+
+def _apply_env(data: dict[str, Any], env: dict[str, str]) -> None:
+    for var, path in ENV_OVERRIDES.items():
+        if var in env:
+            node = data
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = env[var]
+
+
+def load_config(path: str | Path, env: dict[str, str] | None = None, model: type[M] = AgentConfig) -> M:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(path, [ConfigIssue("(file)", None, f"cannot read: {e.strerror or e}")]) from e
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"line (\d+)", str(e))
+        raise ConfigError(path, [ConfigIssue("(syntax)", int(m.group(1)) if m else None, str(e))]) from e
+    _apply_env(data, dict(os.environ) if env is None else env)
+    try:
+        cfg = model.model_validate(data)
+    except ValidationError as e:
+        lines = key_lines(text)
+        issues = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(root)"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            issues.append(ConfigIssue(key, _nearest_line(lines, key), msg))
+        raise ConfigError(path, issues) from e
+    return _resolve_paths(cfg, path.parent)
+
+
+def _resolve_paths(cfg: M, base: Path) -> M:
+    """Relative paths in a config file are relative to that file, not to the current directory."""
+
+    def rel(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p)
+
+    tls = cfg.mqtt.tls
+    update: dict[str, Any] = {}
+    if isinstance(cfg, AgentConfig):
+        update["outbox"] = cfg.outbox.model_copy(update={"path": rel(cfg.outbox.path)})
+    return cfg.model_copy(
+        update=update
+        | {
+            "hq": cfg.hq.model_copy(update={"db_path": rel(cfg.hq.db_path)}),
+            "mqtt": cfg.mqtt.model_copy(
+                update={
+                    "tls": tls.model_copy(
+                        update={
+                            k: rel(v)
+                            for k, v in (("ca_file", tls.ca_file), ("cert_file", tls.cert_file), ("key_file", tls.key_file))
+                            if v is not None
+                        }
+                    )
+                }
+            ),
+        }
+    )
+

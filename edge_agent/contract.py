@@ -1,0 +1,334 @@
+"""Wire contract v1: topics, the envelope, one pydantic model per message type, JSON Schema export.
+
+Topic: ``{prefix}/{store}/{stream}`` uplink, ``{prefix}/{store}/cmd/{name}`` downlink.
+Envelope: ``{"v":1,"type","store","stream","seq","id","ts","sent","historical","body"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from enum import IntEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+CONTRACT_VERSION = 1
+DEFAULT_PREFIX = "retail/v1"
+
+StoreId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Gtin = Annotated[str, StringConstraints(pattern=r"^[0-9]{8,14}$")]
+Epc = Annotated[str, StringConstraints(pattern=r"^[0-9A-Fa-f]{8,124}$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Priority(IntEnum):
+    """Outbox priority classes: lower drains first and is dropped last."""
+
+    INVENTORY = 0
+    ESL = 1
+    TRAFFIC_STATS = 2
+    HEATMAP = 3
+
+
+# ---------------------------------------------------------------- bodies
+
+
+class InventoryDeltaItem(Strict):
+    ts: datetime
+    zone: Name
+    gtin: Gtin
+    delta: int
+    added: list[Epc] = Field(default_factory=list)
+    removed: list[Epc] = Field(default_factory=list)
+
+
+class InventoryDeltaBody(Strict):
+    items: list[InventoryDeltaItem]
+
+
+class StockLevel(Strict):
+    zone: Name
+    gtin: Gtin
+    qty: int
+
+
+class InventorySnapshotBody(Strict):
+    """The whole book as of ``as_of_seq`` of the store's inventory/delta stream, in ``parts`` messages."""
+
+    snapshot_id: str
+    as_of_seq: int = Field(ge=0)
+    part: int = Field(ge=1)
+    parts: int = Field(ge=1)
+    reason: str
+    items: list[StockLevel]
+
+
+class TrafficStatsItem(Strict):
+    camera: Name  # "*" for store-wide
+    zone: Name | None = None
+    bucket_start: datetime
+    bucket_s: int = Field(gt=0)
+    entries: int = Field(ge=0)
+    exits: int = Field(ge=0)
+    occupancy_min: float = Field(ge=0)
+    occupancy_avg: float = Field(ge=0)
+    occupancy_max: float = Field(ge=0)
+    visits: int = Field(ge=0)
+    dwell_edges_s: list[float] = Field(default_factory=list)
+    dwell_hist: list[int] = Field(default_factory=list)
+    dwell_median_s: float | None = None
+
+
+class TrafficStatsBody(Strict):
+    items: list[TrafficStatsItem]
+
+
+class TrafficHeatmapItem(Strict):
+    """Person-seconds per floor cell, row-major; numbers only, never pixels."""
+
+    camera: Name
+    bucket_start: datetime
+    bucket_s: int = Field(gt=0)
+    cell_m: float = Field(gt=0)
+    cols: int = Field(gt=0)
+    rows: int = Field(gt=0)
+    cells: list[float]
+
+
+class TrafficHeatmapBody(Strict):
+    items: list[TrafficHeatmapItem]
+
+
+class EslStateItem(Strict):
+    ts: datetime
+    label: Name
+    gtin: Gtin | None = None
+    price: str | None = None
+    currency: str | None = None
+    promo: str | None = None
+    battery_mv: int | None = None
+    rssi: int | None = None
+    last_seen: datetime | None = None
+    pending_since: datetime | None = None
+
+
+class EslStateBody(Strict):
+    items: list[EslStateItem]
+
+
+class EslAlertItem(Strict):
+    ts: datetime
+    label: Name
+    kind: Literal["price_mismatch", "stuck_pending", "low_battery", "label_silent"]
+    detail: str = ""
+
+
+class EslAlertBody(Strict):
+    items: list[EslAlertItem]
+
+
+class CmdResultItem(Strict):
+    ts: datetime
+    cmd_id: str
+    name: str
+    status: Literal["ok", "error"]
+    reason: str | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class CmdResultBody(Strict):
+    items: list[CmdResultItem]
+
+
+class Alert(Strict):
+    ts: datetime
+    kind: str
+    message: str
+
+
+class HealthBody(Strict):
+    uptime_s: float
+    connected: bool
+    pending_facts: int
+    sealed_messages: int
+    db_bytes: int
+    cap_bytes: int
+    compacted_facts: int
+    coarsened_facts: int
+    dropped_facts: dict[str, int]
+    quarantined: dict[str, int]
+    counters: dict[str, float] = Field(default_factory=dict)
+    alerts: list[Alert] = Field(default_factory=list)
+
+
+class StatusBody(Strict):
+    state: Literal["online", "offline"]
+    agent_version: str
+    boot_id: str
+    connection: int
+
+
+# ---------------------------------------------------------------- streams
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    type: str
+    body: type[BaseModel]
+    priority: Priority
+    batched: bool  # facts are items of body.items; otherwise a fact is a whole body
+    droppable: bool  # may be dropped under the disk cap (counted in health)
+    drop_order: int = 0  # lower is dropped first
+
+
+STREAMS: dict[str, StreamSpec] = {
+    s.name: s
+    for s in (
+        StreamSpec("inventory/delta", "inventory.delta", InventoryDeltaBody, Priority.INVENTORY, True, False),
+        StreamSpec("inventory/snapshot", "inventory.snapshot", InventorySnapshotBody, Priority.INVENTORY, False, False),
+        StreamSpec("cmd-result", "cmd.result", CmdResultBody, Priority.INVENTORY, True, False),
+        StreamSpec("esl/alert", "esl.alert", EslAlertBody, Priority.ESL, True, False),
+        StreamSpec("health", "health", HealthBody, Priority.ESL, False, False),
+        StreamSpec("esl/state", "esl.state", EslStateBody, Priority.ESL, True, True, drop_order=3),
+        StreamSpec("traffic/stats", "traffic.stats", TrafficStatsBody, Priority.TRAFFIC_STATS, True, True, drop_order=2),
+        StreamSpec("traffic/heatmap", "traffic.heatmap", TrafficHeatmapBody, Priority.HEATMAP, True, True, drop_order=1),
+    )
+}
+STATUS_STREAM = "status"
+STATUS_TYPE = "status"
+ITEM_MODELS: dict[str, type[BaseModel]] = {
+    "inventory/delta": InventoryDeltaItem,
+    "cmd-result": CmdResultItem,
+    "esl/alert": EslAlertItem,
+    "esl/state": EslStateItem,
+    "traffic/stats": TrafficStatsItem,
+    "traffic/heatmap": TrafficHeatmapItem,
+}
+
+
+# ---------------------------------------------------------------- envelope
+
+
+class Envelope(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    v: Literal[1]
+    type: str
+    store: StoreId
+    stream: str
+    seq: int = Field(ge=0)
+    id: Annotated[str, StringConstraints(pattern=r"^[0-9A-HJKMNP-TV-Z]{26}$")]
+    ts: datetime
+    sent: datetime
+    historical: bool
+    body: dict[str, Any]
+
+
+def _typed_envelope(spec_type: str, stream: str, body: type[BaseModel]) -> type[Envelope]:
+    cls_name = "".join(p.capitalize() for p in re.split(r"[./-]", spec_type)) + "Message"
+    return type(
+        cls_name,
+        (Envelope,),
+        {
+            "__annotations__": {"type": Literal[spec_type], "stream": Literal[stream], "body": body},
+            "__doc__": f"Envelope of a {spec_type} message on the {stream} stream.",
+        },
+    )
+
+
+MESSAGE_MODELS: dict[str, type[Envelope]] = {
+    spec.type: _typed_envelope(spec.type, spec.name, spec.body) for spec in STREAMS.values()
+}
+MESSAGE_MODELS[STATUS_TYPE] = _typed_envelope(STATUS_TYPE, STATUS_STREAM, StatusBody)
+
+
+def parse_message(payload: bytes | str) -> Envelope:
+    """Validate a raw uplink payload against the envelope and its type's body model."""
+    env = Envelope.model_validate_json(payload)
+    model = MESSAGE_MODELS.get(env.type)
+    if model is None:
+        raise ValueError(f"unknown message type {env.type!r}")
+    return model.model_validate_json(payload)
+
+
+# ---------------------------------------------------------------- topics
+
+
+def uplink_topic(prefix: str, store: str, stream: str) -> str:
+    return f"{prefix}/{store}/{stream}"
+
+
+def command_topic(prefix: str, store: str, name: str) -> str:
+    return f"{prefix}/{store}/cmd/{name}"
+
+
+@dataclass(frozen=True)
+class TopicParts:
+    store: str
+    stream: str  # for commands: "cmd"
+    command: str | None = None
+
+
+def split_topic(prefix: str, topic: str) -> TopicParts | None:
+    """Split ``{prefix}/{store}/{rest}``; None if the topic is not under the prefix."""
+    head = prefix + "/"
+    if not topic.startswith(head):
+        return None
+    rest = topic[len(head) :]
+    store, _, stream = rest.partition("/")
+    if not store or not stream:
+        return None
+    if stream.startswith("cmd/"):
+        return TopicParts(store, "cmd", stream[4:] or None)
+    return TopicParts(store, stream)
+
+
+# ---------------------------------------------------------------- commands
+
+
+class Command(BaseModel):
+    """Downlink command envelope on ``{prefix}/{store}/cmd/{name}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    v: Literal[1] = 1
+    id: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    name: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_.-]{0,63}$")]
+    store: StoreId
+    ts: datetime
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class InventoryResyncArgs(Strict):
+    reason: str = "requested"
+
+
+COMMAND_ARGS: dict[str, type[BaseModel]] = {"inventory.resync": InventoryResyncArgs}
+
+
+# ---------------------------------------------------------------- schema export
+
+
+def write_schemas(out: Path) -> list[Path]:
+    """One JSON Schema file per message type, plus the command envelope and each command's args."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    targets: dict[str, type[BaseModel]] = {f"{t}.message": m for t, m in MESSAGE_MODELS.items()}
+    targets["command"] = Command
+    targets.update({f"cmd.{n}.args": m for n, m in COMMAND_ARGS.items()})
+    for name, model in sorted(targets.items()):
+        path = out / f"{name}.schema.json"
+        schema = model.model_json_schema()
+        schema["$id"] = f"https://edge-agent.example/schemas/v{CONTRACT_VERSION}/{path.name}"
+        path.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+        written.append(path)
+    return written

@@ -1,0 +1,60 @@
+"""Periodic health reports: outbox depth, disk use, compaction/drop counters, quarantine counts, alerts."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+from .clock import Clock, rfc3339
+from .sync.outbox import Fact, Outbox
+
+log = logging.getLogger(__name__)
+
+
+class HealthReporter:
+    def __init__(
+        self,
+        outbox: Outbox,
+        clock: Clock,
+        interval_s: float,
+        *,
+        connected: Callable[[], bool],
+        extra: Callable[[], dict[str, float]] | None = None,
+    ) -> None:
+        self.outbox = outbox
+        self.clock = clock
+        self.interval_s = interval_s
+        self._connected = connected
+        self._extra = extra or (lambda: {})
+        self._started = clock.now()
+        self._last = float("-inf")
+
+    def body(self, alerts: list[tuple[float, str, str]]) -> dict:
+        counters = self.outbox.counters()
+        return {
+            "uptime_s": round(self.clock.now() - self._started, 3),
+            "connected": self._connected(),
+            "pending_facts": self.outbox.pending_count(),
+            "sealed_messages": self.outbox.sealed_count(),
+            "db_bytes": self.outbox.used_bytes(),
+            "cap_bytes": self.outbox.cap_bytes,
+            "compacted_facts": counters.get("compacted", 0),
+            "coarsened_facts": counters.get("coarsened", 0),
+            "dropped_facts": {k[len("dropped."):]: v for k, v in counters.items() if k.startswith("dropped.")},
+            "quarantined": {k[len("quarantined."):]: v for k, v in counters.items() if k.startswith("quarantined.")},
+            "counters": self._extra(),
+            "alerts": [{"ts": rfc3339(ts), "kind": k, "message": m} for ts, k, m in alerts],
+        }
+
+    def tick(self, force: bool = False) -> bool:
+        """Report if the interval has passed, or at once when there are unreported alerts."""
+        now = self.clock.now()
+        has_alerts = bool(self.outbox.read("SELECT 1 FROM alerts WHERE reported = 0 LIMIT 1"))
+        if not (force or has_alerts or now - self._last >= self.interval_s):
+            return False
+        self._last = now
+        with self.outbox.transaction() as tx:
+            body = self.body(self.outbox.take_alerts(tx))
+            tx.enqueue("health", [Fact(ts=now, body=json.dumps(body, separators=(",", ":")))])
+        return True

@@ -1,0 +1,90 @@
+"""HQ's store of record (SQLite): applied state and, per (store, stream), the last applied seq.
+
+State and ``last_seq`` change in the same transaction, so a message is applied exactly once however
+often the broker redelivers it and wherever the receiver is killed.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS streams(
+  store TEXT NOT NULL, stream TEXT NOT NULL,
+  last_seq INTEGER NOT NULL DEFAULT 0,
+  applied INTEGER NOT NULL DEFAULT 0,
+  facts INTEGER NOT NULL DEFAULT 0,
+  historical INTEGER NOT NULL DEFAULT 0,
+  duplicates INTEGER NOT NULL DEFAULT 0,
+  gaps INTEGER NOT NULL DEFAULT 0,
+  lost INTEGER NOT NULL DEFAULT 0,
+  last_ts REAL, last_sent REAL, last_applied_at REAL,
+  PRIMARY KEY(store, stream)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inventory(
+  store TEXT NOT NULL, zone TEXT NOT NULL, gtin TEXT NOT NULL, qty INTEGER NOT NULL,
+  PRIMARY KEY(store, zone, gtin)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS stash(
+  store TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL, payload BLOB NOT NULL,
+  PRIMARY KEY(store, stream, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS snapshot_parts(
+  store TEXT NOT NULL, snapshot_id TEXT NOT NULL, part INTEGER NOT NULL, parts INTEGER NOT NULL,
+  as_of_seq INTEGER NOT NULL, items TEXT NOT NULL,
+  PRIMARY KEY(store, snapshot_id, part)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS snapshots(
+  store TEXT NOT NULL, snapshot_id TEXT NOT NULL, as_of_seq INTEGER NOT NULL, applied_at REAL NOT NULL,
+  outcome TEXT NOT NULL, mismatches INTEGER NOT NULL, PRIMARY KEY(store, snapshot_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS messages(
+  store TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL,
+  historical INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY(store, stream, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS status(
+  store TEXT PRIMARY KEY, state TEXT NOT NULL, boot_id TEXT, connection INTEGER, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS resyncs(
+  store TEXT NOT NULL, cmd_id TEXT NOT NULL, requested_at REAL NOT NULL, done_at REAL,
+  PRIMARY KEY(store, cmd_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rejected(
+  id INTEGER PRIMARY KEY, at REAL NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL, payload BLOB);
+"""
+
+
+class HqStore:
+    def __init__(self, path: Path | str, synchronous: str = "FULL") -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute(f"PRAGMA synchronous={synchronous}")
+        self.conn.executescript(SCHEMA)
+        self.lock = threading.RLock()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        with self.lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    def read(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self.lock:
+            return self.conn.execute(sql, params).fetchall()
+
+    def inventory(self, store: str) -> dict[tuple[str, str], int]:
+        return {
+            (z, g): q
+            for z, g, q in self.read("SELECT zone, gtin, qty FROM inventory WHERE store = ? AND qty != 0", (store,))
+        }
+
+    def stream_stats(self) -> list[dict]:
+        cols = ("store", "stream", "last_seq", "applied", "facts", "historical", "duplicates", "gaps", "lost",
+                "last_ts", "last_sent", "last_applied_at")
+        return [dict(zip(cols, r, strict=True)) for r in self.read(f"SELECT {', '.join(cols)} FROM streams ORDER BY 1, 2")]
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()

@@ -1,0 +1,136 @@
+"""The store's inventory book: on-hand per (zone, GTIN), kept in the outbox database.
+
+A change to the book and the delta facts that describe it commit in one transaction (a
+transactional outbox), so after a crash the book and what HQ will receive always agree. That is what
+makes a snapshot exact: the book minus the still-pending deltas is the state as of the last sealed
+``seq`` of the inventory/delta stream.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ulid import ULID
+
+from ..clock import Clock, rfc3339
+from ..sync.outbox import ENVELOPE_OVERHEAD, Fact, Outbox, OutboxTx
+
+DELTA_STREAM = "inventory/delta"
+SNAPSHOT_STREAM = "inventory/snapshot"
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    ts: float
+    zone: str
+    gtin: str
+    delta: int
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.zone}|{self.gtin}"
+
+    def to_json(self) -> str:
+        item: dict[str, object] = {"ts": rfc3339(self.ts), "zone": self.zone, "gtin": self.gtin, "delta": self.delta}
+        if self.added:
+            item["added"] = list(self.added)
+        if self.removed:
+            item["removed"] = list(self.removed)
+        return json.dumps(item, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    snapshot_id: str
+    as_of_seq: int
+    parts: int
+    keys: int
+
+
+class InventoryBook:
+    def __init__(self, outbox: Outbox, clock: Clock) -> None:
+        self.outbox = outbox
+        self.clock = clock
+        with outbox.transaction() as tx:
+            tx.conn.execute(
+                "CREATE TABLE IF NOT EXISTS stock(zone TEXT NOT NULL, gtin TEXT NOT NULL, qty INTEGER NOT NULL,"
+                " PRIMARY KEY(zone, gtin)) WITHOUT ROWID"
+            )
+            tx.conn.execute(
+                "CREATE TABLE IF NOT EXISTS source_cursors(source TEXT PRIMARY KEY, position INTEGER NOT NULL)"
+            )
+
+    def apply(self, deltas: Sequence[Delta], *, cursor: tuple[str, int] | None = None) -> None:
+        """Change the book and enqueue the deltas atomically; ``cursor`` records how far a source got."""
+        with self.outbox.transaction() as tx:
+            self.apply_in(tx, deltas)
+            if cursor is not None:
+                tx.conn.execute(
+                    "INSERT INTO source_cursors(source, position) VALUES (?, ?)"
+                    " ON CONFLICT(source) DO UPDATE SET position = excluded.position",
+                    cursor,
+                )
+
+    def apply_in(self, tx: OutboxTx, deltas: Sequence[Delta]) -> None:
+        deltas = [d for d in deltas if d.delta or d.added or d.removed]
+        if not deltas:
+            return
+        tx.conn.executemany(
+            "INSERT INTO stock(zone, gtin, qty) VALUES (?,?,?)"
+            " ON CONFLICT(zone, gtin) DO UPDATE SET qty = qty + excluded.qty",
+            [(d.zone, d.gtin, d.delta) for d in deltas],
+        )
+        tx.enqueue(DELTA_STREAM, [Fact(ts=d.ts, body=d.to_json(), key=d.key) for d in deltas])
+
+    def cursor(self, source: str) -> int:
+        rows = self.outbox.read("SELECT position FROM source_cursors WHERE source = ?", (source,))
+        return rows[0][0] if rows else 0
+
+    def levels(self) -> dict[tuple[str, str], int]:
+        return {(z, g): q for z, g, q in self.outbox.read("SELECT zone, gtin, qty FROM stock")}
+
+    def snapshot(self, reason: str) -> SnapshotInfo:
+        """Enqueue the book as of the last sealed inventory/delta seq, in parts that fit the byte bound."""
+        with self.outbox.transaction() as tx:
+            as_of = self.outbox.last_seq(DELTA_STREAM, tx.conn)
+            levels = {(z, g): q for z, g, q in tx.conn.execute("SELECT zone, gtin, qty FROM stock")}
+            for (body,) in tx.conn.execute("SELECT body FROM pending WHERE stream = ?", (DELTA_STREAM,)):
+                item = json.loads(body)
+                key = (item["zone"], item["gtin"])
+                levels[key] = levels.get(key, 0) - item["delta"]
+            items = [
+                json.dumps({"zone": z, "gtin": g, "qty": q}, separators=(",", ":"))
+                for (z, g), q in sorted(levels.items())
+                if q != 0
+            ]
+            chunks = list(_chunks(items, self.outbox.max_body_bytes - ENVELOPE_OVERHEAD))
+            sid = str(ULID())
+            now = self.clock.now()
+            facts = [
+                Fact(
+                    ts=now,
+                    body=(
+                        f'{{"snapshot_id":"{sid}","as_of_seq":{as_of},"part":{i},"parts":{len(chunks)},'
+                        f'"reason":{json.dumps(reason)},"items":[{",".join(chunk)}]}}'
+                    ),
+                )
+                for i, chunk in enumerate(chunks, start=1)
+            ]
+            tx.enqueue(SNAPSHOT_STREAM, facts)
+        return SnapshotInfo(sid, as_of, len(chunks), len(items))
+
+
+def _chunks(items: Iterable[str], budget: int) -> Iterable[list[str]]:
+    chunk: list[str] = []
+    size = 0
+    for it in items:
+        if chunk and size + len(it) + 1 > budget:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(it)
+        size += len(it) + 1
+    yield chunk  # an empty book is still one (empty) part

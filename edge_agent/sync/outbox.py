@@ -1,0 +1,557 @@
+"""The SQLite outbox: the only path upstream.
+
+Two stages. Facts are enqueued as *pending* rows. The uplink *seals* pending facts into a message:
+one transaction takes them out of pending, assigns the stream's next ``seq`` and stores the sealed
+message, so seq has no gaps and survives restarts. Sealed messages are deleted only after PUBACK and
+are never altered. While offline only the in-flight window is sealed, so the backlog stays pending
+and the disk cap can still compact it, coarsen it, or (lowest classes only) drop it, counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ulid import ULID
+
+from ..clock import Clock, parse_rfc3339, rfc3339
+from ..contract import CONTRACT_VERSION, STREAMS
+from . import compaction
+
+log = logging.getLogger(__name__)
+
+# Envelope bytes around the body: keys, store, stream, ids and two timestamps, with room to spare.
+ENVELOPE_OVERHEAD = 512
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS pending(
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  stream TEXT NOT NULL,
+  key TEXT,
+  ts REAL NOT NULL,
+  created REAL NOT NULL,
+  body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS pending_by_stream ON pending(stream, id);
+CREATE TABLE IF NOT EXISTS sealed(
+  stream TEXT NOT NULL,
+  seq INTEGER NOT NULL,
+  id TEXT NOT NULL,
+  type TEXT NOT NULL,
+  ts REAL NOT NULL,
+  oldest_created REAL NOT NULL,
+  facts INTEGER NOT NULL,
+  body TEXT NOT NULL,
+  PRIMARY KEY(stream, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS seqs(stream TEXT PRIMARY KEY, last INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS alerts(
+  id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, message TEXT NOT NULL,
+  reported INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS quarantine(
+  id INTEGER PRIMARY KEY, at REAL NOT NULL, source TEXT NOT NULL, reason TEXT NOT NULL, raw BLOB);
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+QUARANTINE_RAW_MAX = 64 * 1024
+
+
+class FactTooLarge(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Fact:
+    ts: float  # when it happened, epoch seconds
+    body: str  # JSON: one item (batched streams) or a whole body
+    key: str | None = None  # compaction / coarsening key
+
+
+@dataclass(frozen=True, slots=True)
+class SealedMessage:
+    stream: str
+    seq: int
+    id: str
+    type: str
+    ts: float
+    oldest_created: float
+    facts: int
+    body: str
+
+    def payload(self, store: str, sent: float, historical: bool) -> bytes:
+        # Composed as text so the stored body is never re-parsed on the hot path.
+        return (
+            f'{{"v":{CONTRACT_VERSION},"type":"{self.type}","store":{json.dumps(store)},'
+            f'"stream":"{self.stream}","seq":{self.seq},"id":"{self.id}","ts":"{rfc3339(self.ts)}",'
+            f'"sent":"{rfc3339(sent)}","historical":{"true" if historical else "false"},'
+            f'"body":{self.body}}}'
+        ).encode()
+
+
+@dataclass
+class CapReport:
+    used_before: int
+    used_after: int
+    compacted: int = 0
+    coarsened: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+class OutboxTx:
+    """An open write transaction; other tables of the same database (e.g. the inventory book) can be
+    changed in it so that state and the facts describing it commit together."""
+
+    def __init__(self, outbox: Outbox, conn: sqlite3.Connection) -> None:
+        self._outbox = outbox
+        self.conn = conn
+        self.enqueued = 0
+
+    def enqueue(self, stream: str, facts: Sequence[Fact]) -> None:
+        if stream not in STREAMS:
+            raise ValueError(f"unknown stream {stream!r}")
+        limit = self._outbox.max_body_bytes
+        for f in facts:
+            if len(f.body) > limit:
+                raise FactTooLarge(f"a {stream} fact of {len(f.body)} bytes exceeds the {limit}-byte message bound")
+        now = self._outbox.clock.now()
+        self.conn.executemany(
+            "INSERT INTO pending(stream, key, ts, created, body) VALUES (?,?,?,?,?)",
+            [(stream, f.key, f.ts, now, f.body) for f in facts],
+        )
+        self.enqueued += len(facts)
+
+    def bump(self, name: str, by: int = 1) -> None:
+        self._outbox._bump(self.conn, name, by)
+
+    def alert(self, kind: str, message: str) -> None:
+        self.conn.execute(
+            "INSERT INTO alerts(ts, kind, message) VALUES (?,?,?)", (self._outbox.clock.now(), kind, message)
+        )
+        log.warning("alert %s: %s", kind, message)
+
+
+class Outbox:
+    def __init__(
+        self,
+        path: Path,
+        clock: Clock,
+        *,
+        cap_bytes: int = 256 * 1024 * 1024,
+        max_message_bytes: int = 128 * 1024,
+        synchronous: str = "FULL",
+        quarantine_keep: int = 10_000,
+    ) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self.cap_bytes = cap_bytes
+        self.max_message_bytes = max_message_bytes
+        self.max_body_bytes = max_message_bytes - ENVELOPE_OVERHEAD
+        self.quarantine_keep = quarantine_keep
+        self._synchronous = synchronous
+        self._lock = threading.RLock()
+        self._listeners: list[Callable[[], None]] = []
+        self._cap_alerted = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = self._open_checked()
+
+    # ------------------------------------------------------------ opening and corruption
+
+    def _connect(self, path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute("PRAGMA journal_size_limit=8388608")
+        return conn
+
+    def _open_checked(self) -> sqlite3.Connection:
+        try:
+            conn = self._connect(self.path)
+            row = conn.execute("PRAGMA quick_check").fetchone()
+            if row is None or row[0] != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {row[0] if row else 'no answer'}")
+            conn.executescript(SCHEMA)
+            return conn
+        except sqlite3.DatabaseError as e:
+            with contextlib.suppress(Exception):
+                conn.close()
+            return self._replace_corrupt(str(e))
+
+    def _replace_corrupt(self, reason: str) -> sqlite3.Connection:
+        stamp = rfc3339(self.clock.now()).replace(":", "").replace("-", "")
+        moved = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                shutil.move(src, Path(str(moved) + suffix))
+        conn = self._connect(self.path)
+        conn.executescript(SCHEMA)
+        salvaged = _salvage(moved, conn)
+        if "seqs" not in salvaged:
+            # The last sequence numbers are lost: jump far ahead so HQ sees a gap and resyncs,
+            # instead of discarding the new messages as duplicates of old ones.
+            base = int(self.clock.now() * 1000)
+            self._lock_free_tx(
+                conn, lambda c: c.executemany("INSERT INTO seqs(stream, last) VALUES (?, ?)", [(s, base) for s in STREAMS])
+            )
+        self._lock_free_tx(
+            conn,
+            lambda c: c.execute(
+                "INSERT INTO alerts(ts, kind, message) VALUES (?,?,?)",
+                (
+                    self.clock.now(),
+                    "outbox.corrupt",
+                    f"outbox database was corrupt ({reason}); moved to {moved.name}; salvaged {salvaged}",
+                ),
+            ),
+        )
+        log.error("outbox %s was corrupt (%s): moved to %s, salvaged %s", self.path, reason, moved, salvaged)
+        return conn
+
+    @staticmethod
+    def _lock_free_tx(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], object]) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            fn(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.conn.close()
+
+    # ------------------------------------------------------------ writing
+
+    def on_enqueue(self, fn: Callable[[], None]) -> None:
+        self._listeners.append(fn)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[OutboxTx]:
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            tx = OutboxTx(self, self.conn)
+            try:
+                yield tx
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+        if tx.enqueued:
+            for fn in self._listeners:
+                fn()
+
+    def enqueue(self, stream: str, facts: Sequence[Fact]) -> None:
+        if facts:
+            with self.transaction() as tx:
+                tx.enqueue(stream, facts)
+
+    def alert(self, kind: str, message: str) -> None:
+        with self.transaction() as tx:
+            tx.alert(kind, message)
+
+    def quarantine(self, source: str, reason: str, raw: bytes | str | None) -> None:
+        """Keep a bad input with its reason; the table keeps the newest ``quarantine_keep`` rows."""
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "replace")
+        if raw is not None and len(raw) > QUARANTINE_RAW_MAX:
+            raw = raw[:QUARANTINE_RAW_MAX]
+        log.warning("quarantined input from %s: %s", source, reason)
+        with self.transaction() as tx:
+            cur = tx.conn.execute(
+                "INSERT INTO quarantine(at, source, reason, raw) VALUES (?,?,?,?)",
+                (self.clock.now(), source, reason[:2000], raw),
+            )
+            tx.conn.execute("DELETE FROM quarantine WHERE id <= ?", ((cur.lastrowid or 0) - self.quarantine_keep,))
+            tx.bump(f"quarantined.{source}")
+
+    @staticmethod
+    def _bump(conn: sqlite3.Connection, name: str, by: int) -> None:
+        conn.execute(
+            "INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            (name, by),
+        )
+
+    # ------------------------------------------------------------ sealing and acks
+
+    def max_pending_id(self) -> int:
+        with self._lock:
+            return self.conn.execute("SELECT coalesce(max(id), 0) FROM pending").fetchone()[0]
+
+    def streams_with_pending(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self.conn.execute("SELECT DISTINCT stream FROM pending")]
+
+    def seal(self, stream: str, *, after_id: int = 0, up_to_id: int | None = None) -> SealedMessage | None:
+        """Seal the oldest pending facts of ``stream`` with ``after_id < id <= up_to_id`` into one message."""
+        spec = STREAMS[stream]
+        hi = up_to_id if up_to_id is not None else 2**62
+        limit = self.max_body_bytes // 24 + 1 if spec.batched else 1
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = self.conn.execute(
+                    "SELECT id, ts, created, body FROM pending WHERE stream = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+                    (stream, after_id, hi, limit),
+                ).fetchall()
+                if not rows:
+                    self.conn.execute("ROLLBACK")
+                    return None
+                if spec.batched:
+                    size, n = 11, 0
+                    for _, _, _, body in rows:
+                        if n and size + len(body) + 1 > self.max_body_bytes:
+                            break
+                        size += len(body) + 1
+                        n += 1
+                    rows = rows[:n]
+                    body = '{"items":[' + ",".join(r[3] for r in rows) + "]}"
+                else:
+                    body = rows[0][3]
+                seq = self.conn.execute(
+                    "INSERT INTO seqs(stream, last) VALUES (?, 1) ON CONFLICT(stream) DO UPDATE SET last = last + 1 RETURNING last",
+                    (stream,),
+                ).fetchone()[0]
+                msg = SealedMessage(
+                    stream=stream,
+                    seq=seq,
+                    id=str(ULID()),
+                    type=spec.type,
+                    ts=min(r[1] for r in rows),
+                    oldest_created=min(r[2] for r in rows),
+                    facts=len(rows),
+                    body=body,
+                )
+                self.conn.execute(
+                    "INSERT INTO sealed(stream, seq, id, type, ts, oldest_created, facts, body) VALUES (?,?,?,?,?,?,?,?)",
+                    (msg.stream, msg.seq, msg.id, msg.type, msg.ts, msg.oldest_created, msg.facts, msg.body),
+                )
+                self.conn.execute(
+                    "DELETE FROM pending WHERE stream = ? AND id >= ? AND id <= ?", (stream, rows[0][0], rows[-1][0])
+                )
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+            return msg
+
+    def sealed_after(self, stream: str, after_seq: int, limit: int) -> list[SealedMessage]:
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT stream, seq, id, type, ts, oldest_created, facts, body FROM sealed WHERE stream = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (stream, after_seq, limit),
+            ).fetchall()
+        return [SealedMessage(*r) for r in rows]
+
+    def sealed_streams(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self.conn.execute("SELECT DISTINCT stream FROM sealed")]
+
+    def ack(self, acked: Sequence[tuple[str, int]]) -> None:
+        if not acked:
+            return
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany("DELETE FROM sealed WHERE stream = ? AND seq = ?", acked)
+            self.conn.execute("COMMIT")
+
+    def last_seq(self, stream: str, conn: sqlite3.Connection | None = None) -> int:
+        with self._lock:
+            row = (conn or self.conn).execute("SELECT last FROM seqs WHERE stream = ?", (stream,)).fetchone()
+        return row[0] if row else 0
+
+    # ------------------------------------------------------------ figures
+
+    def read(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+        with self._lock:
+            return self.conn.execute(sql, params).fetchall()
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
+            free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
+            size = self.conn.execute("PRAGMA page_size").fetchone()[0]
+        return (pages - free) * size
+
+    def file_bytes(self) -> int:
+        return sum(
+            p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists()
+        )
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.conn.execute("SELECT name, value FROM counters").fetchall())
+
+    def pending_count(self) -> int:
+        with self._lock:
+            return self.conn.execute("SELECT count(*) FROM pending").fetchone()[0]
+
+    def sealed_count(self) -> int:
+        with self._lock:
+            return self.conn.execute("SELECT count(*) FROM sealed").fetchone()[0]
+
+    def quarantined(self, limit: int = 100) -> list[tuple[float, str, str, bytes | None]]:
+        with self._lock:
+            return self.conn.execute(
+                "SELECT at, source, reason, raw FROM quarantine ORDER BY id DESC LIMIT ?", (limit,)
+            ).fetchall()
+
+    def take_alerts(self, tx: OutboxTx) -> list[tuple[float, str, str]]:
+        rows = tx.conn.execute("SELECT id, ts, kind, message FROM alerts WHERE reported = 0 ORDER BY id").fetchall()
+        if rows:
+            tx.conn.execute("UPDATE alerts SET reported = 1 WHERE id <= ?", (rows[-1][0],))
+        return [(ts, kind, msg) for _, ts, kind, msg in rows]
+
+    # ------------------------------------------------------------ disk cap
+
+    def enforce_cap(self) -> CapReport | None:
+        """Bring the database back under its cap: compact, then coarsen, then drop the lowest classes."""
+        used = self.used_bytes()
+        if used <= self.cap_bytes:
+            self._cap_alerted = False
+            return None
+        target = int(self.cap_bytes * 0.85)
+        report = CapReport(used_before=used, used_after=used)
+        with self._lock:
+            report.compacted = self._compact_inventory()
+            for level in compaction.COARSEN_LEVELS_S:
+                if self.used_bytes() <= target:
+                    break
+                report.coarsened += self._coarsen(level)
+            for spec in sorted((s for s in STREAMS.values() if s.droppable), key=lambda s: s.drop_order):
+                while self.used_bytes() > target:
+                    n = self._drop_oldest(spec.name, 2000)
+                    if not n:
+                        break
+                    report.dropped[spec.name] = report.dropped.get(spec.name, 0) + n
+            report.used_after = self.used_bytes()
+            if report.used_after > self.cap_bytes and not self._cap_alerted:
+                self._cap_alerted = True
+                self.alert(
+                    "outbox.cap_exceeded",
+                    f"outbox holds {report.used_after} bytes of undroppable facts, over its cap of {self.cap_bytes}",
+                )
+        log.warning(
+            "outbox over cap: %d -> %d bytes; compacted %d, coarsened %d, dropped %s",
+            report.used_before,
+            report.used_after,
+            report.compacted,
+            report.coarsened,
+            report.dropped,
+        )
+        return report
+
+    def _replace_group(self, stream: str, ids: list[int], merged: list[tuple[str | None, float, float, str]]) -> None:
+        self.conn.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in ids])
+        self.conn.executemany(
+            "INSERT INTO pending(stream, key, ts, created, body) VALUES (?,?,?,?,?)",
+            [(stream, k, ts, created, body) for k, ts, created, body in merged],
+        )
+
+    def _compact_inventory(self) -> int:
+        """Sum pending inventory deltas with the same (zone, GTIN); lossless because deltas commute."""
+        stream = "inventory/delta"
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            groups = self.conn.execute(
+                "SELECT key FROM pending WHERE stream = ? AND key IS NOT NULL GROUP BY key HAVING count(*) > 1",
+                (stream,),
+            ).fetchall()
+            removed = 0
+            for (key,) in groups:
+                rows = self.conn.execute(
+                    "SELECT id, ts, created, body FROM pending WHERE stream = ? AND key = ? ORDER BY id", (stream, key)
+                ).fetchall()
+                merged = compaction.merge_inventory([json.loads(r[3]) for r in rows])
+                self._replace_group(
+                    stream,
+                    [r[0] for r in rows],
+                    [(key, max(r[1] for r in rows), min(r[2] for r in rows), json.dumps(merged, separators=(",", ":")))],
+                )
+                removed += len(rows) - 1
+            self._bump(self.conn, "compacted", removed)
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+        return removed
+
+    def _coarsen(self, level_s: int) -> int:
+        removed = 0
+        for stream in compaction.ANALYTICS_MERGE:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = self.conn.execute(
+                    "SELECT id, ts, created, body FROM pending WHERE stream = ? ORDER BY id", (stream,)
+                ).fetchall()
+                merged = compaction.coarsen(stream, (r[3] for r in rows), level_s) if len(rows) > 1 else []
+                if merged and len(merged) < len(rows):
+                    key_of = compaction.ANALYTICS_MERGE[stream][0]
+                    created = min(r[2] for r in rows)
+                    self._replace_group(
+                        stream,
+                        [r[0] for r in rows],
+                        [(key_of(m), _ts_of(m), created, json.dumps(m, separators=(",", ":"))) for m in merged],
+                    )
+                    removed += len(rows) - len(merged)
+                    self._bump(self.conn, "coarsened", len(rows) - len(merged))
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+        return removed
+
+    def _drop_oldest(self, stream: str, n: int) -> int:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            cur = self.conn.execute(
+                "DELETE FROM pending WHERE id IN (SELECT id FROM pending WHERE stream = ? ORDER BY id LIMIT ?)",
+                (stream, n),
+            )
+            dropped = cur.rowcount
+            if dropped:
+                self._bump(self.conn, f"dropped.{stream}", dropped)
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+        return dropped
+
+
+def _ts_of(item: dict) -> float:
+    return parse_rfc3339(item["bucket_start"])
+
+
+def _salvage(moved: Path, into: sqlite3.Connection) -> dict[str, int]:
+    """Copy whatever rows can still be read from a corrupt outbox into the fresh one."""
+    salvaged: dict[str, int] = {}
+    try:
+        src = sqlite3.connect(f"file:{moved}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return salvaged
+    tables = {
+        "seqs": "stream, last",
+        "sealed": "stream, seq, id, type, ts, oldest_created, facts, body",
+        "pending": "id, stream, key, ts, created, body",
+        "counters": "name, value",
+    }
+    for table, cols in tables.items():
+        try:
+            rows = src.execute(f"SELECT {cols} FROM {table}").fetchall()
+        except sqlite3.Error:
+            continue
+        marks = ",".join("?" * len(cols.split(",")))
+        into.execute("BEGIN IMMEDIATE")
+        into.executemany(f"INSERT OR IGNORE INTO {table}({cols}) VALUES ({marks})", rows)
+        into.execute("COMMIT")
+        salvaged[table] = len(rows)
+    src.close()
+    return salvaged
