@@ -7,6 +7,7 @@ port, which is how the tests cut the uplink on purpose.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -43,6 +44,9 @@ class Mosquitto:
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
+            # Started as root, mosquitto would drop to user 'mosquitto' and could then not write its
+            # persistence file in our private folder; stay as whoever started it.
+            f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             # Queue without limit for offline persistent sessions (HQ restarts) and allow big batches.

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Sets up everything edge_agent needs on a fresh Debian/Ubuntu machine: mosquitto (apt, if missing),
+# a Python >= 3.11 virtual environment in .venv, and the package with its test extras.
+# Idempotent: a second run only re-installs when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+pick_python() {
+  for py in python3.13 python3.12 python3.11 python3; do
+    if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      echo "$py"; return 0
+    fi
+  done
+  return 1
+}
+
+apt_pkgs=()
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then apt_pkgs+=(mosquitto); fi
+PY=$(pick_python || true)
+if [ -z "$PY" ]; then apt_pkgs+=(python3 python3-venv); fi
+if [ -n "$PY" ] && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then apt_pkgs+=(python3-venv); fi
+if [ ${#apt_pkgs[@]} -gt 0 ]; then
+  echo "bootstrap: installing ${apt_pkgs[*]} with apt" >&2
+  sudo_ apt-get update -qq
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >/dev/null
+  # The Debian package may start a system-wide broker on :1883; edge_agent starts its own on a free port.
+  PY=${PY:-$(pick_python)}
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "bootstrap: creating .venv with $PY" >&2
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.edge-agent-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "bootstrap: installing edge-agent and its test extras into .venv" >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+  echo "$want" > "$stamp"
+fi
