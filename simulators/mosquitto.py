@@ -31,11 +31,21 @@ def mosquitto_binary() -> str:
 
 
 class Mosquitto:
-    def __init__(self, port: int | None = None, workdir: Path | None = None, extra_conf: str = "") -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        workdir: Path | None = None,
+        extra_conf: str = "",
+        *,
+        listener_conf: str = "",
+        anonymous: bool = True,
+    ) -> None:
         self.port = port or free_port()
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="mosq-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.extra_conf = extra_conf
+        self.listener_conf = listener_conf  # e.g. TLS certfile/keyfile for the one listener
+        self.anonymous = anonymous
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf = self.workdir / "mosquitto.conf"
         self.log = self.workdir / "mosquitto.log"
@@ -43,7 +53,8 @@ class Mosquitto:
     def _write_conf(self) -> None:
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            f"{self.listener_conf}\n"
+            f"allow_anonymous {'true' if self.anonymous else 'false'}\n"
             # Started as root, mosquitto would drop to user 'mosquitto' and could then not write its
             # persistence file in our private folder; stay as whoever started it.
             f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"

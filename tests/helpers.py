@@ -95,10 +95,13 @@ class AgentProcess:
         return self.proc is not None and self.proc.poll() is None
 
 
-def start_hq(tmp: Path, port: int, *, name: str = "hq", reorder_window_s: float = 0.5, **hq: Any) -> HqReceiver:
+def start_hq(
+    tmp: Path, port: int, *, name: str = "hq", reorder_window_s: float = 0.5, mqtt: dict[str, Any] | None = None,
+    **hq: Any,
+) -> HqReceiver:
     cfg = HqFileConfig.model_validate(
         {
-            "mqtt": {"port": port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5},
+            "mqtt": {"port": port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5, **(mqtt or {})},
             "hq": {"db_path": str(tmp / f"{name}.db"), "http_port": 0, "print_applied": False,
                    "reorder_window_s": reorder_window_s, "resync_retry_s": 3.0, **hq},
         }
