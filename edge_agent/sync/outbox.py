@@ -125,6 +125,7 @@ class OutboxTx:
             [(stream, f.key, f.ts, now, f.body) for f in facts],
         )
         self.enqueued += len(facts)
+        self._outbox._dirty.add(stream)
 
     def bump(self, name: str, by: int = 1) -> None:
         self._outbox._bump(self.conn, name, by)
@@ -157,6 +158,7 @@ class Outbox:
         self._lock = threading.RLock()
         self._listeners: list[Callable[[], None]] = []
         self._cap_alerted = False
+        self._dirty: set[str] = set()  # streams enqueued to since the uplink last looked
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = self._open_checked()
 
@@ -285,6 +287,12 @@ class Outbox:
     def max_pending_id(self) -> int:
         with self._lock:
             return self.conn.execute("SELECT coalesce(max(id), 0) FROM pending").fetchone()[0]
+
+    def take_dirty(self) -> set[str]:
+        """Streams that have had facts enqueued since the last call (a hint: may include rolled-back ones)."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+        return dirty
 
     def streams_with_pending(self) -> list[str]:
         with self._lock:

@@ -73,6 +73,9 @@ class Uplink:
         self._inflight: dict[int, tuple[str, int]] = {}
         self._published: dict[str, int] = {}
         self._resend: set[str] = set()
+        # Streams that may hold pending facts, so an idle pump does not query every stream's lanes.
+        self._live: set[str] = set()
+        self._backlog: set[str] = set()
         # Figures read by health and benchmarks.
         self.published_messages = 0
         self.acked_messages = 0
@@ -195,6 +198,8 @@ class Uplink:
         self._inflight.clear()
         self._published.clear()
         self._resend = set(self.outbox.sealed_streams())
+        self._backlog = set(self.outbox.streams_with_pending())
+        self._live = set(STREAMS)
 
     def _publish(self, msg: SealedMessage) -> bool:
         client = self.conn.client
@@ -221,17 +226,21 @@ class Uplink:
                 if not self._publish(m):
                     return
                 room -= 1
-        lanes = ((self._live_from_id, None), (0, self._live_from_id))
+        self._live |= self.outbox.take_dirty()
         while room > 0:
             progressed = False
             for stream in STREAM_ORDER:
                 if stream in self._resend:
                     continue
-                for after, up_to in lanes:
-                    if up_to == 0:
+                for lane in (self._live, self._backlog):
+                    if stream not in lane:
                         continue
-                    msg = self.outbox.seal(stream, after_id=after, up_to_id=up_to)
+                    if lane is self._live:
+                        msg = self.outbox.seal(stream, after_id=self._live_from_id)
+                    else:
+                        msg = self.outbox.seal(stream, up_to_id=self._live_from_id)
                     if msg is None:
+                        lane.discard(stream)
                         continue
                     progressed = True
                     if not self._publish(msg):
