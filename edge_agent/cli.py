@@ -9,30 +9,32 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import ConfigError, HqFileConfig, load_config
+from .config import AgentConfig, ConfigError, HqFileConfig, M, load_config
 from .contract import write_schemas
 from .logs import setup_logging
+
+
+def _report(e: ConfigError) -> int:
+    for issue in e.issues:
+        print(issue.render(e.path), file=sys.stderr)
+    print(f"{len(e.issues)} error(s) in {e.path}", file=sys.stderr)
+    return 2
 
 
 def _check_config(args: argparse.Namespace) -> int:
     try:
         load_config(args.file)
     except ConfigError as e:
-        for issue in e.issues:
-            print(issue.render(e.path), file=sys.stderr)
-        print(f"{len(e.issues)} error(s) in {e.path}", file=sys.stderr)
-        return 2
+        return _report(e)
     print(f"{args.file}: ok")
     return 0
 
 
-def _load_or_exit(path: str, model: type = None):  # type: ignore[assignment]
+def _load_or_exit(path: str, model: type[M] = AgentConfig) -> M:  # type: ignore[assignment]
     try:
-        return load_config(path) if model is None else load_config(path, model=model)
+        return load_config(path, model=model)
     except ConfigError as e:
-        for issue in e.issues:
-            print(issue.render(e.path), file=sys.stderr)
-        sys.exit(2)
+        sys.exit(_report(e))
 
 
 def _run(args: argparse.Namespace) -> int:

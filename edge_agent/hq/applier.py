@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 from ulid import ULID
 
-from ..clock import Clock, parse_rfc3339, rfc3339
+from ..clock import Clock, rfc3339
 from ..contract import MESSAGE_MODELS, STATUS_STREAM, Command, Envelope, command_topic, split_topic
 from .store import HqStore
 
@@ -326,5 +326,3 @@ class HqApplier:
 def lag_ms(a: Applied) -> float:
     return (a.at - a.ts) * 1000
 
-
-__all__ = ["HqApplier", "Applied", "Outgoing", "lag_ms", "parse_rfc3339"]
