@@ -184,13 +184,17 @@ def _nearest_line(lines: dict[str, int], key: str) -> int | None:
     return None
 
 
-def _apply_env(data: dict[str, Any], env: dict[str, str]) -> None:
+def _apply_env(data: dict[str, Any], env: dict[str, str]) -> dict[str, str]:
+    """Apply the overrides; returns {dotted key: variable} for those that were set."""
+    applied = {}
     for var, path in ENV_OVERRIDES.items():
         if var in env:
             node = data
             for part in path[:-1]:
                 node = node.setdefault(part, {})
             node[path[-1]] = env[var]
+            applied[".".join(path)] = var
+    return applied
 
 
 def load_config(path: str | Path, env: dict[str, str] | None = None, model: type[M] = AgentConfig) -> M:
@@ -204,7 +208,7 @@ def load_config(path: str | Path, env: dict[str, str] | None = None, model: type
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"line (\d+)", str(e))
         raise ConfigError(path, [ConfigIssue("(syntax)", int(m.group(1)) if m else None, str(e))]) from e
-    _apply_env(data, dict(os.environ) if env is None else env)
+    from_env = _apply_env(data, dict(os.environ) if env is None else env)
     try:
         cfg = model.model_validate(data)
     except ValidationError as e:
@@ -217,7 +221,10 @@ def load_config(path: str | Path, env: dict[str, str] | None = None, model: type
                 msg = "unknown key"
             elif err["type"] == "missing":
                 msg = "required key is missing"
-            issues.append(ConfigIssue(key, _nearest_line(lines, key), msg))
+            if key in from_env:
+                issues.append(ConfigIssue(key, None, f"{msg} (value from environment variable {from_env[key]})"))
+            else:
+                issues.append(ConfigIssue(key, _nearest_line(lines, key), msg))
         raise ConfigError(path, issues) from e
     return _resolve_paths(cfg, path.parent)
 

@@ -82,27 +82,34 @@ class HqApplier:
 
     def receive(self, topic: str, payload: bytes) -> list[Outgoing]:
         parts = split_topic(self.prefix, topic)
-        if parts is None or parts.stream == "cmd":
+        if parts is not None and parts.stream == "cmd":
             return []
         try:
+            if parts is None:
+                raise ValueError(f"not a {self.prefix}/<store>/<stream> topic")
             if len(payload) > MAX_PAYLOAD:
                 raise ValueError(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD}")
             head = json.loads(payload)
-            model = MESSAGE_MODELS.get(head.get("type")) if isinstance(head, dict) else None
+            kind = head.get("type") if isinstance(head, dict) else None
+            model = MESSAGE_MODELS.get(kind) if isinstance(kind, str) else None
             if model is None:
-                raise ValueError(f"unknown message type {head.get('type') if isinstance(head, dict) else None!r}")
+                raise ValueError(f"unknown message type {kind!r}")
             env = model.model_validate_json(payload)
             if env.store != parts.store or env.stream != parts.stream:
                 raise ValueError(f"envelope says {env.store}/{env.stream}, topic says {parts.store}/{parts.stream}")
-        except (ValueError, ValidationError, UnicodeDecodeError) as e:
+        except (ValueError, ValidationError, UnicodeDecodeError, RecursionError) as e:
             self._reject(topic, str(e)[:500], payload)
             return []
-        if env.stream == STATUS_STREAM:
-            self._status(env)
-            return []
-        if env.stream == SNAPSHOT:
-            return self._snapshot(env)
-        self._sequenced(env, payload)
+        try:
+            if env.stream == STATUS_STREAM:
+                self._status(env)
+                return []
+            if env.stream == SNAPSHOT:
+                return self._snapshot(env)
+            self._sequenced(env, payload)
+        except OverflowError as e:
+            # A number beyond SQLite's 64-bit integers (seq, qty, ...): its transaction rolled back, nothing applied.
+            self._reject(topic, f"number out of range: {e}", payload)
         return []
 
     def _reject(self, topic: str, reason: str, payload: bytes) -> None:

@@ -154,15 +154,21 @@ class Downlink:
         name = topic.rsplit("/cmd/", 1)[-1][:128] if "/cmd/" in topic else "?"
         try:
             data = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # nesting too deep for the json module
             return "?", name
         if isinstance(data, dict):
             cid = data.get("id")
-            return (cid[:64] if isinstance(cid, str) and cid else "?"), name
+            # A lone surrogate (JSON "\ud800") would make the whole cmd-result message invalid JSON for HQ.
+            return (cid[:64].encode("utf-8", "replace").decode() if isinstance(cid, str) and cid else "?"), name
         return "?", name
 
     def _result_fact(self, o: Outcome) -> Fact:
         now = self.clock.now()
         item = {"ts": rfc3339(now), "cmd_id": o.cmd_id, "name": o.name, "status": o.status, "reason": o.reason,
                 "detail": o.detail}
-        return Fact(ts=now, body=json.dumps(item, separators=(",", ":")))
+        body = json.dumps(item, separators=(",", ":"))
+        # A hostile command can make its own reason (validation errors quote its keys) outgrow a message.
+        while len(body) > self.outbox.max_body_bytes and item["reason"]:
+            item["reason"] = item["reason"][: len(item["reason"]) // 2]
+            body = json.dumps(item, separators=(",", ":"))
+        return Fact(ts=now, body=body)

@@ -1,0 +1,242 @@
+"""Configuration: the example passes check-config; every error names its dotted key and its line;
+the environment overrides secrets; relative paths are relative to the config file."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_agent import cli
+from edge_agent.clock import VirtualClock
+from edge_agent.config import AgentConfig, ConfigError, HqFileConfig, load_config
+from edge_agent.sync.outbox import Outbox
+
+from .helpers import REPO
+
+EXAMPLE = REPO / "config.example.toml"
+
+# Each mistake is on a line ending with "# <- dotted.key" so the test knows where it is.
+BAD = """\
+# a config with several mistakes
+[store]   # <- store.id
+# the id is missing
+name_of_store = "Main Street"   # <- store.name_of_store
+
+[mqtt]
+host = "broker.local"
+port = "not-a-port"   # <- mqtt.port
+keepalive_s = 30
+colour = "blue"   # <- mqtt.colour
+tls.insecure = "perhaps"   # <- mqtt.tls.insecure
+
+[mqtt.tsl]   # <- mqtt.tsl
+enabled = true
+
+[outbox]
+path = "var/outbox.db"
+inflight_window = 0   # <- outbox.inflight_window
+"cap_bytes" = 1024   # <- outbox.cap_bytes
+
+[sources.simulated_inventory]
+enabled = true
+zones = 5   # <- sources.simulated_inventory.zones
+rate_per_s = -1.0   # <- sources.simulated_inventory.rate_per_s
+
+[hq]
+client_id = "hq"
+reorder_window_s = "two"   # <- hq.reorder_window_s
+"""
+
+SYNTAX = """\
+[store]
+id = "S001"
+
+[mqtt]
+host = "127.0.0.1"
+port = = 1883
+"""
+
+
+def marked_lines(text: str) -> dict[str, int]:
+    return {
+        m.group(1): n for n, line in enumerate(text.splitlines(), start=1) if (m := re.search(r"# <- (\S+)$", line))
+    }
+
+
+ISSUE = re.compile(r"^(?P<path>.+?):(?P<line>\d+): (?P<key>\S+): (?P<msg>.+)$")
+
+
+def check_config(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str], str]:
+    rc = cli.main(["check-config", str(path)])
+    out, err = capsys.readouterr()
+    return rc, err.splitlines(), out
+
+
+def test_example_config_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err, out = check_config(EXAMPLE, capsys)
+    assert rc == 0, err
+    assert err == []
+    assert "ok" in out
+    cfg = load_config(EXAMPLE, env={})
+    assert cfg.store.id == "S001"
+    # the example documents the defaults: loading it equals the defaults (paths aside)
+    defaults = AgentConfig.model_validate({"store": {"id": "S001"}})
+    assert cfg.mqtt.model_dump(exclude={"tls"}) == defaults.mqtt.model_dump(exclude={"tls"})
+    assert cfg.outbox.model_dump(exclude={"path"}) == defaults.outbox.model_dump(exclude={"path"})
+    assert cfg.hq.model_dump(exclude={"db_path"}) == defaults.hq.model_dump(exclude={"db_path"})
+    assert cfg.sources == defaults.sources and cfg.health == defaults.health and cfg.log == defaults.log
+
+
+def test_every_error_names_its_key_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD)
+    rc, err, _ = check_config(path, capsys)
+    assert rc == 2
+    *issues, summary = err
+    expected = marked_lines(BAD)
+    assert summary == f"{len(expected)} error(s) in {path}"
+    found: dict[str, int] = {}
+    for line in issues:
+        m = ISSUE.match(line)
+        assert m, f"error line without file:line: key: message: {line!r}"
+        assert m["path"] == str(path)
+        assert m["key"] not in found, f"{m['key']} reported twice"
+        found[m["key"]] = int(m["line"])
+    assert found == expected
+    text = "\n".join(issues)
+    assert "store.id: required key is missing" in text
+    assert "mqtt.colour: unknown key" in text
+    assert "mqtt.tsl: unknown key" in text
+
+
+def test_config_error_carries_issues(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD)
+    with pytest.raises(ConfigError) as ei:
+        load_config(path, env={})
+    assert {i.key: i.line for i in ei.value.issues} == marked_lines(BAD)
+    assert ei.value.path == path
+
+
+def test_syntax_error_names_its_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "syntax.toml"
+    path.write_text(SYNTAX)
+    rc, err, _ = check_config(path, capsys)
+    assert rc == 2
+    assert len(err) == 2
+    m = ISSUE.match(err[0])
+    assert m and m["path"] == str(path) and m["key"] == "(syntax)" and int(m["line"]) == 6, err
+    assert err[1] == f"1 error(s) in {path}"
+
+
+def test_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err, _ = check_config(tmp_path / "missing.toml", capsys)
+    assert rc == 2
+    assert "(file): cannot read" in err[0]
+
+
+@pytest.mark.slow
+def test_check_config_exit_codes_as_a_process(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BAD)
+    syntax = tmp_path / "syntax.toml"
+    syntax.write_text(SYNTAX)
+
+    def run(p: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "edge_agent.cli", "check-config", str(p)],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    ok = run(EXAMPLE)
+    assert ok.returncode == 0, ok.stderr
+    r = run(bad)
+    assert r.returncode == 2
+    assert sum(1 for line in r.stderr.splitlines() if ISSUE.match(line)) == len(marked_lines(BAD))
+    r = run(syntax)
+    assert r.returncode == 2
+    assert f"{syntax}:6: (syntax):" in r.stderr
+
+
+# ---------------------------------------------------------------- environment
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_env_password_wins_over_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.toml", '[store]\nid = "S001"\n[mqtt]\nusername = "u-file"\npassword = "p-file"\n')
+    assert load_config(path, env={}).mqtt.password == "p-file"
+    cfg = load_config(path, env={"EDGE_AGENT_MQTT_PASSWORD": "p-env"})
+    assert cfg.mqtt.password == "p-env"
+    assert cfg.mqtt.username == "u-file"
+    cfg = load_config(path, env={"EDGE_AGENT_MQTT_USERNAME": "u-env", "EDGE_AGENT_MQTT_PORT": "2883",
+                                 "EDGE_AGENT_MQTT_HOST": "10.0.0.5", "UNRELATED": "x"})
+    assert (cfg.mqtt.username, cfg.mqtt.password, cfg.mqtt.port, cfg.mqtt.host) == ("u-env", "p-file", 2883, "10.0.0.5")
+    # the HQ's view of the same file gets the same override
+    assert load_config(path, env={"EDGE_AGENT_MQTT_PASSWORD": "p-env"}, model=HqFileConfig).mqtt.password == "p-env"
+
+
+def test_env_supplies_a_secret_the_file_lacks(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.toml", '[store]\nid = "S001"\n')  # no [mqtt] table at all
+    cfg = load_config(path, env={"EDGE_AGENT_MQTT_PASSWORD": "p-env"})
+    assert cfg.mqtt.password == "p-env"
+    assert load_config(path, env={}).mqtt.password is None
+
+
+def test_process_environment_is_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path / "a.toml", '[store]\nid = "S001"\n[mqtt]\npassword = "p-file"\n')
+    monkeypatch.setenv("EDGE_AGENT_MQTT_PASSWORD", "p-os")
+    assert load_config(path).mqtt.password == "p-os"
+    assert load_config(path, env={}).mqtt.password == "p-file"
+
+
+# ---------------------------------------------------------------- relative paths
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = write(
+        tmp_path / "etc" / "agent.toml",
+        '[store]\nid = "S001"\n[outbox]\npath = "var/outbox.db"\n[hq]\ndb_path = "../hq/hq.db"\n'
+        '[mqtt.tls]\nenabled = true\nca_file = "certs/ca.pem"\n',
+    )
+    elsewhere = tmp_path / "somewhere" / "else"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    for given in (conf, Path("../../etc/agent.toml")):
+        cfg = load_config(given, env={})
+        assert cfg.outbox.path.resolve() == (tmp_path / "etc" / "var" / "outbox.db").resolve()
+        assert cfg.hq.db_path.resolve() == (tmp_path / "hq" / "hq.db").resolve()
+        assert cfg.mqtt.tls.ca_file is not None
+        assert cfg.mqtt.tls.ca_file.resolve() == (tmp_path / "etc" / "certs" / "ca.pem").resolve()
+    # the outbox really lands there, not in the current directory
+    ob = Outbox(load_config(conf, env={}).outbox.path, VirtualClock())
+    ob.close()
+    assert (tmp_path / "etc" / "var" / "outbox.db").exists()
+    assert not (elsewhere / "var").exists()
+
+
+def test_default_and_absolute_paths(tmp_path: Path) -> None:
+    absolute = tmp_path / "abs" / "o.db"
+    conf = write(tmp_path / "etc" / "a.toml", f'[store]\nid = "S001"\n[outbox]\npath = "{absolute}"\n')
+    cfg = load_config(conf, env={})
+    assert cfg.outbox.path == absolute
+    assert cfg.hq.db_path.resolve() == (tmp_path / "etc" / "var" / "hq.db").resolve()  # default, relative to file
+    conf2 = write(tmp_path / "etc2" / "a.toml", '[store]\nid = "S001"\n')
+    assert load_config(conf2, env={}).outbox.path.resolve() == (tmp_path / "etc2" / "var" / "outbox.db").resolve()
+
+
+def test_bad_environment_override_names_the_variable(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[store]\nid = "S001"\n[mqtt]\nport = 1883\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg, env={"EDGE_AGENT_MQTT_PORT": "abc"})
+    (issue,) = e.value.issues
+    assert issue.key == "mqtt.port"
+    assert "EDGE_AGENT_MQTT_PORT" in issue.message
+    assert issue.line is None

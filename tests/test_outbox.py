@@ -1,0 +1,747 @@
+"""The SQLite outbox on real database files: sequencing, sealing, acks, the disk cap, quarantine,
+corruption, and the inventory book's snapshot."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_agent.clock import VirtualClock, parse_rfc3339, rfc3339
+from edge_agent.contract import (
+    STREAMS,
+    InventoryDeltaItem,
+    TrafficHeatmapItem,
+    TrafficStatsItem,
+    parse_message,
+)
+from edge_agent.health import HealthReporter
+from edge_agent.hq.applier import HqApplier
+from edge_agent.hq.store import HqStore
+from edge_agent.inventory.book import Delta, InventoryBook
+from edge_agent.sync import compaction
+from edge_agent.sync.outbox import Fact, FactTooLarge, Outbox, SealedMessage
+
+from .helpers import REPO
+
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+GTINS = [f"0400000000{i:04d}" for i in range(40)]
+ZONES = ["backroom", "salesfloor", "fitting-room", "pos"]
+EPCS = [f"E28011606000020{i:09X}" for i in range(12)]
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def new_outbox(path: Path, clock: VirtualClock | None = None, **kw: Any) -> Outbox:
+    return Outbox(path, clock or VirtualClock(T0), **kw)
+
+
+@contextmanager
+def scratch_outbox(**kw: Any) -> Iterator[Outbox]:
+    """A fresh outbox file per hypothesis example (function-scoped tmp_path is shared by all examples)."""
+    with tempfile.TemporaryDirectory(prefix="outbox-") as d:
+        ob = new_outbox(Path(d) / "outbox.db", synchronous="NORMAL", **kw)
+        try:
+            yield ob
+        finally:
+            ob.close()
+
+
+def delta_fact(i: int, zone: str = "backroom", gtin: str = GTINS[0], delta: int = 1, **extra: Any) -> Fact:
+    item = {"ts": rfc3339(T0 + i), "zone": zone, "gtin": gtin, "delta": delta, **extra}
+    return Fact(ts=T0 + i, body=_dumps(item), key=f"{zone}|{gtin}")
+
+
+def items_of(msg: SealedMessage) -> list[dict[str, Any]]:
+    return json.loads(msg.body)["items"]
+
+
+def pending(ob: Outbox, stream: str) -> list[tuple[int, str]]:
+    return [tuple(r) for r in ob.read("SELECT id, body FROM pending WHERE stream = ? ORDER BY id", (stream,))]
+
+
+def seal_all(ob: Outbox, stream: str) -> list[SealedMessage]:
+    out = []
+    while (m := ob.seal(stream)) is not None:
+        out.append(m)
+    return out
+
+
+# ---------------------------------------------------------------- sequencing
+
+
+def test_seq_starts_at_one_has_no_gaps_and_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    ob = new_outbox(path)
+    assert ob.last_seq("inventory/delta") == 0
+    seqs = []
+    for i in range(5):
+        ob.enqueue("inventory/delta", [delta_fact(i)])
+        seqs.append(ob.seal("inventory/delta").seq)  # type: ignore[union-attr]
+    assert seqs == [1, 2, 3, 4, 5]
+    ob.ack([("inventory/delta", s) for s in seqs])  # even with no sealed message left ...
+    ob.enqueue("cmd-result", [Fact(T0, _dumps({"ts": rfc3339(T0), "cmd_id": "c", "name": "n", "status": "ok"}))])
+    assert ob.seal("cmd-result").seq == 1  # type: ignore[union-attr]  # each stream counts on its own
+    ob.close()
+
+    ob = new_outbox(path)  # ... the numbering carries on after a restart
+    assert ob.last_seq("inventory/delta") == 5
+    for i in range(3):
+        ob.enqueue("inventory/delta", [delta_fact(10 + i)])
+        seqs.append(ob.seal("inventory/delta").seq)  # type: ignore[union-attr]
+    assert seqs == list(range(1, 9))
+    assert ob.last_seq("cmd-result") == 1
+    ob.close()
+
+
+@pytest.mark.slow
+def test_seq_survives_kill_9(tmp_path: Path) -> None:
+    """A process killed right after sealing: no close(), no checkpoint; the committed seqs must survive."""
+    path = tmp_path / "outbox.db"
+    body = _dumps({"ts": rfc3339(T0), "zone": "z", "gtin": GTINS[0], "delta": 1})
+    code = (
+        "import os, signal\n"
+        "from pathlib import Path\n"
+        "from edge_agent.clock import VirtualClock\n"
+        "from edge_agent.sync.outbox import Fact, Outbox\n"
+        f"ob = Outbox(Path({str(path)!r}), VirtualClock({T0!r}))\n"
+        "for i in range(3):\n"
+        f"    ob.enqueue('inventory/delta', [Fact(ts={T0!r}, body={body!r})] * 2)\n"
+        "    ob.seal('inventory/delta')\n"
+        f"ob.enqueue('inventory/delta', [Fact(ts={T0!r}, body={body!r})])\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr.decode()
+    ob = new_outbox(path)
+    assert ob.last_seq("inventory/delta") == 3
+    assert [(m.seq, m.facts) for m in ob.sealed_after("inventory/delta", 0, 10)] == [(1, 2), (2, 2), (3, 2)]
+    assert ob.pending_count() == 1
+    assert [m.seq for m in seal_all(ob, "inventory/delta")] == [4]
+    ob.close()
+
+
+# ---------------------------------------------------------------- sealing
+
+
+def test_seal_moves_exactly_the_sealed_facts(tmp_path: Path) -> None:
+    ob = new_outbox(tmp_path / "outbox.db")
+    ob.enqueue("inventory/delta", [delta_fact(i, delta=i + 1) for i in range(10)])
+    heat = {"camera": "c", "bucket_start": rfc3339(T0), "bucket_s": 60, "cell_m": 1.0, "cols": 1, "rows": 1,
+            "cells": [1.0]}
+    ob.enqueue("traffic/heatmap", [Fact(T0, _dumps(heat))])
+    before = pending(ob, "inventory/delta")
+    ids = [i for i, _ in before]
+
+    m = ob.seal("inventory/delta", after_id=ids[1], up_to_id=ids[5])
+    assert m is not None and m.seq == 1 and m.facts == 4
+    assert items_of(m) == [json.loads(b) for _, b in before[2:6]]
+    assert pending(ob, "inventory/delta") == before[:2] + before[6:]
+    assert len(pending(ob, "traffic/heatmap")) == 1  # another stream is untouched
+    assert ob.sealed_count() == 1
+
+    rest = seal_all(ob, "inventory/delta")
+    assert [r.seq for r in rest] == [2]
+    assert items_of(rest[0]) == [json.loads(b) for _, b in before[:2] + before[6:]]
+    assert pending(ob, "inventory/delta") == []
+    assert m.ts == T0 + 2 and rest[0].ts == T0
+    ob.close()
+
+
+def test_seal_is_one_transaction(tmp_path: Path) -> None:
+    """If storing the sealed message fails, the facts stay pending and the seq is not used up."""
+    ob = new_outbox(tmp_path / "outbox.db")
+    ob.enqueue("inventory/delta", [delta_fact(i) for i in range(5)])
+    before = pending(ob, "inventory/delta")
+    # A stray row occupying (stream, seq=1) makes the INSERT of the sealed message fail half way.
+    ob.conn.execute(
+        "INSERT INTO sealed(stream, seq, id, type, ts, oldest_created, facts, body) VALUES (?,?,?,?,?,?,?,?)",
+        ("inventory/delta", 1, "x", "inventory.delta", T0, T0, 0, "{}"),
+    )
+    with pytest.raises(sqlite3.IntegrityError):
+        ob.seal("inventory/delta")
+    assert pending(ob, "inventory/delta") == before
+    assert ob.last_seq("inventory/delta") == 0
+    assert not ob.conn.in_transaction
+    ob.conn.execute("DELETE FROM sealed")
+    m = ob.seal("inventory/delta")
+    assert m is not None and m.seq == 1 and m.facts == 5
+    ob.close()
+
+
+def test_nothing_to_seal(tmp_path: Path) -> None:
+    ob = new_outbox(tmp_path / "outbox.db")
+    assert ob.seal("inventory/delta") is None
+    assert ob.last_seq("inventory/delta") == 0
+    with pytest.raises(ValueError):
+        ob.enqueue("no/such/stream", [Fact(T0, "{}")])
+    ob.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=3500), min_size=1, max_size=60),
+    char=st.sampled_from(["a", "\u00e9", "\u20ac", "\U0001f600"]),
+    max_message_bytes=st.sampled_from([4096, 8192]),
+)
+def test_messages_respect_max_message_bytes(sizes: list[int], char: str, max_message_bytes: int) -> None:
+    with scratch_outbox(max_message_bytes=max_message_bytes) as ob:
+        store = "S" * 64  # the longest store id
+        facts = []
+        for i, n in enumerate(sizes):
+            body = _dumps({"ts": rfc3339(T0), "cmd_id": f"c{i}", "name": "n", "status": "error",
+                           "reason": "", "detail": {}}).replace('"reason":""', '"reason":"' + char * n + '"')
+            if len(body.encode()) > ob.max_body_bytes:
+                with pytest.raises(FactTooLarge):
+                    ob.enqueue("cmd-result", [Fact(T0, body)])
+                continue
+            facts.append(body)
+            ob.enqueue("cmd-result", [Fact(T0, body)])
+        got = []
+        for m in seal_all(ob, "cmd-result"):
+            payload = m.payload(store, T0 + 1e6, True)
+            assert len(payload) <= max_message_bytes, (len(payload), m.facts)
+            env = parse_message(payload)
+            got += [it.cmd_id for it in env.body.items]  # type: ignore[attr-defined]
+        assert got == [json.loads(b)["cmd_id"] for b in facts]
+
+
+def test_fact_larger_than_a_message_is_refused(tmp_path: Path) -> None:
+    ob = new_outbox(tmp_path / "outbox.db", max_message_bytes=4096)
+    big = delta_fact(0, zone="z" * 5000)
+    with pytest.raises(FactTooLarge):
+        ob.enqueue("inventory/delta", [delta_fact(1), big])
+    assert ob.pending_count() == 0  # the whole batch was refused, not half of it
+    ob.close()
+
+
+def test_ack_deletes_only_the_acked_message(tmp_path: Path) -> None:
+    ob = new_outbox(tmp_path / "outbox.db")
+    for stream in ("inventory/delta", "esl/alert"):
+        for i in range(3):
+            if stream == "inventory/delta":
+                ob.enqueue(stream, [delta_fact(i)])
+            else:
+                ob.enqueue(stream, [Fact(T0, _dumps({"ts": rfc3339(T0), "label": f"L{i}", "kind": "low_battery"}))])
+            ob.seal(stream)
+    ob.enqueue("inventory/delta", [delta_fact(9)])  # a pending fact is not touched by acks either
+    ob.ack([("inventory/delta", 2)])
+    rows = ob.read("SELECT stream, seq FROM sealed ORDER BY stream, seq")
+    assert rows == [("esl/alert", 1), ("esl/alert", 2), ("esl/alert", 3), ("inventory/delta", 1), ("inventory/delta", 3)]
+    ob.ack([("inventory/delta", 2), ("inventory/delta", 77), ("nope", 1)])  # repeated and unknown acks are harmless
+    assert ob.sealed_count() == 5
+    assert ob.pending_count() == 1
+    ob.ack([])
+    ob.ack([("esl/alert", 1), ("esl/alert", 3)])
+    assert [m.seq for m in ob.sealed_after("esl/alert", 0, 10)] == [2]
+    assert [m.seq for m in ob.sealed_after("inventory/delta", 1, 10)] == [3]
+    ob.close()
+
+
+# ---------------------------------------------------------------- disk cap
+
+
+def stats_item(camera: str, minute: int, zone: str | None = "z1", entries: int = 1, exits: int = 0,
+               occ: float = 1.0, bucket_s: int = 60, start: float = T0) -> dict[str, Any]:
+    return {"camera": camera, "zone": zone, "bucket_start": rfc3339(start + minute * bucket_s), "bucket_s": bucket_s,
+            "entries": entries, "exits": exits, "occupancy_min": 0.0, "occupancy_avg": occ,
+            "occupancy_max": occ * 2, "visits": entries, "dwell_edges_s": [30.0, 120.0], "dwell_hist": [1, entries, 0],
+            "dwell_median_s": None}
+
+
+def heat_item(camera: str, minute: int, cells: list[float], bucket_s: int = 60) -> dict[str, Any]:
+    return {"camera": camera, "bucket_start": rfc3339(T0 + minute * bucket_s), "bucket_s": bucket_s, "cell_m": 0.5,
+            "cols": len(cells), "rows": 1, "cells": cells}
+
+
+def analytics_fact(stream: str, item: dict[str, Any]) -> Fact:
+    key_of = compaction.ANALYTICS_MERGE[stream][0]
+    return Fact(ts=parse_rfc3339(item["bucket_start"]), body=_dumps(item), key=key_of(item))
+
+
+def esl_state_fact(i: int) -> Fact:
+    item = {"ts": rfc3339(T0 + i), "label": f"label-{i:06d}", "gtin": GTINS[i % len(GTINS)], "price": "12.99",
+            "currency": "EUR", "battery_mv": 2900, "rssi": -60, "last_seen": rfc3339(T0 + i)}
+    return Fact(ts=T0 + i, body=_dumps(item))
+
+
+def counts(ob: Outbox) -> dict[str, int]:
+    return dict(ob.read("SELECT stream, count(*) FROM pending GROUP BY stream"))
+
+
+def fill_for_drops(ob: Outbox) -> dict[str, int]:
+    """Undroppable and droppable facts in blocks; analytics on day buckets with distinct cameras, so
+    coarsening cannot shrink them and only dropping helps. Returns used bytes after each block."""
+    used = {}
+    ob.enqueue("inventory/delta", [delta_fact(i, zone=ZONES[i % 4], gtin=f"{i:014d}") for i in range(1500)])
+    ob.enqueue("cmd-result", [Fact(T0, _dumps({"ts": rfc3339(T0), "cmd_id": f"c{i}", "name": "n", "status": "ok"}))
+                              for i in range(50)])
+    ob.enqueue("esl/alert", [Fact(T0, _dumps({"ts": rfc3339(T0), "label": f"L{i}", "kind": "low_battery"}))
+                             for i in range(50)])
+    used["undroppable"] = ob.used_bytes()
+    ob.enqueue("esl/state", [esl_state_fact(i) for i in range(1500)])
+    used["esl/state"] = ob.used_bytes()
+    ob.enqueue("traffic/stats", [analytics_fact("traffic/stats", stats_item(f"cam{i}", 0, bucket_s=86400))
+                                 for i in range(1200)])
+    used["traffic/stats"] = ob.used_bytes()
+    ob.enqueue("traffic/heatmap", [analytics_fact("traffic/heatmap", heat_item(f"cam{i}", 0, [1.25] * 300, 86400))
+                                   for i in range(600)])
+    used["traffic/heatmap"] = ob.used_bytes()
+    return used
+
+
+def sealed_rows(ob: Outbox) -> list[tuple]:
+    return ob.read("SELECT * FROM sealed ORDER BY stream, seq")
+
+
+def seal_one_of_each(ob: Outbox) -> None:
+    ob.enqueue("inventory/delta", [delta_fact(i) for i in range(3)])
+    ob.enqueue("esl/state", [esl_state_fact(i) for i in range(3)])
+    ob.enqueue("traffic/stats", [analytics_fact("traffic/stats", stats_item("c", m)) for m in range(3)])
+    ob.enqueue("traffic/heatmap", [analytics_fact("traffic/heatmap", heat_item("c", m, [1.0, 2.0])) for m in range(3)])
+    for stream in ("inventory/delta", "esl/state", "traffic/stats", "traffic/heatmap"):
+        assert ob.seal(stream) is not None
+
+
+def test_drop_order_heatmap_first_and_never_inventory(tmp_path: Path) -> None:
+    ob = new_outbox(tmp_path / "outbox.db")
+    used = fill_for_drops(ob)
+    full = counts(ob)
+    heat_bytes = used["traffic/heatmap"] - used["traffic/stats"]
+    assert heat_bytes > 0.35 * used["traffic/heatmap"]  # so that dropping half of them brings it under 85 %
+    # Room for everything but about half the heatmaps: only heatmaps go.
+    ob.cap_bytes = int((used["traffic/heatmap"] - heat_bytes // 2) / 0.85)
+    report = ob.enforce_cap()
+    assert report is not None
+    assert set(report.dropped) == {"traffic/heatmap"}
+    after = counts(ob)
+    assert {k: v for k, v in after.items() if k != "traffic/heatmap"} == {
+        k: v for k, v in full.items() if k != "traffic/heatmap"
+    }
+    assert after.get("traffic/heatmap", 0) == full["traffic/heatmap"] - report.dropped["traffic/heatmap"]
+    assert ob.counters()["dropped.traffic/heatmap"] == report.dropped["traffic/heatmap"]
+    assert report.used_after <= ob.cap_bytes
+    ob.close()
+
+
+def test_drop_order_stats_before_esl_state(tmp_path: Path) -> None:
+    ob = new_outbox(tmp_path / "outbox.db")
+    used = fill_for_drops(ob)
+    full = counts(ob)
+    stats_bytes = used["traffic/stats"] - used["esl/state"]
+    # Room for everything up to about half the traffic stats: all heatmaps go, then stats, not ESL state.
+    ob.cap_bytes = int((used["esl/state"] + stats_bytes // 2) / 0.85)
+    report = ob.enforce_cap()
+    assert report is not None
+    assert report.dropped["traffic/heatmap"] == full["traffic/heatmap"]
+    assert 0 < report.dropped["traffic/stats"] <= full["traffic/stats"]
+    assert "esl/state" not in report.dropped
+    after = counts(ob)
+    assert "traffic/heatmap" not in after
+    assert after["esl/state"] == full["esl/state"]
+    assert after["inventory/delta"] == full["inventory/delta"]
+    c = ob.counters()
+    assert c["dropped.traffic/heatmap"] == full["traffic/heatmap"]
+    assert c["dropped.traffic/stats"] == report.dropped["traffic/stats"]
+    assert "dropped.esl/state" not in c
+    ob.close()
+
+
+def test_cap_never_drops_inventory_nor_alters_sealed(tmp_path: Path) -> None:
+    ob = new_outbox(tmp_path / "outbox.db")
+    seal_one_of_each(ob)
+    sealed = sealed_rows(ob)
+    fill_for_drops(ob)
+    full = counts(ob)
+    inventory_before = pending(ob, "inventory/delta")
+    ob.cap_bytes = 64 * 1024  # far below what inventory alone needs
+    report = ob.enforce_cap()
+    assert report is not None
+    assert report.dropped == {s: full[s] for s in ("traffic/heatmap", "traffic/stats", "esl/state")}
+    assert counts(ob) == {s: full[s] for s in ("inventory/delta", "cmd-result", "esl/alert")}
+    assert pending(ob, "inventory/delta") == inventory_before  # distinct keys: nothing to compact
+    assert sealed_rows(ob) == sealed  # sealed messages, droppable streams included, are never altered
+    c = ob.counters()
+    for s in ("traffic/heatmap", "traffic/stats", "esl/state"):
+        assert c[f"dropped.{s}"] == full[s]
+    kinds = [k for (k,) in ob.read("SELECT kind FROM alerts")]
+    assert kinds == ["outbox.cap_exceeded"]
+    assert ob.enforce_cap() is not None
+    assert [k for (k,) in ob.read("SELECT kind FROM alerts")] == kinds  # alerted once, not every round
+    # health reports the dropped figures per stream
+    body = HealthReporter(ob, ob.clock, 60, connected=lambda: False).body([])
+    assert body["dropped_facts"] == {s: full[s] for s in ("traffic/heatmap", "traffic/stats", "esl/state")}
+    # the sealed messages and the remaining facts still go out, in order
+    assert [m.seq for m in seal_all(ob, "inventory/delta")][:1] == [2]
+    ob.close()
+
+
+def test_compaction_merges_and_cancels_epcs(tmp_path: Path) -> None:
+    ob = new_outbox(tmp_path / "outbox.db")
+    seal_one_of_each(ob)
+    sealed = sealed_rows(ob)
+    e1, e2, e3 = EPCS[:3]
+    ob.enqueue("inventory/delta", [
+        delta_fact(10, delta=1, added=[e1]),
+        delta_fact(11, zone="pos", delta=5),
+        delta_fact(12, delta=1, added=[e2]),
+        delta_fact(13, delta=-1, removed=[e1]),  # e1 added then removed: cancels out
+        delta_fact(14, delta=-1, removed=[e3]),
+        delta_fact(15, zone="pos", delta=-2),
+    ])
+    ob.cap_bytes = 1
+    report = ob.enforce_cap()
+    assert report is not None and report.compacted == 4
+    rows = {json.loads(b)["zone"]: json.loads(b) for _, b in pending(ob, "inventory/delta")}
+    assert rows["backroom"] == {"ts": rfc3339(T0 + 14), "zone": "backroom", "gtin": GTINS[0], "delta": 0,
+                                "added": [e2], "removed": [e3]}
+    assert rows["pos"] == {"ts": rfc3339(T0 + 15), "zone": "pos", "gtin": GTINS[0], "delta": 3}
+    assert ob.counters()["compacted"] == 4
+    assert sealed_rows(ob) == sealed
+    ob.close()
+
+
+delta_items = st.lists(
+    st.tuples(
+        st.integers(0, 2),  # zone
+        st.integers(0, 3),  # gtin
+        st.integers(-5, 5),  # delta
+        st.lists(st.sampled_from(EPCS), max_size=3, unique=True),
+        st.lists(st.sampled_from(EPCS), max_size=3, unique=True),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(items=delta_items, seal_first=st.integers(0, 10))
+def test_inventory_compaction_is_lossless(items: list[tuple], seal_first: int) -> None:
+    with scratch_outbox() as ob:
+        book = InventoryBook(ob, ob.clock)
+        deltas = [Delta(T0 + i, ZONES[z], GTINS[g], d, tuple(a), tuple(r)) for i, (z, g, d, a, r) in enumerate(items)]
+        book.apply(deltas)
+        # Part of the stream may already be sealed (in flight); it must stay exactly as it is.
+        ids = [i for i, _ in pending(ob, "inventory/delta")]
+        sealed = []
+        if seal_first and ids:
+            m = ob.seal("inventory/delta", up_to_id=ids[min(seal_first, len(ids)) - 1])
+            assert m is not None
+            sealed = items_of(m)
+        sealed_before = sealed_rows(ob)
+        before = [json.loads(b) for _, b in pending(ob, "inventory/delta")]
+
+        ob.cap_bytes = 1  # force the cap path
+        ob.enforce_cap()
+
+        after = [json.loads(b) for _, b in pending(ob, "inventory/delta")]
+        assert sealed_rows(ob) == sealed_before
+
+        def sums(rows: list[dict[str, Any]]) -> dict[tuple[str, str], int]:
+            out: dict[tuple[str, str], int] = defaultdict(int)
+            for it in rows:
+                out[(it["zone"], it["gtin"])] += it["delta"]
+            return dict(out)
+
+        def net_epcs(rows: list[dict[str, Any]]) -> dict[tuple[str, str], Counter[str]]:
+            out: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+            for it in rows:
+                out[(it["zone"], it["gtin"])].update(it.get("added", ()))
+                out[(it["zone"], it["gtin"])].subtract(it.get("removed", ()))
+            return out
+
+        assert sums(after) == sums(before)
+        assert len(after) == len({(it["zone"], it["gtin"]) for it in before})  # one fact per key
+        net = net_epcs(before)
+        for it in after:
+            InventoryDeltaItem.model_validate(it)
+            k = (it["zone"], it["gtin"])
+            group = [b for b in before if (b["zone"], b["gtin"]) == k]
+            if len(group) == 1:
+                assert it == group[0]  # nothing to merge: the fact is left exactly as it was
+                continue
+            assert it["ts"] == max(b["ts"] for b in group)
+            assert set(it.get("added", [])) == {e for e, n in net[k].items() if n > 0}
+            assert set(it.get("removed", [])) == {e for e, n in net[k].items() if n < 0}
+        # sealed + pending still add up to the book, and so does a snapshot
+        total = sums(sealed)
+        for k, v in sums(after).items():
+            total[k] = total.get(k, 0) + v
+        assert {k: v for k, v in total.items() if v} == {k: v for k, v in book.levels().items() if v}
+        info = book.snapshot("test")
+        snap = json.loads(pending(ob, "inventory/snapshot")[0][1])
+        assert info.as_of_seq == (1 if sealed else 0)
+        assert {(i["zone"], i["gtin"]): i["qty"] for i in snap["items"]} == {k: v for k, v in sums(sealed).items() if v}
+        for m in seal_all(ob, "inventory/delta"):
+            parse_message(m.payload("S001", T0, False))
+
+
+def test_coarsening_keeps_sums(tmp_path: Path) -> None:
+    ob = new_outbox(tmp_path / "outbox.db")
+    minutes = 120
+    stats, heats = [], []
+    for cam in ("cam1", "cam2"):
+        for zone in ("entrance", None):
+            for m in range(minutes):
+                stats.append(stats_item(cam, m, zone=zone, entries=m % 7, exits=m % 5, occ=float(m % 4)))
+        for m in range(minutes):
+            heats.append(heat_item(cam, m, [float((m + c) % 3) for c in range(40)]))
+    ob.enqueue("traffic/stats", [analytics_fact("traffic/stats", s) for s in stats])
+    ob.enqueue("traffic/heatmap", [analytics_fact("traffic/heatmap", h) for h in heats])
+    ob.enqueue("inventory/delta", [delta_fact(i, gtin=GTINS[i % 5]) for i in range(20)])
+    ob.cap_bytes = ob.used_bytes() - 1
+    report = ob.enforce_cap()
+    assert report is not None
+    assert report.dropped == {}, "coarsening alone should have been enough"
+    assert report.coarsened > 0
+    new_stats = [json.loads(b) for _, b in pending(ob, "traffic/stats")]
+    new_heats = [json.loads(b) for _, b in pending(ob, "traffic/heatmap")]
+    assert len(new_stats) < len(stats) and len(new_heats) < len(heats)
+    assert report.coarsened == len(stats) - len(new_stats) + len(heats) - len(new_heats)
+    assert ob.counters()["coarsened"] == report.coarsened
+
+    def stat_sums(rows: list[dict[str, Any]]) -> dict[tuple, tuple]:
+        out: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0])
+        for r in rows:
+            s = out[(r["camera"], r["zone"])]
+            s[0] += r["entries"]
+            s[1] += r["exits"]
+            s[2] += r["visits"]
+        return {k: tuple(v) for k, v in out.items()}
+
+    assert stat_sums(new_stats) == stat_sums(stats)
+    for r in new_stats:
+        TrafficStatsItem.model_validate(r)
+        assert parse_rfc3339(r["bucket_start"]) % r["bucket_s"] == 0
+        assert r["occupancy_max"] == max(s["occupancy_max"] for s in stats
+                                         if (s["camera"], s["zone"]) == (r["camera"], r["zone"])
+                                         and r["bucket_start"] <= s["bucket_start"]
+                                         and parse_rfc3339(s["bucket_start"]) < parse_rfc3339(r["bucket_start"]) + r["bucket_s"])
+    # weighted average occupancy over the whole span is unchanged
+    for key in {(s["camera"], s["zone"]) for s in stats}:
+        old = [s for s in stats if (s["camera"], s["zone"]) == key]
+        new = [s for s in new_stats if (s["camera"], s["zone"]) == key]
+        assert sum(s["occupancy_avg"] * s["bucket_s"] for s in new) == pytest.approx(
+            sum(s["occupancy_avg"] * s["bucket_s"] for s in old))
+    for cam in ("cam1", "cam2"):
+        old_cells = [sum(col) for col in zip(*(h["cells"] for h in heats if h["camera"] == cam), strict=True)]
+        new_cells = [sum(col) for col in zip(*(h["cells"] for h in new_heats if h["camera"] == cam), strict=True)]
+        assert new_cells == pytest.approx(old_cells)
+    for h in new_heats:
+        TrafficHeatmapItem.model_validate(h)
+    assert len(pending(ob, "inventory/delta")) == 5  # compaction ran too: one fact per key
+    # coarsened facts seal and parse like any others
+    for stream in ("traffic/stats", "traffic/heatmap"):
+        for m in seal_all(ob, stream):
+            parse_message(m.payload("S001", T0, True))
+    ob.close()
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 200), st.integers(0, 9), st.integers(0, 9),
+                  st.lists(st.integers(0, 5), min_size=3, max_size=3)),
+        min_size=1, max_size=60),
+    level=st.sampled_from(compaction.COARSEN_LEVELS_S),
+)
+def test_coarsen_property(rows: list[tuple], level: int) -> None:
+    stats = [stats_item(f"c{c}", m, entries=e, exits=x) for c, m, e, x, _ in rows]
+    heats = [heat_item(f"c{c}", m, [float(v) for v in cells]) for c, m, _, _, cells in rows]
+    new_stats = compaction.coarsen("traffic/stats", map(_dumps, stats), level)
+    new_heats = compaction.coarsen("traffic/heatmap", map(_dumps, heats), level)
+    for cam in {f"c{c}" for c, *_ in rows}:
+        assert sum(s["entries"] for s in new_stats if s["camera"] == cam) == sum(
+            s["entries"] for s in stats if s["camera"] == cam)
+        assert sum(s["exits"] for s in new_stats if s["camera"] == cam) == sum(
+            s["exits"] for s in stats if s["camera"] == cam)
+        old = [sum(col) for col in zip(*(h["cells"] for h in heats if h["camera"] == cam), strict=True)]
+        new = [sum(col) for col in zip(*(h["cells"] for h in new_heats if h["camera"] == cam), strict=True)]
+        assert new == old
+    for s in new_stats:
+        TrafficStatsItem.model_validate(s)
+        assert s["bucket_s"] == level and parse_rfc3339(s["bucket_start"]) % level == 0
+    for h in new_heats:
+        TrafficHeatmapItem.model_validate(h)
+    # coarsening what is already coarse changes nothing but the representation
+    again = compaction.coarsen("traffic/stats", map(_dumps, new_stats), level)
+    assert len(again) == len(new_stats)
+
+
+# ---------------------------------------------------------------- quarantine
+
+
+def test_quarantine_keeps_the_newest_rows_but_counts_all(tmp_path: Path) -> None:
+    ob = new_outbox(tmp_path / "outbox.db", quarantine_keep=10)
+    for i in range(25):
+        ob.quarantine("rfid", f"bad record {i}", f"raw-{i}")
+    ob.quarantine("downlink", "x" * 10_000, b"\x00" * 200_000)
+    rows = ob.quarantined(100)
+    assert len(rows) == 10
+    assert [r[2] for r in rows[1:]] == [f"bad record {i}" for i in range(24, 15, -1)]
+    assert [r[3] for r in rows[1:]] == [f"raw-{i}".encode() for i in range(24, 15, -1)]
+    _, source, reason, raw = rows[0]
+    assert source == "downlink" and len(reason) == 2000 and raw is not None and len(raw) == 64 * 1024
+    assert ob.counters()["quarantined.rfid"] == 25
+    assert ob.counters()["quarantined.downlink"] == 1
+    ob.close()
+    ob = new_outbox(tmp_path / "outbox.db", quarantine_keep=10)  # and after a restart it goes on the same way
+    ob.quarantine("rfid", "one more", None)
+    assert len(ob.quarantined(100)) == 10
+    assert ob.counters()["quarantined.rfid"] == 26
+    ob.close()
+
+
+# ---------------------------------------------------------------- corruption
+
+
+def corrupt_files(path: Path) -> list[Path]:
+    """The moved-aside database files (their -wal and -shm companions move with them)."""
+    return sorted(
+        p for p in path.parent.iterdir()
+        if p.name.startswith(path.name + ".corrupt-") and not p.name.endswith(("-wal", "-shm"))
+    )
+
+
+def test_garbage_file_is_moved_aside_and_a_fresh_outbox_works(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    garbage = os.urandom(64 * 1024)
+    path.write_bytes(garbage)
+    ob = new_outbox(path)
+    moved = corrupt_files(path)
+    assert len(moved) == 1
+    assert moved[0].read_bytes() == garbage  # never silently deleted
+    alerts = ob.read("SELECT kind, message FROM alerts")
+    assert [k for k, _ in alerts] == ["outbox.corrupt"]
+    assert moved[0].name in alerts[0][1]
+    ob.enqueue("inventory/delta", [delta_fact(0)])
+    m = ob.seal("inventory/delta")
+    # the old sequence numbers are lost: the new ones jump far ahead so HQ sees a gap, not duplicates
+    assert m is not None and m.seq > 1_000_000
+    parse_message(m.payload("S001", T0, False))
+    ob.close()
+    ob = new_outbox(path)  # the fresh file is healthy: no second move
+    assert len(corrupt_files(path)) == 1
+    assert ob.last_seq("inventory/delta") == m.seq
+    ob.close()
+
+
+def test_damaged_pages_are_salvaged_and_seq_never_goes_back(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    ob = new_outbox(path)
+    for i in range(30):
+        ob.enqueue("inventory/delta", [delta_fact(i * 100 + j, gtin=GTINS[j % 40], delta=1) for j in range(100)])
+        ob.seal("inventory/delta")
+    last = ob.last_seq("inventory/delta")
+    ob.enqueue("inventory/delta", [delta_fact(10_000 + j) for j in range(2000)])
+    ob.close()
+    data = bytearray(path.read_bytes())
+    page = 4096
+    assert len(data) > 40 * page
+    for p in range(len(data) // page - 12, len(data) // page - 2):  # scribble over some b-tree pages
+        data[p * page:(p + 1) * page] = os.urandom(page)
+    path.write_bytes(bytes(data))
+
+    ob = new_outbox(path)
+    moved = corrupt_files(path)
+    assert len(moved) == 1 and moved[0].read_bytes() == bytes(data)
+    assert [k for (k,) in ob.read("SELECT kind FROM alerts")] == ["outbox.corrupt"]
+    assert ob.read("PRAGMA quick_check") == [("ok",)]
+    ob.enqueue("inventory/delta", [delta_fact(99_999)])
+    seqs = [m.seq for m in seal_all(ob, "inventory/delta")]
+    assert seqs and min(seqs) > last  # never reuse a seq HQ may already have applied
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    ob.close()
+
+
+def test_two_corruptions_at_the_same_clock_reading_keep_both_files(tmp_path: Path) -> None:
+    """An edge box without an RTC can boot at the same wall time twice: neither corrupt file may be lost."""
+    path = tmp_path / "outbox.db"
+    first, second = b"first corrupt file " * 1000, b"second corrupt file " * 1000
+    path.write_bytes(first)
+    new_outbox(path, VirtualClock(T0)).close()
+    path.write_bytes(second)
+    new_outbox(path, VirtualClock(T0)).close()
+    kept = {p.read_bytes() for p in corrupt_files(path)}
+    assert kept == {first, second}
+
+
+# ---------------------------------------------------------------- inventory snapshot
+
+
+def test_snapshot_is_book_minus_pending_as_of_last_sealed_seq(tmp_path: Path) -> None:
+    clock = VirtualClock(T0)
+    ob = new_outbox(tmp_path / "outbox.db", clock, max_message_bytes=4096)
+    book = InventoryBook(ob, clock)
+    first = [Delta(T0 + i, ZONES[i % 4], GTINS[(i // 4) % 40], 1 + i % 3) for i in range(400)]
+    book.apply(first)
+    sealed = seal_all(ob, "inventory/delta")
+    assert len(sealed) > 1
+    as_of = sealed[-1].seq
+    levels_then = book.levels()
+    # later deltas stay pending: they change one key to zero, another up, and add a new key
+    (z0, g0), q0 = next(iter(levels_then.items()))
+    later = [Delta(T0 + 500, z0, g0, -q0), Delta(T0 + 501, ZONES[1], GTINS[1], 7), Delta(T0 + 502, "new", GTINS[0], 4)]
+    book.apply(later)
+    assert book.levels() != levels_then
+
+    info = book.snapshot("resync test")
+    assert info.as_of_seq == as_of == ob.last_seq("inventory/delta")
+    parts = seal_all(ob, "inventory/snapshot")
+    assert len(parts) == info.parts > 1  # a 4 KiB message bound needs several parts
+    got: dict[tuple[str, str], int] = {}
+    for n, m in enumerate(parts, start=1):
+        payload = m.payload("S001", clock.now(), False)
+        assert len(payload) <= 4096
+        body = parse_message(payload).body
+        assert (body.snapshot_id, body.as_of_seq, body.part, body.parts) == (info.snapshot_id, as_of, n, info.parts)  # type: ignore[attr-defined]
+        for it in body.items:  # type: ignore[attr-defined]
+            assert (it.zone, it.gtin) not in got
+            got[(it.zone, it.gtin)] = it.qty
+    assert got == {k: v for k, v in levels_then.items() if v}
+    assert info.keys == len(got)
+
+    # An HQ that applied exactly the sealed deltas finds the snapshot verified, then catches up.
+    hq = HqApplier(HqStore(tmp_path / "hq.db"), clock, prefix="retail/v1")
+    topic = "retail/v1/S001/"
+    for m in sealed:
+        hq.receive(topic + m.stream, m.payload("S001", clock.now(), False))
+    for m in parts:
+        hq.receive(topic + m.stream, m.payload("S001", clock.now(), False))
+    assert hq.db.read("SELECT outcome, mismatches FROM snapshots") == [("verified", 0)]
+    for m in seal_all(ob, "inventory/delta"):
+        hq.receive(topic + m.stream, m.payload("S001", clock.now(), False))
+    assert hq.db.inventory("S001") == {k: v for k, v in book.levels().items() if v}
+    assert hq.figures.rejected == 0
+    hq.db.close()
+    ob.close()
+
+
+def test_snapshot_of_an_empty_book(tmp_path: Path) -> None:
+    ob = new_outbox(tmp_path / "outbox.db")
+    book = InventoryBook(ob, ob.clock)
+    info = book.snapshot("empty")
+    assert (info.as_of_seq, info.parts, info.keys) == (0, 1, 0)
+    (m,) = seal_all(ob, "inventory/snapshot")
+    body = parse_message(m.payload("S001", T0, False)).body
+    assert body.items == [] and body.parts == 1  # type: ignore[attr-defined]
+    ob.close()
+
+
+def test_streams_are_known() -> None:
+    assert {s for s in STREAMS if STREAMS[s].droppable} == {"traffic/heatmap", "traffic/stats", "esl/state"}
