@@ -3,6 +3,7 @@ on a VirtualClock produces byte-identical output."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from datetime import UTC, datetime
@@ -45,6 +46,7 @@ class VirtualClock:
             self._t = t
 
 
+@functools.lru_cache(maxsize=1024)  # pure; facts of one batch share a timestamp, so most calls hit
 def rfc3339(t: float) -> str:
     """RFC 3339 UTC with millisecond precision, e.g. 2026-11-25T01:48:26.123Z."""
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _json_str
 
 from ulid import ULID
 
@@ -35,6 +36,12 @@ class Delta:
         return f"{self.zone}|{self.gtin}"
 
     def to_json(self) -> str:
+        if (not self.added and not self.removed and type(self.delta) is int
+                and type(self.zone) is str and type(self.gtin) is str):
+            # The common case, byte for byte what json.dumps below gives (same string escaper, int repr),
+            # without building a dict and an encoder per fact: this runs once for every delta.
+            return (f'{{"ts":{_json_str(rfc3339(self.ts))},"zone":{_json_str(self.zone)},'
+                    f'"gtin":{_json_str(self.gtin)},"delta":{self.delta}}}')
         item: dict[str, object] = {"ts": rfc3339(self.ts), "zone": self.zone, "gtin": self.gtin, "delta": self.delta}
         if self.added:
             item["added"] = list(self.added)
@@ -66,8 +73,9 @@ class InventoryBook:
 
     def apply(self, deltas: Sequence[Delta], *, cursor: tuple[str, int] | None = None) -> None:
         """Change the book and enqueue the deltas atomically; ``cursor`` records how far a source got."""
+        prepared = self._prepare(deltas)  # built before taking the outbox's write lock, not while holding it
         with self.outbox.transaction() as tx:
-            self.apply_in(tx, deltas)
+            self._write(tx, prepared)
             if cursor is not None:
                 tx.conn.execute(
                     "INSERT INTO source_cursors(source, position) VALUES (?, ?)"
@@ -76,15 +84,24 @@ class InventoryBook:
                 )
 
     def apply_in(self, tx: OutboxTx, deltas: Sequence[Delta]) -> None:
+        self._write(tx, self._prepare(deltas))
+
+    @staticmethod
+    def _prepare(deltas: Sequence[Delta]) -> tuple[list[tuple[str, str, int]], list[Fact]]:
         deltas = [d for d in deltas if d.delta or d.added or d.removed]
-        if not deltas:
+        return [(d.zone, d.gtin, d.delta) for d in deltas], [Fact(ts=d.ts, body=d.to_json(), key=d.key) for d in deltas]
+
+    @staticmethod
+    def _write(tx: OutboxTx, prepared: tuple[list[tuple[str, str, int]], list[Fact]]) -> None:
+        stock, facts = prepared
+        if not facts:
             return
         tx.conn.executemany(
             "INSERT INTO stock(zone, gtin, qty) VALUES (?,?,?)"
             " ON CONFLICT(zone, gtin) DO UPDATE SET qty = qty + excluded.qty",
-            [(d.zone, d.gtin, d.delta) for d in deltas],
+            stock,
         )
-        tx.enqueue(DELTA_STREAM, [Fact(ts=d.ts, body=d.to_json(), key=d.key) for d in deltas])
+        tx.enqueue(DELTA_STREAM, facts)
 
     def cursor(self, source: str) -> int:
         rows = self.outbox.read("SELECT position FROM source_cursors WHERE source = ?", (source,))

@@ -62,6 +62,11 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 QUARANTINE_RAW_MAX = 64 * 1024
 
 
+def utf8_len(s: str) -> int:
+    """Bytes of ``s`` on the wire: the message bound is in bytes, and a non-ASCII character is several."""
+    return len(s) if s.isascii() else len(s.encode("utf-8", "surrogatepass"))
+
+
 class FactTooLarge(ValueError):
     pass
 
@@ -117,8 +122,8 @@ class OutboxTx:
             raise ValueError(f"unknown stream {stream!r}")
         limit = self._outbox.max_body_bytes
         for f in facts:
-            if len(f.body) > limit:
-                raise FactTooLarge(f"a {stream} fact of {len(f.body)} bytes exceeds the {limit}-byte message bound")
+            if (n := utf8_len(f.body)) > limit:
+                raise FactTooLarge(f"a {stream} fact of {n} bytes exceeds the {limit}-byte message bound")
         now = self._outbox.clock.now()
         self.conn.executemany(
             "INSERT INTO pending(stream, key, ts, created, body) VALUES (?,?,?,?,?)",
@@ -187,6 +192,10 @@ class Outbox:
     def _replace_corrupt(self, reason: str) -> sqlite3.Connection:
         stamp = rfc3339(self.clock.now()).replace(":", "").replace("-", "")
         moved = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while moved.exists():  # same clock reading as an earlier move (a box without RTC): never overwrite it
+            n += 1
+            moved = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
         for suffix in ("", "-wal", "-shm"):
             src = Path(str(self.path) + suffix)
             if src.exists():
@@ -306,21 +315,26 @@ class Outbox:
         with self._lock:
             self.conn.execute("BEGIN IMMEDIATE")
             try:
-                rows = self.conn.execute(
+                cur = self.conn.execute(
                     "SELECT id, ts, created, body FROM pending WHERE stream = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
                     (stream, after_id, hi, limit),
-                ).fetchall()
+                )
+                if spec.batched:
+                    # Step only through the rows that fit the byte bound (``limit`` assumes tiny facts).
+                    rows, size = [], 11
+                    for row in cur:
+                        n = utf8_len(row[3])
+                        if rows and size + n + 1 > self.max_body_bytes:
+                            break
+                        size += n + 1
+                        rows.append(row)
+                    cur.close()
+                else:
+                    rows = cur.fetchall()
                 if not rows:
                     self.conn.execute("ROLLBACK")
                     return None
                 if spec.batched:
-                    size, n = 11, 0
-                    for _, _, _, body in rows:
-                        if n and size + len(body) + 1 > self.max_body_bytes:
-                            break
-                        size += len(body) + 1
-                        n += 1
-                    rows = rows[:n]
                     body = '{"items":[' + ",".join(r[3] for r in rows) + "]}"
                 else:
                     body = rows[0][3]
@@ -367,9 +381,21 @@ class Outbox:
         if not acked:
             return
         with self._lock:
-            self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.executemany("DELETE FROM sealed WHERE stream = ? AND seq = ?", acked)
-            self.conn.execute("COMMIT")
+            # An ack needs no fsync of its own: if power loss undoes it, the message is still sealed, is
+            # resent, and HQ drops it as a duplicate (seq <= last applied). The next durable commit (or
+            # checkpoint) syncs the WAL, and with it this delete. One fsync fewer per message.
+            relax = self._synchronous != "NORMAL"
+            if relax:
+                self.conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                self.conn.executemany("DELETE FROM sealed WHERE stream = ? AND seq = ?", acked)
+                self.conn.execute("COMMIT")
+            finally:
+                if self.conn.in_transaction:  # failed: keep the rows (they are resent), free the connection
+                    self.conn.execute("ROLLBACK")
+                if relax:
+                    self.conn.execute(f"PRAGMA synchronous={self._synchronous}")
 
     def last_seq(self, stream: str, conn: sqlite3.Connection | None = None) -> int:
         with self._lock:
