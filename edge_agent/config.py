@@ -86,6 +86,59 @@ class SourcesConfig(Section):
     simulated_inventory: SimulatedInventoryConfig = SimulatedInventoryConfig()
 
 
+class AntennaConfig(Section):
+    reader: str = Field(min_length=1, max_length=128)
+    port: int = Field(ge=1, le=64)
+    zone: str = Field(min_length=1, max_length=128)
+
+
+class ReaderMqttConfig(Section):
+    """The in-store broker the readers publish to (may be the same as [mqtt])."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = None
+    topic: str = "readers/+/events"
+    client_id: str | None = None
+
+
+class ReaderHttpConfig(Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8781, ge=0, le=65535)
+    path: str = "/rfid/events"
+
+
+class RfidConfig(Section):
+    enabled: bool = False
+    antennas: list[AntennaConfig] = []
+    departure_zones: list[str] = ["exit"]
+    departure_timeout_s: float = Field(120.0, gt=0)
+    min_reads: int = Field(2, ge=1)
+    arrive_window_s: float = Field(30.0, gt=0)
+    holdoff_s: float = Field(3.0, ge=0)
+    hysteresis_db: float = Field(3.0, ge=0)
+    rssi_alpha: float = Field(0.3, gt=0, le=1)
+    recent_s: float = Field(5.0, gt=0)
+    tick_s: float = Field(1.0, gt=0)
+    snapshot_interval_s: float = Field(3600.0, ge=0)  # 0 = only on request
+    silent_antenna_s: float = Field(300.0, gt=0)
+    queue_max: int = Field(10_000, ge=10)
+    mqtt: ReaderMqttConfig = ReaderMqttConfig()
+    http: ReaderHttpConfig = ReaderHttpConfig()
+
+    @model_validator(mode="after")
+    def _unique_antennas(self) -> RfidConfig:
+        seen: set[tuple[str, int]] = set()
+        for a in self.antennas:
+            if (a.reader, a.port) in seen:
+                raise ValueError(f"antenna {a.reader} port {a.port} is mapped twice")
+            seen.add((a.reader, a.port))
+        return self
+
+
 class LogConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -110,6 +163,7 @@ class AgentConfig(Section):
     outbox: OutboxConfig = OutboxConfig()
     health: HealthConfig = HealthConfig()
     sources: SourcesConfig = SourcesConfig()
+    rfid: RfidConfig = RfidConfig()
     log: LogConfig = LogConfig()
     hq: HqConfig = HqConfig()
 
@@ -153,7 +207,7 @@ class ConfigError(Exception):
         super().__init__("\n".join(i.render(path) for i in issues))
 
 
-_HEADER = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]\s*(#.*)?$")
+_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
 _ASSIGN = re.compile(r'^\s*("[^"]+"|[A-Za-z0-9_.-]+)\s*=')
 
 
@@ -165,10 +219,16 @@ def key_lines(text: str) -> dict[str, int]:
     """
     lines: dict[str, int] = {}
     table = ""
+    arrays: dict[str, int] = {}
     for n, raw in enumerate(text.splitlines(), start=1):
         if m := _HEADER.match(raw):
             table = m.group(1).strip("[] ").replace('"', "")
             lines.setdefault(table, n)
+            if raw.lstrip().startswith("[["):
+                # An array of tables: pydantic names its entries table.0, table.1, ...
+                arrays[table] = arrays.get(table, -1) + 1
+                table = f"{table}.{arrays[table]}"
+                lines.setdefault(table, n)
         elif m := _ASSIGN.match(raw):
             key = m.group(1).strip('"')
             lines.setdefault(f"{table}.{key}" if table else key, n)

@@ -71,6 +71,21 @@ class InventorySnapshotBody(Strict):
     items: list[StockLevel]
 
 
+class InventoryCountBody(Strict):
+    """The result of a cycle count of one zone: tags on the book that were not seen are missing."""
+
+    count_id: str
+    zone: Name
+    started: datetime
+    ended: datetime
+    book_before: int = Field(ge=0)
+    seen: int = Field(ge=0)
+    missing: list[Epc]
+    unexpected: list[Epc]
+    accuracy: float = Field(ge=0, le=1)
+    outcome: Literal["completed", "aborted"] = "completed"
+
+
 class TrafficStatsItem(Strict):
     camera: Name  # "*" for store-wide
     zone: Name | None = None
@@ -195,6 +210,7 @@ STREAMS: dict[str, StreamSpec] = {
     for s in (
         StreamSpec("inventory/delta", "inventory.delta", InventoryDeltaBody, Priority.INVENTORY, True, False),
         StreamSpec("inventory/snapshot", "inventory.snapshot", InventorySnapshotBody, Priority.INVENTORY, False, False),
+        StreamSpec("inventory/count", "inventory.count", InventoryCountBody, Priority.INVENTORY, False, False),
         StreamSpec("cmd-result", "cmd.result", CmdResultBody, Priority.INVENTORY, True, False),
         StreamSpec("esl/alert", "esl.alert", EslAlertBody, Priority.ESL, True, False),
         StreamSpec("health", "health", HealthBody, Priority.ESL, False, False),
@@ -312,7 +328,15 @@ class InventoryResyncArgs(Strict):
     reason: str = "requested"
 
 
-COMMAND_ARGS: dict[str, type[BaseModel]] = {"inventory.resync": InventoryResyncArgs}
+class CycleCountArgs(Strict):
+    zone: Name
+    duration_s: float = Field(60.0, gt=0, le=24 * 3600)
+
+
+COMMAND_ARGS: dict[str, type[BaseModel]] = {
+    "inventory.resync": InventoryResyncArgs,
+    "rfid.cycle_count": CycleCountArgs,
+}
 
 
 # ---------------------------------------------------------------- schema export

@@ -49,6 +49,10 @@ SAMPLE_FACTS: dict[str, list[dict[str, Any]]] = {
         {"snapshot_id": ULID_, "as_of_seq": 3, "part": 1, "parts": 1, "reason": "test",
          "items": [{"zone": "backroom", "gtin": GTIN, "qty": 5}]},
     ],
+    "inventory/count": [
+        {"count_id": ULID_, "zone": "salesfloor", "started": TS, "ended": TS, "book_before": 10, "seen": 9,
+         "missing": ["3074257BF7194E4000001A85"], "unexpected": [], "accuracy": 0.9, "outcome": "completed"},
+    ],
     "cmd-result": [
         {"ts": TS, "cmd_id": "c1", "name": "inventory.resync", "status": "ok", "reason": None, "detail": {"parts": 1}},
         {"ts": TS, "cmd_id": "?", "name": "price.set", "status": "error", "reason": "unknown command", "detail": {}},

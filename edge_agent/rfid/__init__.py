@@ -1,0 +1,1 @@
+"""RFID: reader payloads -> EPC decode -> presence state machine -> inventory deltas (+ EPCIS)."""
