@@ -745,3 +745,20 @@ def test_snapshot_of_an_empty_book(tmp_path: Path) -> None:
 
 def test_streams_are_known() -> None:
     assert {s for s in STREAMS if STREAMS[s].droppable} == {"traffic/heatmap", "traffic/stats", "esl/state"}
+
+
+def test_salvage_copies_every_readable_table_including_the_book(tmp_path: Path) -> None:
+    from edge_agent.inventory.book import Delta, InventoryBook
+    from edge_agent.sync.outbox import _salvage
+
+    clock = VirtualClock(T0)
+    ob = Outbox(tmp_path / "old.db", clock)
+    book = InventoryBook(ob, clock)
+    book.apply([Delta(T0, "salesfloor", "04000000000006", 3)], cursor=("src", 7))
+    ob.close()
+    fresh = sqlite3.connect(tmp_path / "new.db", isolation_level=None)
+    copied, failed = _salvage(tmp_path / "old.db", fresh)
+    assert failed == []
+    assert copied["stock"] == 1 and copied["source_cursors"] == 1 and copied["pending"] == 1
+    assert fresh.execute("SELECT zone, gtin, qty FROM stock").fetchall() == [("salesfloor", "04000000000006", 3)]
+    assert fresh.execute("SELECT position FROM source_cursors WHERE source = 'src'").fetchone() == (7,)

@@ -16,7 +16,7 @@ from json.encoder import encode_basestring_ascii as _json_str
 from ulid import ULID
 
 from ..clock import Clock, rfc3339
-from ..sync.outbox import ENVELOPE_OVERHEAD, Fact, Outbox, OutboxTx
+from ..sync.outbox import ENVELOPE_OVERHEAD, Fact, Outbox, OutboxTx, insert_rows
 
 DELTA_STREAM = "inventory/delta"
 SNAPSHOT_STREAM = "inventory/snapshot"
@@ -96,10 +96,13 @@ class InventoryBook:
         stock, facts = prepared
         if not facts:
             return
-        tx.conn.executemany(
-            "INSERT INTO stock(zone, gtin, qty) VALUES (?,?,?)"
-            " ON CONFLICT(zone, gtin) DO UPDATE SET qty = qty + excluded.qty",
+        # Rows with the same key in one multi-row upsert are added one after the other, as executemany would.
+        insert_rows(
+            tx.conn,
+            "INSERT INTO stock(zone, gtin, qty)",
+            3,
             stock,
+            " ON CONFLICT(zone, gtin) DO UPDATE SET qty = qty + excluded.qty",
         )
         tx.enqueue(DELTA_STREAM, facts)
 

@@ -10,6 +10,8 @@ and the disk cap can still compact it, coarsen it, or (lowest classes only) drop
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import json
 import logging
 import shutil
@@ -65,6 +67,25 @@ QUARANTINE_RAW_MAX = 64 * 1024
 def utf8_len(s: str) -> int:
     """Bytes of ``s`` on the wire: the message bound is in bytes, and a non-ASCII character is several."""
     return len(s) if s.isascii() else len(s.encode("utf-8", "surrogatepass"))
+
+
+@functools.lru_cache(maxsize=64)
+def _values_sql(head: str, width: int, rows: int, tail: str) -> str:
+    one = "(" + ",".join("?" * width) + ")"
+    return f"{head} VALUES {','.join([one] * rows)}{tail}"
+
+
+def insert_rows(conn: sqlite3.Connection, head: str, width: int, rows: Sequence[tuple], tail: str = "") -> None:
+    """Same effect as ``conn.executemany(f"{head} VALUES (?,...){tail}", rows)``, rows in order, but as a
+    few multi-row INSERTs: executemany steps SQLite (and drops and retakes the GIL) once per row, which
+    costs about as much again as the insert itself. Chunks of 128, 64, ..., 1 rows keep the statement
+    texts few (cached) and the parameters under SQLite's oldest limit of 999."""
+    i, n, size = 0, len(rows), 128
+    while i < n:
+        while size > n - i:
+            size //= 2
+        conn.execute(_values_sql(head, width, size, tail), list(itertools.chain.from_iterable(rows[i : i + size])))
+        i += size
 
 
 class FactTooLarge(ValueError):
@@ -125,8 +146,10 @@ class OutboxTx:
             if (n := utf8_len(f.body)) > limit:
                 raise FactTooLarge(f"a {stream} fact of {n} bytes exceeds the {limit}-byte message bound")
         now = self._outbox.clock.now()
-        self.conn.executemany(
-            "INSERT INTO pending(stream, key, ts, created, body) VALUES (?,?,?,?,?)",
+        insert_rows(
+            self.conn,
+            "INSERT INTO pending(stream, key, ts, created, body)",
+            5,
             [(stream, f.key, f.ts, now, f.body) for f in facts],
         )
         self.enqueued += len(facts)
@@ -173,7 +196,10 @@ class Outbox:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
-        conn.execute("PRAGMA journal_size_limit=8388608")
+        # Keep the WAL a small share of the cap: it is disk the cap has to cover too.
+        wal_bytes = max(256 * 1024, min(8 * 1024 * 1024, self.cap_bytes // 8))
+        conn.execute(f"PRAGMA journal_size_limit={wal_bytes}")
+        conn.execute(f"PRAGMA wal_autocheckpoint={max(64, wal_bytes // 4096)}")
         return conn
 
     def _open_checked(self) -> sqlite3.Connection:
@@ -202,13 +228,18 @@ class Outbox:
                 shutil.move(src, Path(str(moved) + suffix))
         conn = self._connect(self.path)
         conn.executescript(SCHEMA)
-        salvaged = _salvage(moved, conn)
-        if "seqs" not in salvaged:
-            # The last sequence numbers are lost: jump far ahead so HQ sees a gap and resyncs,
+        salvaged, failed = _salvage(moved, conn)
+        if failed or "seqs" not in salvaged:
+            # The last sequence numbers (or the book they describe) are lost: jump far ahead so HQ sees a gap and resyncs,
             # instead of discarding the new messages as duplicates of old ones.
             base = int(self.clock.now() * 1000)
             self._lock_free_tx(
-                conn, lambda c: c.executemany("INSERT INTO seqs(stream, last) VALUES (?, ?)", [(s, base) for s in STREAMS])
+                conn,
+                lambda c: c.executemany(
+                    "INSERT INTO seqs(stream, last) VALUES (?, ?)"
+                    " ON CONFLICT(stream) DO UPDATE SET last = max(last, excluded.last)",
+                    [(s, base) for s in STREAMS],
+                ),
             )
         self._lock_free_tx(
             conn,
@@ -217,7 +248,9 @@ class Outbox:
                 (
                     self.clock.now(),
                     "outbox.corrupt",
-                    f"outbox database was corrupt ({reason}); moved to {moved.name}; salvaged {salvaged}",
+                    f"outbox database was corrupt ({reason}); moved to {moved.name}; salvaged {salvaged}"
+                    + (f"; unreadable: {', '.join(failed)} (sequence numbers restarted ahead so HQ resyncs)"
+                       if failed or "seqs" not in salvaged else ""),
                 ),
             ),
         )
@@ -462,10 +495,12 @@ class Outbox:
                 report.coarsened += self._coarsen(level)
             for spec in sorted((s for s in STREAMS.values() if s.droppable), key=lambda s: s.drop_order):
                 while self.used_bytes() > target:
-                    n = self._drop_oldest(spec.name, 2000)
+                    # Small steps, so only the oldest go: the figure is checked again after each.
+                    n = self._drop_oldest(spec.name, 200)
                     if not n:
                         break
                     report.dropped[spec.name] = report.dropped.get(spec.name, 0) + n
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             report.used_after = self.used_bytes()
             if report.used_after > self.cap_bytes and not self._cap_alerted:
                 self._cap_alerted = True
@@ -564,28 +599,35 @@ def _ts_of(item: dict) -> float:
     return parse_rfc3339(item["bucket_start"])
 
 
-def _salvage(moved: Path, into: sqlite3.Connection) -> dict[str, int]:
-    """Copy whatever rows can still be read from a corrupt outbox into the fresh one."""
+def _salvage(moved: Path, into: sqlite3.Connection) -> tuple[dict[str, int], list[str]]:
+    """Copy whatever can still be read from a corrupt outbox into the fresh one: every table, including
+    those other components keep here (the inventory book, source positions, tag presence, commands).
+
+    Returns rows copied per table and the tables that could not be read whole. The caller must treat
+    any loss as losing the sequence numbers too: a half-salvaged book must be resynced, not trusted.
+    """
     salvaged: dict[str, int] = {}
+    failed: list[str] = []
     try:
         src = sqlite3.connect(f"file:{moved}?mode=ro", uri=True)
+        tables = src.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall()
     except sqlite3.Error:
-        return salvaged
-    tables = {
-        "seqs": "stream, last",
-        "sealed": "stream, seq, id, type, ts, oldest_created, facts, body",
-        "pending": "id, stream, key, ts, created, body",
-        "counters": "name, value",
-    }
-    for table, cols in tables.items():
-        try:
-            rows = src.execute(f"SELECT {cols} FROM {table}").fetchall()
-        except sqlite3.Error:
+        return salvaged, ["(schema)"]
+    for name, sql in tables:
+        if name.startswith("sqlite_") or not sql:
             continue
-        marks = ",".join("?" * len(cols.split(",")))
+        try:
+            cols = [r[1] for r in src.execute(f'PRAGMA table_info("{name}")')]
+            rows = src.execute(f'SELECT {", ".join(cols)} FROM "{name}"').fetchall()
+        except sqlite3.Error:
+            failed.append(name)
+            continue
         into.execute("BEGIN IMMEDIATE")
-        into.executemany(f"INSERT OR IGNORE INTO {table}({cols}) VALUES ({marks})", rows)
+        into.execute(sql.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1))
+        into.executemany(
+            f'INSERT OR IGNORE INTO "{name}"({", ".join(cols)}) VALUES ({",".join("?" * len(cols))})', rows
+        )
         into.execute("COMMIT")
-        salvaged[table] = len(rows)
+        salvaged[name] = len(rows)
     src.close()
-    return salvaged
+    return salvaged, failed
