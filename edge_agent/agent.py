@@ -6,21 +6,30 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING, Protocol
 
 from ulid import ULID
 
 from . import __version__
 from .clock import Clock, RealClock
 from .config import AgentConfig
-from .contract import Command, InventoryResyncArgs
+from .contract import Command, CycleCountArgs, InventoryResyncArgs
 from .health import HealthReporter
 from .inventory.book import InventoryBook
 from .sources.simulated_inventory import SimulatedInventorySource
-from .sync.downlink import Downlink
+from .sync.downlink import CommandRejected, Downlink
 from .sync.outbox import Outbox
 from .sync.uplink import Uplink
 
+if TYPE_CHECKING:
+    from .rfid.pipeline import RfidPipeline
+
 log = logging.getLogger(__name__)
+
+
+class Startable(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
 
 
 class Agent:
@@ -54,18 +63,51 @@ class Agent:
             self.clock,
             cfg.health.interval_s,
             connected=lambda: self.uplink.connected,
-            extra=lambda: {
-                "published_messages": self.uplink.published_messages,
-                "acked_messages": self.uplink.acked_messages,
-                "failed_acks": self.uplink.failed_acks,
-                "mqtt_connect_attempts": self.uplink.conn.attempts,
-            },
+            extra=self._figures,
         )
-        self.sources = []
+        self.sources: list[Startable] = []
         if cfg.sources.simulated_inventory.enabled:
             self.sources.append(SimulatedInventorySource(cfg.sources.simulated_inventory, self.book, self.clock))
+        self.rfid: RfidPipeline | None = None
+        if cfg.rfid.enabled:
+            self._wire_rfid()
         self._stop = threading.Event()
         self._housekeeper = threading.Thread(target=self._housekeep, name="housekeeper", daemon=True)
+
+    def _wire_rfid(self) -> None:
+        from .rfid.pipeline import RfidPipeline
+        from .rfid.sources import HttpReaderSource, MqttReaderSource, ReaderIntake
+
+        rc = self.cfg.rfid
+        self.rfid = RfidPipeline(rc, self.book, self.outbox, self.clock)
+        self.rfid_intake = ReaderIntake(self.rfid, rc.queue_max, rc.tick_s)
+        self.sources.append(self.rfid_intake)
+        if rc.mqtt.enabled:
+            self.sources.append(MqttReaderSource(rc.mqtt, self.rfid_intake, self.cfg.store.id))
+        if rc.http.enabled:
+            self.rfid_http = HttpReaderSource(rc.http, self.rfid_intake)
+            self.sources.append(self.rfid_http)
+        self.downlink.register("rfid.cycle_count", self._cycle_count)
+
+    def _cycle_count(self, cmd: Command, args: CycleCountArgs) -> dict:  # type: ignore[override]
+        assert self.rfid is not None
+        try:
+            c = self.rfid.start_count(args.zone, args.duration_s)
+        except ValueError as e:
+            raise CommandRejected(str(e)) from e
+        return {"count_id": c.count_id, "zone": c.zone, "book_before": len(c.book_before), "ends": c.ends}
+
+    def _figures(self) -> dict[str, float]:
+        figures: dict[str, float] = {
+            "published_messages": self.uplink.published_messages,
+            "acked_messages": self.uplink.acked_messages,
+            "failed_acks": self.uplink.failed_acks,
+            "mqtt_connect_attempts": self.uplink.conn.attempts,
+        }
+        if self.rfid is not None:
+            figures.update(self.rfid.health())
+            figures["rfid.intake_dropped"] = self.rfid_intake.dropped
+        return figures
 
     def _resync(self, cmd: Command, args: InventoryResyncArgs) -> dict:  # type: ignore[override]
         info = self.book.snapshot(reason=f"resync {cmd.id}: {args.reason}")

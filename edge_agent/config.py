@@ -117,6 +117,7 @@ class RfidConfig(Section):
     departure_zones: list[str] = ["exit"]
     departure_timeout_s: float = Field(120.0, gt=0)
     min_reads: int = Field(2, ge=1)
+    dedupe_s: float = Field(0.5, ge=0)
     arrive_window_s: float = Field(30.0, gt=0)
     holdoff_s: float = Field(3.0, ge=0)
     hysteresis_db: float = Field(3.0, ge=0)
@@ -125,6 +126,9 @@ class RfidConfig(Section):
     tick_s: float = Field(1.0, gt=0)
     snapshot_interval_s: float = Field(3600.0, ge=0)  # 0 = only on request
     silent_antenna_s: float = Field(300.0, gt=0)
+    # "wall": the agent's clock drives presence (live stores; reader clocks are often wrong).
+    # "reads": the newest read timestamp does, so a recorded or simulated feed replays at any speed.
+    clock: Literal["wall", "reads"] = "wall"
     queue_max: int = Field(10_000, ge=10)
     mqtt: ReaderMqttConfig = ReaderMqttConfig()
     http: ReaderHttpConfig = ReaderHttpConfig()

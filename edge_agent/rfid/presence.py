@@ -1,7 +1,7 @@
 """Presence state machine per tag: Arrived, Moved, Departed. Pure: time comes from the reads and ticks.
 
-- A tag *arrives* only after ``min_reads`` reads within ``arrive_window_s``: a ghost read (seen once,
-  never again) creates no stock.
+- A tag *arrives* only after ``min_reads`` sightings (reads at least ``dedupe_s`` apart) within
+  ``arrive_window_s``: a ghost read (seen once, never again, even if repeated in a burst) creates no stock.
 - Its zone is the one with the strongest smoothed RSSI among zones that read it recently. A different
   zone must beat the current one by ``hysteresis_db`` (or the current one must have gone quiet) and
   stay best for ``holdoff_s`` before the tag *moves*, so a tag seen by two antennas does not flap.
@@ -35,6 +35,7 @@ class PresenceParams:
     departure_timeout_s: float = 120.0
     departure_zones: frozenset[str] = frozenset({"exit"})
     min_reads: int = 2
+    dedupe_s: float = 0.5  # reads of one tag closer than this count once towards arrival (bursts)
     arrive_window_s: float = 30.0
     holdoff_s: float = 3.0
     hysteresis_db: float = 3.0
@@ -57,6 +58,7 @@ class TagState:
     first_seen: float
     last_seen: float
     reads: int = 0
+    counted_at: float = float("-inf")
     signals: dict[str, _ZoneSignal] = field(default_factory=dict)
     candidate: str | None = None
     candidate_since: float = 0.0
@@ -99,7 +101,11 @@ class PresenceEngine:
             t = self.tags[epc] = TagState(epc, gtin, None, ts, ts)
         if ts > t.last_seen:
             t.last_seen = ts
-        t.reads += 1
+        if ts - t.counted_at >= p.dedupe_s:
+            # A burst of duplicates in one read cycle is one sighting: a ghost read repeated by the
+            # reader must not pass for a tag seen twice.
+            t.reads += 1
+            t.counted_at = ts
         sig = t.signals.get(zone)
         if sig is None:
             t.signals[zone] = _ZoneSignal(rssi, ts)

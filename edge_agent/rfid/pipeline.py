@@ -1,0 +1,304 @@
+"""RFID pipeline: reader payloads -> reads -> EPC decode -> presence -> inventory deltas in the outbox.
+
+The presence engine keeps its state in memory for speed; which tags are present where is also kept
+in the outbox database (``rfid_tags``) and changes in the same transaction as the deltas it causes,
+so after a crash the engine restarts from exactly the book HQ is being told about.
+
+Liveness and hold-off use the agent's clock at ingest (reader clocks drift and are often wrong);
+on a replay that clock is the simulator's virtual clock, so replays are deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ulid import ULID
+
+from ..clock import Clock, rfc3339
+from ..config import RfidConfig
+from ..inventory.book import Delta, InventoryBook
+from ..sync.outbox import Fact, Outbox, OutboxTx
+from .epc import EpcError, decode_epc
+from .formats import parse_payload
+from .presence import PresenceEngine, PresenceEvent, PresenceParams
+
+log = logging.getLogger(__name__)
+
+COUNT_STREAM = "inventory/count"
+MAX_QUARANTINE_PER_PAYLOAD = 50  # a flood of garbage is counted in full but stored only in part
+
+
+class ReadsClock:
+    """Time as told by the newest read seen: lets a feed replay at any speed, deterministically."""
+
+    def __init__(self, start: float) -> None:
+        self.t = start
+
+    def now(self) -> float:
+        return self.t
+
+    def saw(self, ts: float) -> None:
+        if ts > self.t:
+            self.t = ts
+
+
+@dataclass
+class CycleCount:
+    count_id: str
+    zone: str
+    started: float
+    ends: float
+    book_before: frozenset[str]
+    seen: set[str] = field(default_factory=set)
+
+
+@dataclass
+class IngestResult:
+    reads: int = 0
+    bad: int = 0
+    events: int = 0
+
+
+class RfidPipeline:
+    def __init__(self, cfg: RfidConfig, book: InventoryBook, outbox: Outbox, clock: Clock) -> None:
+        self.cfg = cfg
+        self.book = book
+        self.outbox = outbox
+        self.wall = clock  # judges absurd timestamps whatever drives presence
+        self.reads_clock = ReadsClock(0.0) if cfg.clock == "reads" else None
+        self.clock: Clock = self.reads_clock or clock
+        self.zones = {(a.reader, a.port): a.zone for a in cfg.antennas}
+        self.engine = PresenceEngine(
+            PresenceParams(
+                departure_timeout_s=cfg.departure_timeout_s,
+                departure_zones=frozenset(cfg.departure_zones),
+                min_reads=cfg.min_reads,
+                dedupe_s=cfg.dedupe_s,
+                arrive_window_s=cfg.arrive_window_s,
+                holdoff_s=cfg.holdoff_s,
+                hysteresis_db=cfg.hysteresis_db,
+                rssi_alpha=cfg.rssi_alpha,
+                recent_s=cfg.recent_s,
+            )
+        )
+        self.lock = threading.RLock()  # ingest, tick and commands come from different threads
+        self.counts: dict[str, CycleCount] = {}
+        self.reads_by_antenna: Counter[tuple[str, int]] = Counter()
+        self.last_read_at: dict[tuple[str, int], float] = {}
+        self.bad_by_reason: Counter[str] = Counter()
+        self.raw_epcs = 0
+        self._silent_alerted: set[tuple[str, int]] = set()
+        self._last_snapshot = clock.now()
+        self._rate_base: dict[tuple[str, int], int] = {}
+        self._rate_since = clock.now()
+        with outbox.transaction() as tx:
+            tx.conn.execute(
+                "CREATE TABLE IF NOT EXISTS rfid_tags(epc TEXT PRIMARY KEY, gtin TEXT NOT NULL, zone TEXT NOT NULL,"
+                " since REAL NOT NULL) WITHOUT ROWID"
+            )
+        self.engine.restore(
+            (epc, gtin, zone, since) for epc, gtin, zone, since in outbox.read("SELECT epc, gtin, zone, since FROM rfid_tags")
+        )
+        self._fresh_start = True
+        if self.reads_clock is None:
+            self._start_clock(clock.now())
+
+    def _start_clock(self, now: float) -> None:
+        """Restored tags get a full timeout, and antennas a full silence window, from the first moment
+        this process knows the time (for a replay: its first read)."""
+        self._fresh_start = False
+        self.engine.touch_all(now)
+        for key in self.zones:
+            self.last_read_at[key] = now
+        self._last_snapshot = self._rate_since = now
+
+    # ------------------------------------------------------------ intake
+
+    def ingest(self, payload: bytes, source: str = "rfid", reader_hint: str | None = None) -> IngestResult:
+        """``reader_hint`` names the reader for formats whose events do not (Zebra's)."""
+        reads, bad = parse_payload(payload, now=self.wall.now(), reader_hint=reader_hint)
+        if self.reads_clock is not None and reads:
+            self.reads_clock.saw(max(r.ts for r in reads))
+        now = self.clock.now()
+        if self._fresh_start:
+            if not reads:
+                return self._bad_only(source, bad)
+            self._start_clock(now)
+        res = IngestResult(reads=len(reads), bad=len(bad))
+        quarantine: list[tuple[str, bytes]] = [(b.reason, b.raw) for b in bad]
+        events: list[PresenceEvent] = []
+        with self.lock:
+            zones = self.zones
+            observe = self.engine.observe
+            counts = self.counts
+            for r in reads:
+                key = (r.reader, r.antenna)
+                zone = zones.get(key)
+                if zone is None:
+                    res.bad += 1
+                    quarantine.append((f"unknown antenna {r.reader} port {r.antenna}", r.epc.encode()))
+                    continue
+                self.reads_by_antenna[key] += 1
+                self.last_read_at[key] = now
+                try:
+                    dec = decode_epc(r.epc)
+                except EpcError as e:
+                    res.bad += 1
+                    quarantine.append((f"bad EPC {r.epc}: {e}", r.epc.encode()))
+                    continue
+                if dec.gtin is None:
+                    self.raw_epcs += 1
+                    continue
+                if counts:
+                    for c in counts.values():
+                        if c.zone == zone:
+                            c.seen.add(r.epc)
+                ev = observe(r.epc, dec.gtin, zone, r.rssi_dbm, now)
+                if ev is not None:
+                    events.append(ev)
+            self._commit(events)
+        res.events = len(events)
+        if quarantine:
+            self._quarantine(source, quarantine)
+        return res
+
+    def _bad_only(self, source: str, bad: list) -> IngestResult:
+        self._quarantine(source, [(b.reason, b.raw) for b in bad])
+        return IngestResult(bad=len(bad))
+
+    def _quarantine(self, source: str, bad: Sequence[tuple[str, bytes]]) -> None:
+        for reason, _ in bad:
+            self.bad_by_reason[reason.split(":")[0].split(" ")[0]] += 1
+        for reason, raw in bad[:MAX_QUARANTINE_PER_PAYLOAD]:
+            self.outbox.quarantine(source, reason, raw)
+        if len(bad) > MAX_QUARANTINE_PER_PAYLOAD:
+            with self.outbox.transaction() as tx:
+                tx.bump(f"quarantined.{source}", len(bad) - MAX_QUARANTINE_PER_PAYLOAD)
+
+    # ------------------------------------------------------------ state changes
+
+    def _commit(self, events: Sequence[PresenceEvent], extra: list[tuple[str, Fact]] | None = None) -> None:
+        if not events and not extra:
+            return
+        deltas: list[Delta] = []
+        upserts: list[tuple[str, str, str, float]] = []
+        deletes: list[tuple[str]] = []
+        for ev in events:
+            if ev.kind == "arrived":
+                deltas.append(Delta(ev.ts, ev.zone, ev.gtin, 1, added=(ev.epc,)))
+                upserts.append((ev.epc, ev.gtin, ev.zone, ev.ts))
+            elif ev.kind == "moved":
+                deltas.append(Delta(ev.ts, ev.from_zone or "?", ev.gtin, -1, removed=(ev.epc,)))
+                deltas.append(Delta(ev.ts, ev.zone, ev.gtin, 1, added=(ev.epc,)))
+                upserts.append((ev.epc, ev.gtin, ev.zone, ev.ts))
+            else:
+                deltas.append(Delta(ev.ts, ev.zone, ev.gtin, -1, removed=(ev.epc,)))
+                deletes.append((ev.epc,))
+        with self.outbox.transaction() as tx:
+            self._write(tx, deltas, upserts, deletes)
+            for stream, fact in extra or ():
+                tx.enqueue(stream, [fact])
+
+    def _write(self, tx: OutboxTx, deltas: list[Delta], upserts: list, deletes: list) -> None:
+        self.book.apply_in(tx, deltas)
+        if upserts:
+            tx.conn.executemany(
+                "INSERT INTO rfid_tags(epc, gtin, zone, since) VALUES (?,?,?,?)"
+                " ON CONFLICT(epc) DO UPDATE SET zone = excluded.zone, since = excluded.since",
+                upserts,
+            )
+        if deletes:
+            tx.conn.executemany("DELETE FROM rfid_tags WHERE epc = ?", deletes)
+
+    # ------------------------------------------------------------ time
+
+    def tick(self) -> None:
+        if self._fresh_start:
+            return  # a replay that has not started yet has no time to act on
+        now = self.clock.now()
+        with self.lock:
+            events = self.engine.tick(now)
+            extra = []
+            for cid, c in list(self.counts.items()):
+                if now >= c.ends:
+                    del self.counts[cid]
+                    ev, fact = self._finish_count(c, now)
+                    events += ev
+                    extra.append((COUNT_STREAM, fact))
+            self._commit(events, extra)
+        self._check_silent(now)
+        if self.cfg.snapshot_interval_s and now - self._last_snapshot >= self.cfg.snapshot_interval_s:
+            self._last_snapshot = now
+            self.book.snapshot("periodic")
+
+    def _check_silent(self, now: float) -> None:
+        for key, at in self.last_read_at.items():
+            if now - at > self.cfg.silent_antenna_s:
+                if key not in self._silent_alerted:
+                    self._silent_alerted.add(key)
+                    self.outbox.alert(
+                        "rfid.antenna_silent", f"reader {key[0]} antenna {key[1]} ({self.zones[key]}) has read "
+                        f"nothing for {now - at:.0f} s",
+                    )
+            else:
+                self._silent_alerted.discard(key)
+
+    # ------------------------------------------------------------ cycle counts
+
+    def start_count(self, zone: str, duration_s: float) -> CycleCount:
+        if zone not in set(self.zones.values()):
+            raise ValueError(f"no antenna covers zone {zone!r}")
+        now = self.clock.now()
+        with self.lock:
+            book = frozenset(epc for epc, (z, _) in self.engine.present().items() if z == zone)
+            c = CycleCount(str(ULID()), zone, now, now + duration_s, book)
+            self.counts[c.count_id] = c
+        log.info("cycle count %s of %s started: %d tags on the book", c.count_id, zone, len(book))
+        return c
+
+    def _finish_count(self, c: CycleCount, now: float) -> tuple[list[PresenceEvent], Fact]:
+        present = self.engine.present()
+        # Only tags still booked in this zone can be missing; those that moved or left during the count
+        # were seen doing so.
+        missing = sorted(e for e in c.book_before - c.seen if present.get(e, ("", ""))[0] == c.zone)
+        unexpected = sorted(c.seen - c.book_before)
+        events = []
+        for epc in missing:
+            _, gtin = present[epc]
+            del self.engine.tags[epc]
+            events.append(PresenceEvent("departed", now, epc, gtin, c.zone, reason=f"missing in count {c.count_id}"))
+        wrong = len(missing) + len(unexpected)
+        accuracy = 1.0 - wrong / max(len(c.book_before), len(c.seen), 1)
+        body = {
+            "count_id": c.count_id, "zone": c.zone, "started": rfc3339(c.started), "ended": rfc3339(now),
+            "book_before": len(c.book_before), "seen": len(c.seen), "missing": missing, "unexpected": unexpected,
+            "accuracy": round(max(accuracy, 0.0), 6), "outcome": "completed",
+        }
+        log.info("cycle count %s of %s: %d missing, %d unexpected, accuracy %.4f", c.count_id, c.zone,
+                 len(missing), len(unexpected), accuracy)
+        return events, Fact(ts=now, body=json.dumps(body, separators=(",", ":")))
+
+    # ------------------------------------------------------------ figures
+
+    def health(self) -> dict[str, float]:
+        with self.lock:
+            figures: dict[str, float] = {
+                "rfid.tags_present": float(sum(1 for t in self.engine.tags.values() if t.zone is not None)),
+                "rfid.reads": float(self.engine.reads_seen),
+                "rfid.ghosts_dropped": float(self.engine.ghosts_dropped),
+                "rfid.raw_epcs": float(self.raw_epcs),
+            }
+            now = self.clock.now()
+            span = max(now - self._rate_since, 1e-9)
+            for key, n in self.reads_by_antenna.items():
+                figures[f"rfid.reads_per_s.{key[0]}.{key[1]}"] = round((n - self._rate_base.get(key, 0)) / span, 3)
+            self._rate_base, self._rate_since = dict(self.reads_by_antenna), now
+            for reason, n in self.bad_by_reason.items():
+                figures[f"rfid.bad.{reason}"] = float(n)
+            figures["rfid.silent_antennas"] = float(len(self._silent_alerted))
+        return figures

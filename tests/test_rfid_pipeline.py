@@ -1,0 +1,193 @@
+"""RFID pipeline: simulated store -> reader payloads -> book, against the simulator's exact truth.
+
+Unit-level runs use a real SQLite outbox in-process; the end-to-end test goes simulator -> MQTT ->
+agent subprocess -> mosquitto -> HQ.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from edge_agent.clock import VirtualClock
+from edge_agent.config import RfidConfig
+from edge_agent.inventory.book import InventoryBook
+from edge_agent.rfid.pipeline import RfidPipeline
+from edge_agent.sync.outbox import Outbox
+from simulators.mosquitto import Mosquitto
+from simulators.rfid_reader import SimConfig, StoreSim, sgtin96_hex
+
+from .helpers import AgentProcess, agent_config, start_hq, wait_for
+
+T0 = 1_767_225_600.0
+
+
+def stock_truth(sim: StoreSim) -> dict[tuple[str, str], int]:
+    """Items at the exit are leaving: by definition no longer stock."""
+    return {k: v for k, v in sim.truth().items() if k[0] != "exit"}
+
+
+def make(tmp: Path, sim: StoreSim | None = None, name: str = "o.db", **rfid: object):
+    clock = VirtualClock(sim.now if sim else T0)
+    ob = Outbox(tmp / name, clock, synchronous="NORMAL")
+    book = InventoryBook(ob, clock)
+    layout = sim.layout() if sim else [{"reader": "r1", "port": 1, "zone": "salesfloor"},
+                                       {"reader": "r1", "port": 2, "zone": "exit"}]
+    cfg = RfidConfig(enabled=True, antennas=[{k: a[k] for k in ("reader", "port", "zone")} for a in layout],
+                     snapshot_interval_s=0, **rfid)  # type: ignore[arg-type]
+    return clock, ob, book, RfidPipeline(cfg, book, ob, clock)
+
+
+def replay(sim: StoreSim, clock: VirtualClock, pipe: RfidPipeline, seconds: float, close: bool = True) -> int:
+    """Trade for ``seconds``, then close the store and let what is under way settle for 15 minutes."""
+    reads = 0
+    for phase, span in (("open", seconds), ("closed", 900 if close else 0)):
+        if phase == "closed":
+            sim.close()
+        for t, payloads in sim.run(span):
+            clock.set(max(t, clock.now()))
+            for p in payloads:
+                reads += pipe.ingest(p).reads
+            pipe.tick()
+    return reads
+
+
+def levels(book: InventoryBook) -> dict[tuple[str, str], int]:
+    return {k: v for k, v in book.levels().items() if v}
+
+
+def test_book_equals_truth_with_noise(tmp_path: Path) -> None:
+    sim = StoreSim(SimConfig(seed=5, n_items=400, n_gtins=40, miss_rate=0.10, cross_read_rate=0.02,
+                             ghost_rate=0.2, burst_rate=0.02, purchase_per_h=200, tryon_per_h=100))
+    clock, ob, book, pipe = make(tmp_path, sim)
+    replay(sim, clock, pipe, 1800)
+    assert levels(book) == stock_truth(sim)
+    assert all(v >= 0 for v in book.levels().values())
+    h = pipe.health()
+    assert h["rfid.ghosts_dropped"] > 0
+    ob.close()
+
+
+def test_replay_gives_identical_deltas(tmp_path: Path) -> None:
+    bodies = []
+    for run in ("a", "b"):
+        sim = StoreSim(SimConfig(seed=9, n_items=150, n_gtins=15, purchase_per_h=300))
+        clock, ob, _book, pipe = make(tmp_path, sim, name=f"{run}.db")
+        replay(sim, clock, pipe, 600)
+        bodies.append([b for (b,) in ob.read("SELECT body FROM pending WHERE stream='inventory/delta' ORDER BY id")])
+        ob.close()
+    assert bodies[0] == bodies[1] and len(bodies[0]) > 150
+
+
+def test_restart_resumes_from_the_persisted_tags(tmp_path: Path) -> None:
+    sim = StoreSim(SimConfig(seed=2, n_items=300, n_gtins=30, purchase_per_h=200))
+    clock, ob, book, pipe = make(tmp_path, sim)
+    replay(sim, clock, pipe, 600, close=False)
+    ob.close()  # the process dies here; only the database remains
+    ob2 = Outbox(tmp_path / "o.db", clock, synchronous="NORMAL")
+    book2 = InventoryBook(ob2, clock)
+    pipe2 = RfidPipeline(pipe.cfg, book2, ob2, clock)
+    assert len(pipe2.engine.present()) == len(pipe.engine.present())
+    replay(sim, clock, pipe2, 600)
+    assert levels(book2) == stock_truth(sim)
+    ob2.close()
+
+
+def generic(epc: str, antenna: int, ts: float, rssi: float = -50.0, reader: str = "r1") -> dict:
+    return {"epc": epc, "antenna": antenna, "rssi": rssi, "ts": ts, "reader": reader}
+
+
+EPCS = [sgtin96_hex("0614141", "812345", n) for n in range(1, 4)]
+
+
+def test_garbage_reads_are_counted_and_quarantined(tmp_path: Path) -> None:
+    clock, ob, book, pipe = make(tmp_path)
+    good = [generic(EPCS[0], 1, T0), generic(EPCS[0], 1, T0 + 0.5)]
+    junk = [
+        generic("XYZ", 1, T0),  # bad hex
+        generic("30", 1, T0),  # too short
+        generic(EPCS[1], 9, T0),  # unknown antenna
+        generic(EPCS[1], 1, 4_000_000_000.0),  # absurd timestamp
+        generic(EPCS[2], 1, T0, rssi=float("nan")) | {"rssi": "loud"},
+    ]
+    pipe.ingest(json.dumps(good[:1]).encode())
+    clock.advance(1)
+    res = pipe.ingest(json.dumps(good[1:] + junk + [good[0]] * 20).encode())  # and a duplicated burst
+    assert res.reads == 22 and res.bad == 5
+    res = pipe.ingest(b"\x00\xffnot json at all")
+    assert res.bad == 1
+    assert levels(book) == {("salesfloor", _gtin(EPCS[0])): 1}
+    reasons = [r for _, _, r, _ in ob.quarantined(100)]
+    assert len(reasons) == 6 and any("unknown antenna" in r for r in reasons)
+    ob.close()
+
+
+def _gtin(epc: str) -> str:
+    from edge_agent.rfid.epc import decode_epc
+
+    g = decode_epc(epc).gtin
+    assert g is not None
+    return g
+
+
+def test_cycle_count_reports_missing_tags(tmp_path: Path) -> None:
+    clock, ob, book, pipe = make(tmp_path)
+    for _ in range(2):
+        pipe.ingest(json.dumps([generic(epc, 1, clock.now()) for epc in EPCS]).encode())
+        clock.advance(1)
+    assert len(pipe.engine.present()) == 3
+    count = pipe.start_count("salesfloor", 10)
+    for i in range(10):
+        clock.advance(1)
+        pipe.ingest(json.dumps([generic(EPCS[0], 1, clock.now()), generic(EPCS[1], 1, clock.now())]).encode())
+        pipe.tick()
+    (body,) = [json.loads(b) for (b,) in ob.read("SELECT body FROM pending WHERE stream='inventory/count'")]
+    assert body["count_id"] == count.count_id and body["missing"] == [EPCS[2]] and body["unexpected"] == []
+    assert body["book_before"] == 3 and body["accuracy"] == pytest.approx(2 / 3, abs=1e-6)
+    assert levels(book) == {("salesfloor", _gtin(EPCS[0])): 2}
+    with pytest.raises(ValueError, match="no antenna covers"):
+        pipe.start_count("moon", 5)
+    ob.close()
+
+
+@pytest.mark.slow
+def test_simulated_readers_over_mqtt_to_hq(tmp_path: Path, broker: Mosquitto) -> None:
+    sim = StoreSim(SimConfig(seed=11, n_items=300, n_gtins=30, purchase_per_h=300, tryon_per_h=100))
+    antennas = [{k: a[k] for k in ("reader", "port", "zone")} for a in sim.layout()]
+    cfg = agent_config(tmp_path, broker.port, rfid={"enabled": True, "clock": "reads", "snapshot_interval_s": 0})
+    with cfg.open("a") as f:
+        f.write("\n[rfid.mqtt]\nenabled = true\nport = %d\ntopic = \"readers/+/events\"\n" % broker.port)
+        for a in antennas:
+            f.write(f'\n[[rfid.antennas]]\nreader = "{a["reader"]}"\nport = {a["port"]}\nzone = "{a["zone"]}"\n')
+    hq = start_hq(tmp_path, broker.port)
+    agent = AgentProcess(cfg, tmp_path / "agent.log").start()
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="sim-readers")
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    try:
+        wait_for(lambda: "connected" in (tmp_path / "agent.log").read_text(), 20, "the agent to connect")
+        time.sleep(1.0)  # its reader subscription is made right after connecting
+        info = None
+        for cycle in range(600 + 720):
+            if cycle == 600:
+                sim.close()  # closing time: what is under way settles before the count is compared
+            for reader, p in sim.step_by_reader():
+                info = pub.publish(f"readers/{reader}/events", p, qos=1)
+        assert info is not None
+        info.wait_for_publish(30)
+        truth = stock_truth(sim)
+        try:
+            wait_for(lambda: hq.db.inventory("S001") == truth, 60, "HQ inventory to equal the simulated store")
+        except AssertionError:
+            got = hq.db.inventory("S001")
+            diff = {k: (truth.get(k), got.get(k)) for k in set(truth) | set(got) if truth.get(k) != got.get(k)}
+            raise AssertionError(f"HQ differs from the truth (truth, HQ): {diff}") from None
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        assert agent.terminate() == 0
+        hq.stop()
