@@ -141,7 +141,7 @@ def test_cycle_count_reports_missing_tags(tmp_path: Path) -> None:
         clock.advance(1)
     assert len(pipe.engine.present()) == 3
     count = pipe.start_count("salesfloor", 10)
-    for i in range(10):
+    for _ in range(10):
         clock.advance(1)
         pipe.ingest(json.dumps([generic(EPCS[0], 1, clock.now()), generic(EPCS[1], 1, clock.now())]).encode())
         pipe.tick()
@@ -160,7 +160,7 @@ def test_simulated_readers_over_mqtt_to_hq(tmp_path: Path, broker: Mosquitto) ->
     antennas = [{k: a[k] for k in ("reader", "port", "zone")} for a in sim.layout()]
     cfg = agent_config(tmp_path, broker.port, rfid={"enabled": True, "clock": "reads", "snapshot_interval_s": 0})
     with cfg.open("a") as f:
-        f.write("\n[rfid.mqtt]\nenabled = true\nport = %d\ntopic = \"readers/+/events\"\n" % broker.port)
+        f.write(f'\n[rfid.mqtt]\nenabled = true\nport = {broker.port}\ntopic = "readers/+/events"\n')
         for a in antennas:
             f.write(f'\n[[rfid.antennas]]\nreader = "{a["reader"]}"\nport = {a["port"]}\nzone = "{a["zone"]}"\n')
     hq = start_hq(tmp_path, broker.port)
