@@ -1,9 +1,12 @@
 """The demo: a replayed simulated store, end to end, on this machine.
 
-Starts a private mosquitto on a free loopback port, the HQ receiver (printing what it applies) and
-the agent with a simulated inventory feed as separate processes; halfway it stops the broker for a
-few seconds, then shows HQ draining the backlog (marked historical), asks the store for a resync,
-and compares HQ's inventory with the feed's ground truth.
+Two private mosquittos on free loopback ports: the store's own (the RFID readers publish to it) and
+HQ's (the agent's uplink). The HQ receiver (printing what it applies) and the agent run as separate
+processes; the agent takes a simulated inventory feed and the RFID traffic of a simulated store
+(readers, shoppers, noise) replayed 60x faster than real time. A third of the way in, HQ's broker
+stops for a few seconds: the agent keeps working and buffering, then drains the backlog (marked
+historical). At closing time HQ asks the store for a resync, and HQ's inventory is compared with the
+exact ground truth of both simulators.
 """
 
 from __future__ import annotations
@@ -13,12 +16,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
+
 from .inventory_feed import InventoryFeed
 from .mosquitto import Mosquitto, free_port
+from .rfid_reader import SimConfig, StoreSim
 
 ZONES = ["backroom", "salesfloor", "fitting-room", "pos"]
 GTINS = 60
@@ -44,6 +51,44 @@ def _hq_inventory(http: str) -> dict[tuple[str, str], int]:
     return {(r["zone"], r["gtin"]): r["qty"] for r in _get(f"{http}/inventory?store={STORE}")}  # type: ignore[index]
 
 
+RFID_SPEED = 60.0  # virtual seconds per real second
+RFID_SIM = SimConfig(seed=7, n_items=1000, n_gtins=80, read_cycle_s=2.0, tryon_minutes=(1.0, 3.0),
+                     pos_seconds=(10.0, 30.0), purchase_per_h=120, tryon_per_h=60, restock_per_h=40)
+RFID_CLOSED_S = 360.0  # store time after closing for what is under way to settle
+
+
+class RfidReplay(threading.Thread):
+    """Publishes the simulated readers' payloads to the store broker, paced on the virtual clock."""
+
+    def __init__(self, port: int, open_s: float) -> None:
+        super().__init__(name="rfid-replay", daemon=True)
+        self.sim = StoreSim(RFID_SIM)
+        self.open_s = open_s
+        self.payloads = 0
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="demo-readers")
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def run(self) -> None:
+        sim, t0, real0 = self.sim, self.sim.now, time.monotonic()
+        cycles = int((self.open_s + RFID_CLOSED_S) / RFID_SIM.read_cycle_s)
+        for k in range(cycles):
+            if k * RFID_SIM.read_cycle_s >= self.open_s:
+                sim.close()
+            delay = real0 + (sim.now - t0) / RFID_SPEED - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            for reader, payload in sim.step_by_reader():
+                self.client.publish(f"readers/{reader}/events", payload, qos=1)
+                self.payloads += 1
+        time.sleep(1.0)
+        self.client.loop_stop()
+        self.client.disconnect()
+
+    def truth(self) -> dict[tuple[str, str], int]:
+        return {k: v for k, v in self.sim.truth().items() if k[0] != "exit"}
+
+
 def run_demo(seconds: float = 20.0, workdir: Path = Path("var/demo"), facts: int = 20_000) -> int:
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -51,6 +96,12 @@ def run_demo(seconds: float = 20.0, workdir: Path = Path("var/demo"), facts: int
         old.unlink()
     rate = max(facts / max(seconds * 0.6, 1.0), 1.0)
     broker = Mosquitto(workdir=workdir / "mosquitto").start()
+    store_broker = Mosquitto(workdir=workdir / "mosquitto-store").start()
+    rfid = RfidReplay(store_broker.port, open_s=seconds * RFID_SPEED)
+    antennas = "".join(
+        f'[[rfid.antennas]]\nreader = "{a["reader"]}"\nport = {a["port"]}\nzone = "{a["zone"]}"\n'
+        for a in rfid.sim.layout()
+    )
     http_port = free_port()
     http = f"http://127.0.0.1:{http_port}"
     agent_cfg = _write(
@@ -73,7 +124,16 @@ gtins = {GTINS}
 rate_per_s = {rate:.1f}
 batch = 50
 total = {facts}
-""",
+[rfid]
+enabled = true
+clock = "reads"
+departure_timeout_s = 60.0
+snapshot_interval_s = 0
+[rfid.mqtt]
+enabled = true
+port = {store_broker.port}
+topic = "readers/+/events"
+{antennas}""",
     )
     hq_cfg = _write(
         workdir / "hq.toml",
@@ -91,17 +151,24 @@ reorder_window_s = 1.0
     _say(f"mosquitto on 127.0.0.1:{broker.port}; HQ API on {http}; agent log in {workdir / 'agent.log'}")
     hq = subprocess.Popen([*exe, "hq", "-c", str(hq_cfg)], env=env, stderr=subprocess.DEVNULL)
     agent = subprocess.Popen([*exe, "run", "-c", str(agent_cfg)], env=env, stdout=agent_log, stderr=agent_log)
-    truth = InventoryFeed(SEED, ZONES, GTINS).truth(facts)
+    feed_truth = InventoryFeed(SEED, ZONES, GTINS).truth(facts)
     code = 1
     try:
-        _say(f"store {STORE}: replaying {facts} inventory deltas at {rate:.0f}/s")
+        _say(f"store {STORE}: replaying {facts} inventory deltas at {rate:.0f}/s, and {seconds * RFID_SPEED / 60:.0f} "
+             f"min of RFID traffic ({RFID_SIM.n_items} tagged items, 5 readers, {RFID_SIM.miss_rate:.0%} missed "
+             f"reads, cross-reads, ghosts) at {RFID_SPEED:.0f}x on the store broker :{store_broker.port}")
+        time.sleep(1.0)
+        rfid.start()
         time.sleep(seconds * 0.3)
-        _say("cutting the uplink: broker stopped for 4 s (the agent keeps buffering in its outbox)")
+        _say("cutting the uplink: HQ's broker stopped for 4 s (the agent keeps working and buffering)")
         broker.stop()
         time.sleep(4)
         broker.start()
-        _say("broker back: the backlog drains at full speed, marked historical")
-        deadline = time.monotonic() + seconds + 30
+        _say("HQ's broker back: the backlog drains at full speed, marked historical")
+        rfid.join(seconds + RFID_CLOSED_S / RFID_SPEED + 30)
+        _say(f"store closed: {rfid.payloads} reader payloads, {rfid.sim.stats['events']} tag reads replayed")
+        truth = feed_truth | rfid.truth()
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
                 if _hq_inventory(http) == truth:
@@ -109,7 +176,7 @@ reorder_window_s = 1.0
             except OSError:
                 pass
             time.sleep(0.5)
-        _say("asking the store for an inventory.resync from the HQ side (POST /cmd)")
+        _say("asking the store for an inventory.resync from the HQ side (POST /cmd) to verify HQ's copy")
         req = urllib.request.Request(
             f"{http}/cmd", data=json.dumps({"store": STORE, "name": "inventory.resync", "args": {}}).encode(),
             headers={"Content-Type": "application/json"}, method="POST",
@@ -126,7 +193,13 @@ reorder_window_s = 1.0
                 f"  {s['store']} {s['stream']:<20} last_seq={s['last_seq']:<6} applied={s['applied']:<6} "
                 f"facts={s['facts']:<7} historical={s['historical']:<5} duplicates={s['duplicates']} gaps={s['gaps']}"
             )
-        _say(f"HQ inventory vs ground truth: {exact}/{len(truth)} (zone, GTIN) counts exact, {extra} unexpected")
+        rfid_exact = sum(1 for k, v in rfid.truth().items() if got.get(k) == v)
+        _say(f"HQ inventory vs ground truth: {exact}/{len(truth)} (zone, GTIN) counts exact, {extra} unexpected "
+             f"(RFID store: {rfid_exact}/{len(rfid.truth())}, feed: {exact - rfid_exact}/{len(feed_truth)})")
+        snaps = _get(f"{http}/state").get("snapshots", [])
+        for snap in snaps:
+            _say(f"  snapshot {snap['snapshot_id']} as of seq {snap['as_of_seq']}: {snap['outcome']}, "
+                 f"{snap['mismatches']} keys differed")
         code = 0 if exact == len(truth) and not extra else 1
         _say("OK: nothing lost, nothing applied twice" if code == 0 else "MISMATCH: see the logs in " + str(workdir))
     finally:
@@ -140,4 +213,5 @@ reorder_window_s = 1.0
                 p.kill()
         agent_log.close()
         broker.stop()
+        store_broker.stop()
     return code

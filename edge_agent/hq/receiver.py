@@ -146,8 +146,14 @@ class HqReceiver:
                       for r in self.db.read("SELECT store, state, boot_id, connection FROM status")}
         for s in streams:
             s["lag_s"] = round(now - s["last_ts"], 3) if s["last_ts"] else None
-        return {"stores": stores, "status": status, "streams": streams, "rejected": self.applier.figures.rejected,
-                "connected": self.conn.connected.is_set()}
+            snapshots = [
+                dict(zip(("store", "snapshot_id", "as_of_seq", "outcome", "mismatches"), r, strict=True))
+                for r in self.db.read(
+                    "SELECT store, snapshot_id, as_of_seq, outcome, mismatches FROM snapshots ORDER BY applied_at"
+                )
+            ]
+        return {"stores": stores, "status": status, "streams": streams, "snapshots": snapshots,
+                "rejected": self.applier.figures.rejected, "connected": self.conn.connected.is_set()}
 
 
 def _handler(rx: HqReceiver) -> type[BaseHTTPRequestHandler]:
