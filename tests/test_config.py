@@ -240,3 +240,30 @@ def test_bad_environment_override_names_the_variable(tmp_path: Path) -> None:
     assert issue.key == "mqtt.port"
     assert "EDGE_AGENT_MQTT_PORT" in issue.message
     assert issue.line is None
+
+
+def _keys(model: type, prefix: str = "") -> list[str]:
+    from pydantic import BaseModel
+
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _keys(ann, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def test_every_key_is_documented_in_the_example() -> None:
+    """config.example.toml documents every key (set, or shown commented out) of every table."""
+    text = (REPO / "config.example.toml").read_text()
+    table, seen = "", set()
+    for raw in text.splitlines():
+        line = raw.strip().lstrip("#").strip()
+        if m := re.match(r"^\[\[?([^\]]+)\]\]?$", line):
+            table = m.group(1)
+        elif m := re.match(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=", line):
+            seen.add(f"{table}.{m.group(1)}" if table else m.group(1))
+    missing = [k for k in _keys(AgentConfig) if k not in seen and not k.startswith("rfid.antennas")]
+    assert missing == [], f"undocumented keys: {missing}"
