@@ -30,7 +30,7 @@ class HealthReporter:
         self._started = clock.now()
         self._last = float("-inf")
 
-    def body(self, alerts: list[tuple[float, str, str]]) -> dict:
+    def body(self, alerts: list[tuple[float, str, str]], extra: dict[str, float]) -> dict:
         counters = self.outbox.counters()
         return {
             "uptime_s": round(self.clock.now() - self._started, 3),
@@ -43,7 +43,7 @@ class HealthReporter:
             "coarsened_facts": counters.get("coarsened", 0),
             "dropped_facts": {k[len("dropped."):]: v for k, v in counters.items() if k.startswith("dropped.")},
             "quarantined": {k[len("quarantined."):]: v for k, v in counters.items() if k.startswith("quarantined.")},
-            "counters": self._extra(),
+            "counters": extra,
             "alerts": [{"ts": rfc3339(ts), "kind": k, "message": m} for ts, k, m in alerts],
         }
 
@@ -54,7 +54,10 @@ class HealthReporter:
         if not (force or has_alerts or now - self._last >= self.interval_s):
             return False
         self._last = now
+        # Engines' figures are read before the outbox's write lock is taken: an engine holds its own
+        # lock while it writes to the outbox, so taking them the other way round would deadlock.
+        extra = self._extra()
         with self.outbox.transaction() as tx:
-            body = self.body(self.outbox.take_alerts(tx))
+            body = self.body(self.outbox.take_alerts(tx), extra)
             tx.enqueue("health", [Fact(ts=now, body=json.dumps(body, separators=(",", ":")))])
         return True

@@ -384,7 +384,7 @@ def test_cap_never_drops_inventory_nor_alters_sealed(tmp_path: Path) -> None:
     assert ob.enforce_cap() is not None
     assert [k for (k,) in ob.read("SELECT kind FROM alerts")] == kinds  # alerted once, not every round
     # health reports the dropped figures per stream
-    body = HealthReporter(ob, ob.clock, 60, connected=lambda: False).body([])
+    body = HealthReporter(ob, ob.clock, 60, connected=lambda: False).body([], {})
     assert body["dropped_facts"] == {s: full[s] for s in ("traffic/heatmap", "traffic/stats", "esl/state")}
     # the sealed messages and the remaining facts still go out, in order
     assert [m.seq for m in seal_all(ob, "inventory/delta")][:1] == [2]

@@ -191,3 +191,33 @@ def test_simulated_readers_over_mqtt_to_hq(tmp_path: Path, broker: Mosquitto) ->
         pub.disconnect()
         assert agent.terminate() == 0
         hq.stop()
+
+
+def test_health_reports_while_reads_flow_do_not_deadlock(tmp_path: Path) -> None:
+    """The engine holds its lock while writing to the outbox; health must not take them the other way round."""
+    import threading
+
+    from edge_agent.health import HealthReporter
+
+    sim = StoreSim(SimConfig(seed=4, n_items=200, n_gtins=20, purchase_per_h=2000))
+    clock, ob, _book, pipe = make(tmp_path, sim)
+    health = HealthReporter(ob, clock, 0.0, connected=lambda: True, extra=pipe.health)
+    stop = time.monotonic() + 2.0
+    done: list[str] = []
+
+    def reads() -> None:
+        replay(sim, clock, pipe, 120, close=False)
+        done.append("reads")
+
+    def reports() -> None:
+        while time.monotonic() < stop:
+            health.tick(force=True)
+        done.append("health")
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (reads, reports)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(done) == ["health", "reads"], "deadlock between the RFID engine and health reports"
+    ob.close()

@@ -21,6 +21,7 @@ from ulid import ULID
 
 from ..clock import Clock, rfc3339
 from ..contract import MESSAGE_MODELS, STATUS_STREAM, Command, Envelope, command_topic, split_topic
+from ..sync.outbox import insert_rows
 from .store import HqStore
 
 log = logging.getLogger(__name__)
@@ -186,10 +187,12 @@ class HqApplier:
             sums: dict[tuple[str, str], int] = defaultdict(int)
             for it in items or ():
                 sums[(it.zone, it.gtin)] += it.delta
-            c.executemany(
-                "INSERT INTO inventory(store, zone, gtin, qty) VALUES (?,?,?,?)"
-                " ON CONFLICT(store, zone, gtin) DO UPDATE SET qty = qty + excluded.qty",
+            insert_rows(  # one multi-row upsert instead of a step per key (keys are distinct here)
+                c,
+                "INSERT INTO inventory(store, zone, gtin, qty)",
+                4,
                 [(env.store, z, g, q) for (z, g), q in sums.items()],
+                " ON CONFLICT(store, zone, gtin) DO UPDATE SET qty = qty + excluded.qty",
             )
         else:
             c.execute(
