@@ -221,3 +221,50 @@ def test_health_reports_while_reads_flow_do_not_deadlock(tmp_path: Path) -> None
         t.join(30)
     assert sorted(done) == ["health", "reads"], "deadlock between the RFID engine and health reports"
     ob.close()
+
+
+def test_http_intake_over_real_http(tmp_path: Path) -> None:
+    """An Impinj-style webhook POST reaches the book; bad requests get clear HTTP errors."""
+    import http.client
+
+    from edge_agent.config import ReaderHttpConfig
+    from edge_agent.rfid.sources import HttpReaderSource, ReaderIntake
+
+    clock, ob, book, pipe = make(tmp_path)
+    intake = ReaderIntake(pipe, maxsize=100, tick_s=0.05)
+    src = HttpReaderSource(ReaderHttpConfig(enabled=True, port=0), intake)
+    intake.start()
+    src.start()
+    try:
+        def post(body: bytes, path: str = "/rfid/events") -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", src.port, timeout=5)
+            conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            status = conn.getresponse().status
+            conn.close()
+            return status
+
+        events = [{"timestamp": "2026-01-01T00:00:00.000Z", "hostname": "r1", "eventType": "tagInventory",
+                   "tagInventoryEvent": {"epcHex": EPCS[0], "antennaPort": 1, "peakRssiCdbm": -5500}}]
+        assert post(json.dumps(events).encode()) == 202
+        clock.advance(1)
+        assert post(json.dumps(events).encode()) == 202
+        assert post(b"{not json") == 202  # accepted, then quarantined with its reason
+        assert post(b"[]", path="/elsewhere") == 404
+        wait_for(lambda: levels(book) == {("salesfloor", _gtin(EPCS[0])): 1}, 10, "the POSTed reads in the book")
+        wait_for(lambda: any(src_ == "rfid.http" for _, src_, _, _ in ob.quarantined()), 10, "the bad POST quarantined")
+    finally:
+        src.stop()
+        intake.stop()
+        ob.close()
+
+
+def test_silent_antenna_raises_an_alert(tmp_path: Path) -> None:
+    clock, ob, _book, pipe = make(tmp_path, silent_antenna_s=60)
+    pipe.ingest(json.dumps([generic(EPCS[0], 1, clock.now())]).encode())
+    clock.advance(61)
+    pipe.ingest(json.dumps([generic(EPCS[0], 1, clock.now())]).encode())  # port 1 keeps reading
+    pipe.tick()
+    alerts = ob.read("SELECT kind, message FROM alerts")
+    assert [k for k, _ in alerts] == ["rfid.antenna_silent"] and "antenna 2 (exit)" in alerts[0][1]
+    assert pipe.health()["rfid.silent_antennas"] == 1
+    ob.close()
