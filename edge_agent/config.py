@@ -130,6 +130,9 @@ class RfidConfig(Section):
     # "reads": the newest read timestamp does, so a recorded or simulated feed replays at any speed.
     clock: Literal["wall", "reads"] = "wall"
     queue_max: int = Field(10_000, ge=10)
+    # EPCIS 2.0 ObjectEvents on their own stream, for HQ systems that speak EPCIS.
+    epcis: bool = False
+    epcis_location: str = Field("urn:epc:id:sgln:0614141.00001", min_length=1)
     mqtt: ReaderMqttConfig = ReaderMqttConfig()
     http: ReaderHttpConfig = ReaderHttpConfig()
 

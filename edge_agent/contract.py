@@ -86,6 +86,28 @@ class InventoryCountBody(Strict):
     outcome: Literal["completed", "aborted"] = "completed"
 
 
+class EpcisLocation(Strict):
+    id: str
+
+
+class EpcisObjectEvent(Strict):
+    """An EPCIS 2.0 ObjectEvent in its JSON-LD form, for HQ systems that speak EPCIS."""
+
+    type: Literal["ObjectEvent"] = "ObjectEvent"
+    eventTime: datetime
+    eventTimeZoneOffset: str = "+00:00"
+    epcList: list[str]
+    action: Literal["ADD", "OBSERVE", "DELETE"]
+    bizStep: str
+    disposition: str | None = None
+    readPoint: EpcisLocation
+    bizLocation: EpcisLocation | None = None
+
+
+class EpcisEventsBody(Strict):
+    items: list[EpcisObjectEvent]
+
+
 class TrafficStatsItem(Strict):
     camera: Name  # "*" for store-wide
     zone: Name | None = None
@@ -211,6 +233,7 @@ STREAMS: dict[str, StreamSpec] = {
         StreamSpec("inventory/delta", "inventory.delta", InventoryDeltaBody, Priority.INVENTORY, True, False),
         StreamSpec("inventory/snapshot", "inventory.snapshot", InventorySnapshotBody, Priority.INVENTORY, False, False),
         StreamSpec("inventory/count", "inventory.count", InventoryCountBody, Priority.INVENTORY, False, False),
+        StreamSpec("epcis/events", "epcis.events", EpcisEventsBody, Priority.INVENTORY, True, False),
         StreamSpec("cmd-result", "cmd.result", CmdResultBody, Priority.INVENTORY, True, False),
         StreamSpec("esl/alert", "esl.alert", EslAlertBody, Priority.ESL, True, False),
         StreamSpec("health", "health", HealthBody, Priority.ESL, False, False),
@@ -222,6 +245,7 @@ STREAMS: dict[str, StreamSpec] = {
 STATUS_STREAM = "status"
 STATUS_TYPE = "status"
 ITEM_MODELS: dict[str, type[BaseModel]] = {
+    "epcis/events": EpcisObjectEvent,
     "inventory/delta": InventoryDeltaItem,
     "cmd-result": CmdResultItem,
     "esl/alert": EslAlertItem,

@@ -53,6 +53,12 @@ SAMPLE_FACTS: dict[str, list[dict[str, Any]]] = {
         {"count_id": ULID_, "zone": "salesfloor", "started": TS, "ended": TS, "book_before": 10, "seen": 9,
          "missing": ["3074257BF7194E4000001A85"], "unexpected": [], "accuracy": 0.9, "outcome": "completed"},
     ],
+    "epcis/events": [
+        {"type": "ObjectEvent", "eventTime": TS, "eventTimeZoneOffset": "+00:00",
+         "epcList": ["urn:epc:id:sgtin:0614141.812345.6789"], "action": "ADD", "bizStep": "arriving",
+         "disposition": "sellable_accessible", "readPoint": {"id": "urn:epc:id:sgln:0614141.00001.backroom"},
+         "bizLocation": {"id": "urn:epc:id:sgln:0614141.00001.backroom"}},
+    ],
     "cmd-result": [
         {"ts": TS, "cmd_id": "c1", "name": "inventory.resync", "status": "ok", "reason": None, "detail": {"parts": 1}},
         {"ts": TS, "cmd_id": "?", "name": "price.set", "status": "error", "reason": "unknown command", "detail": {}},

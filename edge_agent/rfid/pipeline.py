@@ -30,6 +30,13 @@ from .presence import PresenceEngine, PresenceEvent, PresenceParams
 log = logging.getLogger(__name__)
 
 COUNT_STREAM = "inventory/count"
+EPCIS_STREAM = "epcis/events"
+# CBV 2.0 business steps and dispositions for what presence observed.
+EPCIS_VOCAB = {
+    "arrived": ("ADD", "arriving", "sellable_accessible"),
+    "moved": ("OBSERVE", "storing", "sellable_accessible"),
+    "departed": ("DELETE", "departing", None),
+}
 MAX_QUARANTINE_PER_PAYLOAD = 50  # a flood of garbage is counted in full but stored only in part
 
 
@@ -201,8 +208,26 @@ class RfidPipeline:
                 deletes.append((ev.epc,))
         with self.outbox.transaction() as tx:
             self._write(tx, deltas, upserts, deletes)
+            if self.cfg.epcis and events:
+                tx.enqueue(EPCIS_STREAM, [self._epcis(ev) for ev in events])
             for stream, fact in extra or ():
                 tx.enqueue(stream, [fact])
+
+    def _epcis(self, ev: PresenceEvent) -> Fact:
+        action, step, disposition = EPCIS_VOCAB[ev.kind]
+        if ev.kind == "departed" and ev.reason.startswith("read at"):
+            disposition = "retail_sold"
+        where = {"id": f"{self.cfg.epcis_location}.{ev.zone}"}
+        item: dict[str, object] = {
+            "type": "ObjectEvent", "eventTime": rfc3339(ev.ts), "eventTimeZoneOffset": "+00:00",
+            "epcList": [decode_epc(ev.epc).uri or f"urn:epc:raw:{len(ev.epc) * 4}.x{ev.epc}"],
+            "action": action, "bizStep": step, "readPoint": where,
+        }
+        if disposition:
+            item["disposition"] = disposition
+        if ev.kind != "departed":
+            item["bizLocation"] = where
+        return Fact(ts=ev.ts, body=json.dumps(item, separators=(",", ":")))
 
     def _write(self, tx: OutboxTx, deltas: list[Delta], upserts: list, deletes: list) -> None:
         self.book.apply_in(tx, deltas)
