@@ -87,6 +87,13 @@ class Agent:
         if rc.http.enabled:
             self.rfid_http = HttpReaderSource(rc.http, self.rfid_intake)
             self.sources.append(self.rfid_http)
+        if rc.llrp:
+            from .rfid.llrp import LlrpReaderSource
+
+            for r in rc.llrp:
+                self.sources.append(
+                    LlrpReaderSource(r.host, self.rfid_intake.submit, port=r.port, name=r.name, antennas=r.antennas)
+                )
         self.downlink.register("rfid.cycle_count", self._cycle_count)
 
     def _cycle_count(self, cmd: Command, args: CycleCountArgs) -> dict:  # type: ignore[override]

@@ -111,6 +111,15 @@ class ReaderHttpConfig(Section):
     path: str = "/rfid/events"
 
 
+class LlrpReaderConfig(Section):
+    """An LLRP reader the agent connects to itself (needs the 'llrp' extra: sllurp)."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(5084, ge=1, le=65535)
+    name: str | None = None  # the reader id antennas are mapped by; defaults to host
+    antennas: list[int] = [1]
+
+
 class RfidConfig(Section):
     enabled: bool = False
     antennas: list[AntennaConfig] = []
@@ -135,6 +144,7 @@ class RfidConfig(Section):
     epcis_location: str = Field("urn:epc:id:sgln:0614141.00001", min_length=1)
     mqtt: ReaderMqttConfig = ReaderMqttConfig()
     http: ReaderHttpConfig = ReaderHttpConfig()
+    llrp: list[LlrpReaderConfig] = []
 
     @model_validator(mode="after")
     def _unique_antennas(self) -> RfidConfig:
