@@ -31,6 +31,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 from edge_agent.config import AgentConfig  # noqa: E402
 from edge_agent.inventory.book import Delta  # noqa: E402
 from simulators.inventory_feed import gtin_for  # noqa: E402
+from simulators.toml_files import write_toml  # noqa: E402
 
 STORE = "S001"
 DELTA_STREAM = "inventory/delta"
@@ -172,24 +173,6 @@ def agent_config(workdir: Path, port: int, **outbox: Any) -> AgentConfig:
             "log": {"level": "WARNING"},
         }
     )
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def write_toml(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
-    lines: list[str] = []
-    for table, keys in tables.items():
-        lines.append(f"[{table}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in keys.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
 
 
 # ---------------------------------------------------------------- HQ in its own process

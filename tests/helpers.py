@@ -13,29 +13,9 @@ from typing import Any
 
 from edge_agent.config import HqFileConfig
 from edge_agent.hq.receiver import HqReceiver
+from simulators.toml_files import write_toml
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
-    """Write a TOML file from {"table.sub": {key: value}}."""
-    lines = []
-    for table, keys in tables.items():
-        lines.append(f"[{table}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in keys.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
 
 
 def agent_config(
@@ -52,7 +32,7 @@ def agent_config(
         t["sources.simulated_inventory"] = {"enabled": True, **sim}
     for name, keys in tables.items():
         t.setdefault(name.replace("__", "."), {}).update(keys)
-    return write_config(tmp / f"agent-{store}.toml", t)
+    return write_toml(tmp / f"agent-{store}.toml", t)
 
 
 class AgentProcess:
