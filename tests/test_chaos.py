@@ -31,8 +31,9 @@ from edge_agent.sync.compaction import heatmap_key, stats_key
 from edge_agent.sync.outbox import Fact
 from simulators.inventory_feed import InventoryFeed, gtin_for
 from simulators.mosquitto import Mosquitto
+from simulators.toml_files import write_toml
 
-from .helpers import REPO, AgentProcess, agent_config, start_hq, wait_for, write_config
+from .helpers import REPO, AgentProcess, agent_config, start_hq, wait_for
 
 ZONES = ["backroom", "salesfloor", "fitting-room", "pos"]
 DELTA = "inventory/delta"
@@ -71,7 +72,7 @@ class HqProcess:
     def __init__(self, tmp: Path, port: int, *, name: str = "hq", client_id: str = "edge-hq") -> None:
         self.db_path = tmp / f"{name}.db"
         self.log = tmp / f"{name}-proc.log"
-        self.config = write_config(
+        self.config = write_toml(
             tmp / f"{name}-proc.toml",
             {
                 "mqtt": {"port": port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5},
