@@ -1,0 +1,1 @@
+"""Vision: camera capture, people detection and tracking, floor mapping and traffic analytics."""

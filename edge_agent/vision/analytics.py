@@ -1,0 +1,542 @@
+"""Per-camera traffic analytics: tracked people -> zone occupancy, dwell visits, line crossings, heatmap.
+
+Pure and clocked by the frames: time comes only from the timestamps passed to ``update`` and
+``flush``, never from a clock, so replaying a recorded track feed gives identical items. No image
+data enters here, only boxes in pixels; everything that leaves is counts and seconds.
+
+Lifecycle: ``update(ts, tracks)`` for every processed frame (timestamps never go backwards), and
+``flush(until_ts)`` from time to time to take the finished time buckets as contract items.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from ..clock import rfc3339
+from ..contract import Name
+from .floor import FloatArray, Homography, Polygon, check_simple_polygon, foot_points
+
+
+def _finite(v: tuple[float, float]) -> tuple[float, float]:
+    if not (math.isfinite(v[0]) and math.isfinite(v[1])):
+        raise ValueError("coordinates must be finite")
+    return v
+
+
+Point = Annotated[tuple[float, float], AfterValidator(_finite)]
+PolygonPoints = Annotated[list[Point], Field(min_length=3, max_length=256)]
+
+# Bin boundaries of the dwell histogram (len(edges) + 1 bins); browsing, considering, long stays.
+DEFAULT_DWELL_EDGES_S = [10.0, 30.0, 60.0, 120.0, 300.0, 600.0]
+MAX_HEATMAP_CELLS = 65_536  # one item per bucket must fit comfortably in an outbox message
+LOG_KEEP = 10_000  # visits/crossings kept for pop_*() if nobody drains them
+
+
+# ---------------------------------------------------------------- config
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HomographyConfig(_Model):
+    """Four or more pairs: ``image[i]`` (pixels) is where floor point ``floor[i]`` (metres) appears."""
+
+    image: list[Point] = Field(min_length=4)
+    floor: list[Point] = Field(min_length=4)
+
+    @model_validator(mode="after")
+    def _solvable(self) -> HomographyConfig:
+        self.build()  # raises ValueError with the reason, which pydantic reports at the config key
+        return self
+
+    def build(self) -> Homography:
+        return Homography.from_points(self.image, self.floor)
+
+
+class LineConfig(_Model):
+    """A counting line on the floor from ``a`` to ``b`` (a doorway: crossings outside it do not count);
+    ``inside`` is any floor point on the side a person is in after an entry.
+
+    A point rather than "left"/"right" because left and right flip with the floor plan's axis
+    convention (y up or y down), and a point on the shop side is hard to get wrong.
+    """
+
+    a: Point
+    b: Point
+    inside: Point
+
+    @model_validator(mode="after")
+    def _geometry(self) -> LineConfig:
+        (ax, ay), (bx, by), (px, py) = self.a, self.b, self.inside
+        length = math.hypot(bx - ax, by - ay)
+        if length < 1e-6:
+            raise ValueError("line end points a and b coincide")
+        if abs((bx - ax) * (py - ay) - (by - ay) * (px - ax)) / length < 1e-6:
+            raise ValueError("the inside point lies on the line: it must be on the 'in' side")
+        return self
+
+
+class HeatmapConfig(_Model):
+    """A floor grid: ``origin`` is the corner of cell (row 0, col 0); rows follow +y, columns +x."""
+
+    origin: Point = (0.0, 0.0)
+    width_m: float = Field(gt=0)
+    height_m: float = Field(gt=0)
+    cell_m: float = Field(0.5, gt=0)
+
+    @property
+    def cols(self) -> int:
+        return max(1, math.ceil(self.width_m / self.cell_m - 1e-9))
+
+    @property
+    def rows(self) -> int:
+        return max(1, math.ceil(self.height_m / self.cell_m - 1e-9))
+
+    @model_validator(mode="after")
+    def _size(self) -> HeatmapConfig:
+        if self.cols * self.rows > MAX_HEATMAP_CELLS:
+            raise ValueError(f"{self.cols}x{self.rows} cells is more than {MAX_HEATMAP_CELLS}: use a larger cell_m")
+        return self
+
+
+class TrafficAnalyticsConfig(_Model):
+    camera: Name
+    homography: HomographyConfig
+    zones: dict[Name, PolygonPoints] = Field(default_factory=dict)  # floor metres
+    lines: dict[Name, LineConfig] = Field(default_factory=dict)  # floor metres
+    # Image pixels (shop windows, mannequins, screens): a box whose foot point is inside is not a person here.
+    ignore_masks: list[PolygonPoints] = Field(default_factory=list)
+    min_box_height_px: float = Field(0.0, ge=0)
+    min_conf: float = Field(0.0, ge=0, le=1)
+    min_dwell_s: float = Field(5.0, ge=0)
+    # A track unseen for longer than this has left: its visits close at their last inside time.
+    track_grace_s: float = Field(2.0, gt=0)
+    # A person seen outside a zone for this long has left it; shorter excursions (a foot point
+    # wobbling over the zone's edge) continue the visit. 0 ends a visit at the first frame outside.
+    zone_grace_s: float = Field(1.0, ge=0)
+    # A crossing counts once the foot point is this far past the line, so jitter on it counts nothing.
+    line_hysteresis_m: float = Field(0.15, ge=0)
+    # Time credited to one frame (heatmap, time-weighted occupancy) is capped at this, so a stalled
+    # stream does not paint whoever was last seen for the whole outage.
+    max_frame_gap_s: float = Field(1.0, gt=0)
+    heatmap: HeatmapConfig | None = None
+    bucket_s: int = Field(60, gt=0)
+    dwell_edges_s: list[float] = Field(default_factory=lambda: list(DEFAULT_DWELL_EDGES_S), max_length=64)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrafficAnalyticsConfig:
+        for name, poly in self.zones.items():
+            check_simple_polygon(poly, f"zone {name!r}")
+        for i, poly in enumerate(self.ignore_masks):
+            check_simple_polygon(poly, f"ignore mask {i}")
+        e = self.dwell_edges_s
+        if any(not math.isfinite(x) or x <= 0 for x in e) or any(b <= a for a, b in zip(e, e[1:], strict=False)):
+            raise ValueError("dwell_edges_s must be positive, finite and strictly increasing")
+        return self
+
+
+# ---------------------------------------------------------------- inputs and records
+
+
+@dataclass(frozen=True, slots=True)
+class Track:
+    """One tracked person in one frame: box x1, y1, x2, y2 in image pixels."""
+
+    track_id: int
+    box: tuple[float, float, float, float]
+    conf: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Visit:
+    track_id: int
+    zone: str
+    enter_ts: float
+    leave_ts: float
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Crossing:
+    ts: float
+    track_id: int
+    line: str
+    direction: Literal["in", "out"]
+
+
+# ---------------------------------------------------------------- state
+
+
+class _OpenVisit:
+    __slots__ = ("enter", "last_inside", "out_since")
+
+    def __init__(self, ts: float) -> None:
+        self.enter = ts
+        self.last_inside = ts
+        self.out_since: float | None = None  # first sighting outside since last_inside
+
+
+class _TrackState:
+    __slots__ = ("last_seen", "pos", "d", "side", "cross_ok", "visits")
+
+    def __init__(self, ts: float, pos: FloatArray, d: list[float]) -> None:
+        self.last_seen = ts
+        self.pos = pos
+        self.d = d
+        # Committed side of each line (+1 in, -1 out, 0 unknown). A track first seen near a line
+        # takes the side of its first foot point, so someone picked up in the doorway still counts.
+        self.side = [(x > 0) - (x < 0) for x in d]
+        # Whether the latest sign change of d happened inside the line's segment (the doorway).
+        self.cross_ok = [False] * len(d)
+        self.visits: dict[int, _OpenVisit] = {}
+
+
+class _Bucket:
+    __slots__ = ("start", "frames", "weight", "occ_wsum", "occ_sum", "occ_min", "occ_max",
+                 "entries", "exits", "dwells", "heat")
+
+    def __init__(self, start: int, n_occ: int, n_zones: int, n_cells: int) -> None:
+        self.start = start
+        self.frames = 0
+        self.weight = 0.0
+        self.occ_wsum = np.zeros(n_occ)
+        self.occ_sum = np.zeros(n_occ)
+        self.occ_min = np.full(n_occ, np.inf)
+        self.occ_max = np.zeros(n_occ)
+        self.entries = 0
+        self.exits = 0
+        self.dwells: list[list[float]] = [[] for _ in range(n_zones)]
+        self.heat = np.zeros(n_cells)
+
+
+COUNTERS = (
+    "frames", "late_frames", "tracks", "dropped_invalid", "dropped_duplicate", "dropped_conf",
+    "dropped_small", "dropped_masked", "dropped_horizon", "visits", "short_visits", "entries", "exits",
+    "heat_off_grid",
+)
+
+
+# ---------------------------------------------------------------- engine
+
+
+class TrafficAnalytics:
+    """Traffic analytics of one camera. Not thread-safe: one instance per camera worker."""
+
+    def __init__(self, config: TrafficAnalyticsConfig) -> None:
+        self.config = config
+        self.homography = config.homography.build()
+        self._zone_names = list(config.zones)
+        self._zones = [Polygon.of(p) for p in config.zones.values()]
+        self._masks = [Polygon.of(p) for p in config.ignore_masks]
+        self._line_names = list(config.lines)
+        a = np.array([ln.a for ln in config.lines.values()], dtype=np.float64).reshape(-1, 2)
+        b = np.array([ln.b for ln in config.lines.values()], dtype=np.float64).reshape(-1, 2)
+        inside = np.array([ln.inside for ln in config.lines.values()], dtype=np.float64).reshape(-1, 2)
+        u = b - a
+        length = np.hypot(u[:, 0], u[:, 1])
+        normal = np.stack([-u[:, 1], u[:, 0]], axis=1) / length[:, None] if len(a) else np.zeros((0, 2))
+        # Orient each normal towards the configured inside so that d > 0 means "in".
+        flip = np.sign(((inside - a) * normal).sum(axis=1))
+        self._line_a = a
+        self._line_dir = u / (length**2)[:, None] if len(a) else np.zeros((0, 2))  # (q - a) . dir in [0, 1] on the segment
+        self._line_n = normal * flip[:, None]
+        self._line_c = (self._line_a * self._line_n).sum(axis=1)
+        self._band = config.line_hysteresis_m
+        hm = config.heatmap
+        self._heat_cols = hm.cols if hm else 0
+        self._heat_rows = hm.rows if hm else 0
+        self._edges = np.asarray(config.dwell_edges_s, dtype=np.float64)
+
+        self._tracks: dict[int, _TrackState] = {}
+        self._buckets: dict[int, _Bucket] = {}
+        self._last_ts: float | None = None
+        self._watermark = -math.inf  # frames before this are late: their buckets may be gone
+        self._visit_log: deque[Visit] = deque(maxlen=LOG_KEEP)
+        self._crossing_log: deque[Crossing] = deque(maxlen=LOG_KEEP)
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+
+    # ------------------------------------------------------------ input
+
+    def update(self, ts: float, tracks: Sequence[Track]) -> None:
+        """Account one frame taken at ``ts`` (epoch seconds) with the people tracked in it.
+
+        A frame older than the previous one, or older than the last flush watermark, is dropped
+        and counted (``late_frames``): its time bucket may already have been shipped.
+        """
+        c = self.counters
+        if not math.isfinite(ts) or ts < self._watermark or (self._last_ts is not None and ts < self._last_ts):
+            c["late_frames"] += 1
+            return
+        c["frames"] += 1
+        dt = 0.0 if self._last_ts is None else min(ts - self._last_ts, self.config.max_frame_gap_s)
+        self._last_ts = ts
+        self._expire(ts)
+
+        ids, floor = self._accept(tracks)
+        n = len(ids)
+        c["tracks"] += n
+
+        bucket = self._bucket(ts)
+        bucket.frames += 1
+        bucket.weight += dt
+        inside = (
+            np.stack([z.contains(floor) for z in self._zones], axis=1)
+            if self._zones and n
+            else np.zeros((n, len(self._zones)), dtype=bool)
+        )
+        occ = np.empty(len(self._zones) + 1)
+        occ[0] = n
+        occ[1:] = inside.sum(axis=0)
+        bucket.occ_wsum += occ * dt
+        bucket.occ_sum += occ
+        np.minimum(bucket.occ_min, occ, out=bucket.occ_min)
+        np.maximum(bucket.occ_max, occ, out=bucket.occ_max)
+        if self._heat_cols and n and dt > 0:
+            self._paint(bucket, floor, dt)
+
+        d_all = (floor @ self._line_n.T - self._line_c) if n else np.zeros((0, len(self._line_names)))
+        inside_list = inside.tolist()
+        d_list = d_all.tolist()
+        for k, tid in enumerate(ids):
+            p = floor[k]
+            d = d_list[k]
+            st = self._tracks.get(tid)
+            if st is None:
+                st = self._tracks[tid] = _TrackState(ts, p, d)
+            else:
+                if self._line_names:
+                    self._step_lines(st, p, d, ts, tid, bucket)
+                st.last_seen = ts
+                st.pos = p
+                st.d = d
+            self._step_zones(st, inside_list[k], ts, tid)
+
+    def _accept(self, tracks: Sequence[Track]) -> tuple[list[int], FloatArray]:
+        """Filter one frame's tracks; returns their ids (ascending) and floor points (N, 2)."""
+        c = self.counters
+        cfg = self.config
+        # Sorted by id (then best confidence first) so the output never depends on list order.
+        ordered = sorted(tracks, key=lambda t: (t.track_id, -t.conf if t.conf == t.conf else math.inf))
+        ids: list[int] = []
+        boxes: list[tuple[float, float, float, float]] = []
+        prev: int | None = None
+        for t in ordered:
+            if t.track_id == prev:
+                c["dropped_duplicate"] += 1
+                continue
+            prev = t.track_id
+            x1, y1, x2, y2 = t.box
+            if not (math.isfinite(x1) and math.isfinite(y1) and math.isfinite(x2) and math.isfinite(y2)
+                    and x2 > x1 and y2 > y1 and math.isfinite(t.conf)):
+                c["dropped_invalid"] += 1
+                continue
+            if t.conf < cfg.min_conf:
+                c["dropped_conf"] += 1
+                continue
+            if y2 - y1 < cfg.min_box_height_px:
+                c["dropped_small"] += 1
+                continue
+            ids.append(t.track_id)
+            boxes.append((x1, y1, x2, y2))
+        if not ids:
+            return ids, np.zeros((0, 2))
+        feet = foot_points(np.array(boxes, dtype=np.float64))
+        keep = np.ones(len(ids), dtype=bool)
+        for m in self._masks:
+            keep &= ~m.contains(feet)
+        c["dropped_masked"] += int((~keep).sum())
+        floor = self.homography.to_floor(feet)
+        visible = np.isfinite(floor).all(axis=1)
+        c["dropped_horizon"] += int((keep & ~visible).sum())
+        keep &= visible
+        if keep.all():
+            return ids, floor
+        return [i for i, k in zip(ids, keep.tolist(), strict=True) if k], floor[keep]
+
+    def _paint(self, bucket: _Bucket, floor: FloatArray, dt: float) -> None:
+        hm = self.config.heatmap
+        assert hm is not None
+        col = np.floor((floor[:, 0] - hm.origin[0]) / hm.cell_m).astype(np.int64)
+        row = np.floor((floor[:, 1] - hm.origin[1]) / hm.cell_m).astype(np.int64)
+        on = (col >= 0) & (col < self._heat_cols) & (row >= 0) & (row < self._heat_rows)
+        self.counters["heat_off_grid"] += int((~on).sum())
+        np.add.at(bucket.heat, row[on] * self._heat_cols + col[on], dt)
+
+    def _step_lines(self, st: _TrackState, p1: FloatArray, d1s: list[float], ts: float, tid: int,
+                    bucket: _Bucket) -> None:
+        band = self._band
+        p0 = st.pos
+        for li, d1 in enumerate(d1s):
+            d0 = st.d[li]
+            if (d0 < 0) != (d1 < 0):
+                # The foot point went from one side of the (infinite) line to the other between these
+                # two frames: whether it did so through the doorway is where the straight path
+                # between them meets the line. This is what catches a walker who crossed entirely
+                # between two frames.
+                t = d0 / (d0 - d1)
+                q = p0 + t * (p1 - p0)
+                s = float((q - self._line_a[li]) @ self._line_dir[li])
+                st.cross_ok[li] = 0.0 <= s <= 1.0
+            side = st.side[li]
+            if side == 0:
+                if d1 != 0 and abs(d1) >= band:
+                    st.side[li] = 1 if d1 > 0 else -1
+            elif d1 != 0 and side * d1 <= -band:
+                # Clearly on the other side now: one crossing, however much it wobbled on the line.
+                st.side[li] = -side
+                if st.cross_ok[li]:
+                    direction: Literal["in", "out"] = "in" if side < 0 else "out"
+                    if direction == "in":
+                        bucket.entries += 1
+                        self.counters["entries"] += 1
+                    else:
+                        bucket.exits += 1
+                        self.counters["exits"] += 1
+                    self._crossing_log.append(Crossing(ts, tid, self._line_names[li], direction))
+                st.cross_ok[li] = False
+
+    def _step_zones(self, st: _TrackState, inside: list[bool], ts: float, tid: int) -> None:
+        visits = st.visits
+        for zi, ins in enumerate(inside):
+            v = visits.get(zi)
+            if ins:
+                if v is None:
+                    visits[zi] = _OpenVisit(ts)
+                else:
+                    v.last_inside = ts
+                    v.out_since = None
+            elif v is not None:
+                # Only time *seen* outside counts: while the track is occluded (within the track
+                # grace) the visit neither grows nor ends.
+                if v.out_since is None:
+                    v.out_since = ts
+                if ts - v.out_since >= self.config.zone_grace_s:
+                    del visits[zi]
+                    self._close(tid, zi, v)
+
+    def _close(self, tid: int, zi: int, v: _OpenVisit) -> None:
+        # The visit ends when the person was last seen inside, not when we noticed they had gone.
+        seconds = v.last_inside - v.enter
+        if seconds < self.config.min_dwell_s:
+            self.counters["short_visits"] += 1
+            return
+        self.counters["visits"] += 1
+        self._bucket(v.last_inside).dwells[zi].append(seconds)
+        self._visit_log.append(Visit(tid, self._zone_names[zi], v.enter, v.last_inside, seconds))
+
+    def _expire(self, now: float) -> None:
+        grace = self.config.track_grace_s
+        gone = [tid for tid, st in self._tracks.items() if now - st.last_seen > grace]
+        for tid in gone:
+            st = self._tracks.pop(tid)
+            for zi, v in sorted(st.visits.items()):
+                self._close(tid, zi, v)
+
+    def _bucket(self, ts: float) -> _Bucket:
+        start = math.floor(ts / self.config.bucket_s) * self.config.bucket_s
+        b = self._buckets.get(start)
+        if b is None:
+            cells = self._heat_cols * self._heat_rows
+            b = self._buckets[start] = _Bucket(start, len(self._zones) + 1, len(self._zones), cells)
+        return b
+
+    # ------------------------------------------------------------ output
+
+    def flush(self, until_ts: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Take every finished bucket ending at or before ``until_ts`` as (stats items, heatmap items).
+
+        ``until_ts`` is a watermark: pass the latest frame's timestamp (or the clock's time when the
+        camera is down); frames older than it are dropped afterwards. Tracks unseen for longer than
+        the grace by then are closed. A bucket stays back while a visit that may still end in it is
+        open (someone last seen inside it, within the grace), so a visit is always reported in the
+        bucket of its leave time: at most ``track_grace_s`` (or zone grace plus a frame) of delay.
+        """
+        if not math.isfinite(until_ts):
+            # NaN compares false with every bucket end and would ship buckets still being filled.
+            raise ValueError(f"flush needs a finite timestamp, got {until_ts!r}")
+        self._watermark = max(self._watermark, until_ts)
+        self._expire(until_ts)
+        hold = min(
+            (v.last_inside for st in self._tracks.values() for v in st.visits.values()), default=math.inf
+        )
+        stats: list[dict[str, Any]] = []
+        heat: list[dict[str, Any]] = []
+        bs = self.config.bucket_s
+        for start in sorted(self._buckets):
+            end = start + bs
+            if end > until_ts or end > hold:
+                break
+            b = self._buckets.pop(start)
+            stats.extend(self._stats_items(b))
+            if self.config.heatmap is not None:
+                heat.append(self._heat_item(b))
+        return stats, heat
+
+    def _stats_items(self, b: _Bucket) -> list[dict[str, Any]]:
+        cfg = self.config
+        avg = b.occ_wsum / b.weight if b.weight > 0 else b.occ_sum / b.frames
+        common = {"camera": cfg.camera, "bucket_start": rfc3339(float(b.start)), "bucket_s": cfg.bucket_s}
+
+        def occ(i: int) -> dict[str, float]:
+            return {
+                "occupancy_min": float(b.occ_min[i]),
+                "occupancy_avg": round(float(avg[i]), 4),
+                "occupancy_max": float(b.occ_max[i]),
+            }
+
+        items: list[dict[str, Any]] = [
+            {**common, "zone": None, "entries": b.entries, "exits": b.exits, **occ(0), "visits": 0,
+             "dwell_edges_s": [], "dwell_hist": [], "dwell_median_s": None}
+        ]
+        for zi, name in enumerate(self._zone_names):
+            dwells = b.dwells[zi]
+            items.append({
+                **common, "zone": name, "entries": 0, "exits": 0, **occ(zi + 1), "visits": len(dwells),
+                "dwell_edges_s": list(cfg.dwell_edges_s), "dwell_hist": _histogram(self._edges, dwells),
+                "dwell_median_s": round(statistics.median(dwells), 3) if dwells else None,
+            })
+        return items
+
+    def _heat_item(self, b: _Bucket) -> dict[str, Any]:
+        hm = self.config.heatmap
+        assert hm is not None
+        return {
+            "camera": self.config.camera,
+            "bucket_start": rfc3339(float(b.start)),
+            "bucket_s": self.config.bucket_s,
+            "cell_m": hm.cell_m,
+            "cols": self._heat_cols,
+            "rows": self._heat_rows,
+            "cells": np.round(b.heat, 3).tolist(),
+        }
+
+    def pop_visits(self) -> list[Visit]:
+        """Counted visits closed since the last call (the newest LOG_KEEP if nobody drains them)."""
+        out = list(self._visit_log)
+        self._visit_log.clear()
+        return out
+
+    def pop_crossings(self) -> list[Crossing]:
+        """Counted line crossings since the last call (the newest LOG_KEEP if nobody drains them)."""
+        out = list(self._crossing_log)
+        self._crossing_log.clear()
+        return out
+
+    @property
+    def active_tracks(self) -> int:
+        return len(self._tracks)
+
+
+def _histogram(edges: FloatArray, values: Iterable[float]) -> list[int]:
+    """len(edges) + 1 bins: [0, e0), [e0, e1), ..., [e_last, inf), as edge_agent.sync.compaction reads them."""
+    idx = np.searchsorted(edges, np.fromiter(values, dtype=np.float64), side="right")
+    return np.bincount(idx, minlength=len(edges) + 1).tolist()

@@ -1,0 +1,244 @@
+"""Floor mapping: image pixels -> floor-plan metres through a planar homography, and polygon geometry.
+
+Pure numpy; no OpenCV, so the analytics can run (and be tested) without the vision extras installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+FloatArray = NDArray[np.float64]
+
+# Relative tolerances on *normalised* coordinates (mean distance sqrt(2) from the centroid), so they
+# do not depend on whether the input is in pixels, metres or millimetres.
+_COLLINEAR_TOL = 1e-9
+_RANK_TOL = 1e-9
+# A point whose projective scale is this close to zero sits on the horizon: its floor position is
+# at infinity, and anything past it would be mirrored back onto the floor, so we refuse to map it.
+_HORIZON_TOL = 1e-12
+
+
+def _as_points(pts: ArrayLike, what: str) -> FloatArray:
+    a = np.asarray(pts, dtype=np.float64)
+    if a.ndim != 2 or a.shape[1] != 2:
+        raise ValueError(f"{what} must be a sequence of (x, y) pairs, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{what} contain a non-finite coordinate")
+    return a
+
+
+def _normaliser(pts: FloatArray) -> FloatArray:
+    """Hartley normalisation: centroid to the origin, mean distance sqrt(2).
+
+    Without it the DLT system mixes pixel values (~1e3) with their squares (~1e6) and the least
+    squares solution is dominated by rounding, not by the data.
+    """
+    c = pts.mean(axis=0)
+    d = np.sqrt(((pts - c) ** 2).sum(axis=1)).mean()
+    s = np.sqrt(2.0) / d
+    return np.array([[s, 0.0, -s * c[0]], [0.0, s, -s * c[1]], [0.0, 0.0, 1.0]])
+
+
+def _apply(h: FloatArray, pts: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Projective map; returns (cartesian points, projective scale w)."""
+    x = pts[:, 0]
+    y = pts[:, 1]
+    w = h[2, 0] * x + h[2, 1] * y + h[2, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = (h[0, 0] * x + h[0, 1] * y + h[0, 2]) / w
+        v = (h[1, 0] * x + h[1, 1] * y + h[1, 2]) / w
+    return np.stack([u, v], axis=1), w
+
+
+def _check_spread(pts: FloatArray, what: str) -> None:
+    n = len(pts)
+    t = _normaliser(pts) if np.ptp(pts, axis=0).max() > 0 else None
+    if t is None:
+        raise ValueError(f"{what} are all the same point")
+    p = pts @ t[:2, :2].T + t[:2, 2]
+    for i, j in combinations(range(n), 2):
+        if np.hypot(*(p[i] - p[j])) < 1e-9:
+            raise ValueError(f"{what} {i} and {j} coincide")
+    sv = np.linalg.svd(p - p.mean(axis=0), compute_uv=False)
+    if sv[1] < _COLLINEAR_TOL * sv[0] * np.sqrt(n):
+        raise ValueError(f"{what} are collinear: a homography needs points spread over the plane")
+    if n == 4:
+        # Exactly determined: three collinear points out of four leave a family of solutions.
+        for tri in combinations(range(4), 3):
+            a, b, c = p[list(tri)]
+            if abs((b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])) < 1e-6:
+                raise ValueError(f"{what} {tri} are collinear: with four pairs no three may lie on a line")
+
+
+@dataclass(frozen=True)
+class Homography:
+    """A planar projective map from image pixels to floor metres (``matrix``), and back."""
+
+    matrix: FloatArray
+    inverse: FloatArray
+    rms_error_m: float  # of the calibration points, to spot a mistyped pair at config time
+    _side: float  # sign of w over the calibration points: the floor's side of the horizon
+
+    @classmethod
+    def from_points(cls, image_pts: ArrayLike, floor_pts: ArrayLike) -> Homography:
+        """Least-squares normalised DLT from >= 4 (image pixel, floor metre) pairs.
+
+        Raises ValueError with the reason for too few, non-finite, duplicate, collinear or otherwise
+        degenerate pairs, and for pairs that put the horizon between calibration points (which is
+        what mis-ordered pairs do: a real floor seen by a camera lies entirely on one side of it).
+        """
+        img = _as_points(image_pts, "image points")
+        flr = _as_points(floor_pts, "floor points")
+        if len(img) != len(flr):
+            raise ValueError(f"{len(img)} image points but {len(flr)} floor points: they must pair up")
+        if len(img) < 4:
+            raise ValueError(f"a homography needs at least 4 point pairs, got {len(img)}")
+        _check_spread(img, "image points")
+        _check_spread(flr, "floor points")
+
+        ti, tf = _normaliser(img), _normaliser(flr)
+        pi = img @ ti[:2, :2].T + ti[:2, 2]
+        pf = flr @ tf[:2, :2].T + tf[:2, 2]
+        n = len(img)
+        x, y, u, v = pi[:, 0], pi[:, 1], pf[:, 0], pf[:, 1]
+        zeros, ones = np.zeros(n), np.ones(n)
+        a = np.empty((2 * n, 9))
+        a[0::2] = np.stack([-x, -y, -ones, zeros, zeros, zeros, u * x, u * y, u], axis=1)
+        a[1::2] = np.stack([zeros, zeros, zeros, -x, -y, -ones, v * x, v * y, v], axis=1)
+        _, s, vt = np.linalg.svd(a)
+        # The solution is the right singular vector of the smallest singular value; it is unique
+        # only if the next one is clearly non-zero (a one-dimensional null space).
+        if s[7] < _RANK_TOL * s[0]:
+            raise ValueError("degenerate point pairs: they do not determine a unique homography")
+        hn = vt[-1].reshape(3, 3)
+        h = np.linalg.inv(tf) @ hn @ ti
+        if np.linalg.cond(h) > 1e12:
+            raise ValueError("degenerate point pairs: the fitted homography is singular")
+        h = h / (h[2, 2] if abs(h[2, 2]) > 1e-12 else np.linalg.norm(h))
+
+        mapped, w = _apply(h, img)
+        if not (np.all(w > 0) or np.all(w < 0)):
+            raise ValueError(
+                "the horizon passes between calibration points: check that the image and floor points "
+                "are listed in the same order"
+            )
+        side = 1.0 if w[0] > 0 else -1.0
+        rms = float(np.sqrt(((mapped - flr) ** 2).sum(axis=1).mean()))
+        hinv = np.linalg.inv(h)
+        hinv = hinv / (hinv[2, 2] if abs(hinv[2, 2]) > 1e-12 else np.linalg.norm(hinv))
+        h.setflags(write=False)
+        hinv.setflags(write=False)
+        return cls(h, hinv, rms, side)
+
+    def to_floor(self, points: ArrayLike) -> FloatArray:
+        """Image pixels (N, 2) -> floor metres (N, 2); NaN rows for points on or above the horizon."""
+        p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        out, w = _apply(self.matrix, p)
+        out[~(w * self._side > _HORIZON_TOL)] = np.nan
+        return out
+
+    def to_image(self, points: ArrayLike) -> FloatArray:
+        """Floor metres (N, 2) -> image pixels (N, 2); for drawing zones and for the simulator."""
+        p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        out, w = _apply(self.inverse, p)
+        out[~(np.abs(w) > _HORIZON_TOL)] = np.nan
+        return out
+
+
+def foot_points(boxes: ArrayLike) -> FloatArray:
+    """Bottom-centre of (N, 4) boxes x1, y1, x2, y2: where a standing person touches the floor."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.stack([(b[:, 0] + b[:, 2]) * 0.5, b[:, 3]], axis=1)
+
+
+# ---------------------------------------------------------------- polygons
+
+
+@dataclass(frozen=True)
+class Polygon:
+    """A simple polygon (convex or not) with its edges precomputed for a vectorised even-odd test."""
+
+    vertices: FloatArray
+    _x1: FloatArray
+    _y1: FloatArray
+    _y2: FloatArray
+    _inv_slope: FloatArray
+
+    @classmethod
+    def of(cls, vertices: ArrayLike) -> Polygon:
+        v = _as_points(vertices, "polygon vertices")
+        if len(v) < 3:
+            raise ValueError(f"a polygon needs at least 3 vertices, got {len(v)}")
+        nxt = np.roll(v, -1, axis=0)
+        dx, dy = nxt[:, 0] - v[:, 0], nxt[:, 1] - v[:, 1]
+        # Horizontal edges never straddle a horizontal ray; give them any finite slope.
+        inv = np.divide(dx, dy, out=np.zeros_like(dx), where=dy != 0)
+        for a in (v, v[:, 0], v[:, 1], nxt[:, 1], inv):
+            a.setflags(write=False)
+        return cls(v, v[:, 0], v[:, 1], nxt[:, 1], inv)
+
+    def contains(self, points: ArrayLike) -> NDArray[np.bool_]:
+        """Even-odd rule, (N, 2) -> (N,) bool, one (N, edges) array pass; NaN points are outside.
+
+        Half-open on y, so a point on an edge shared by two zones lands in exactly one of them.
+        """
+        p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        x = p[:, :1]
+        y = p[:, 1:]
+        straddle = (self._y1 > y) != (self._y2 > y)
+        x_cross = self._x1 + (y - self._y1) * self._inv_slope
+        return ((straddle & (x < x_cross)).sum(axis=1) & 1).astype(bool)
+
+    @property
+    def area(self) -> float:
+        x, y = self.vertices[:, 0], self.vertices[:, 1]
+        return float(0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def points_in_polygon(points: ArrayLike, vertices: ArrayLike) -> NDArray[np.bool_]:
+    """Convenience form of ``Polygon.of(vertices).contains(points)``."""
+    return Polygon.of(vertices).contains(points)
+
+
+def _orient(a: Sequence[float], b: Sequence[float], c: Sequence[float]) -> float:
+    return (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])
+
+
+def segments_intersect(
+    a: Sequence[float], b: Sequence[float], c: Sequence[float], d: Sequence[float]
+) -> bool:
+    """Closed segments ab and cd share at least one point (touching and collinear overlap count)."""
+    o1, o2, o3, o4 = _orient(a, b, c), _orient(a, b, d), _orient(c, d, a), _orient(c, d, b)
+    if ((o1 > 0 and o2 < 0) or (o1 < 0 and o2 > 0)) and ((o3 > 0 and o4 < 0) or (o3 < 0 and o4 > 0)):
+        return True
+
+    def on(p: Sequence[float], q: Sequence[float], r: Sequence[float]) -> bool:
+        return min(p[0], q[0]) <= r[0] <= max(p[0], q[0]) and min(p[1], q[1]) <= r[1] <= max(p[1], q[1])
+
+    return (
+        (o1 == 0 and on(a, b, c)) or (o2 == 0 and on(a, b, d)) or (o3 == 0 and on(c, d, a)) or (o4 == 0 and on(c, d, b))
+    )
+
+
+def check_simple_polygon(vertices: ArrayLike, what: str = "polygon") -> None:
+    """Raise ValueError unless the polygon has >= 3 vertices, an area and no self-intersection.
+
+    A bow-tie is almost always two vertices typed in the wrong order; the even-odd rule would
+    silently leave its middle out, so we refuse it at config time instead.
+    """
+    poly = Polygon.of(vertices)
+    v = [tuple(p) for p in poly.vertices.tolist()]
+    n = len(v)
+    for i in range(n):
+        for j in range(i + 1, n):
+            if j == i + 1 or (i == 0 and j == n - 1):
+                continue  # neighbours share a vertex by construction
+            if segments_intersect(v[i], v[(i + 1) % n], v[j], v[(j + 1) % n]):
+                raise ValueError(f"{what} intersects itself (edges {i} and {j}): check the vertex order")
+    if poly.area <= 1e-12:
+        raise ValueError(f"{what} has no area")
