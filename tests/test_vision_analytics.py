@@ -211,12 +211,12 @@ def _dist_to_boundary(x: float, y: float, poly: list[tuple[float, float]]) -> fl
 
 @st.composite
 def star_polygon(draw: st.DrawFn) -> list[tuple[float, float]]:
-    """Star-shaped, usually concave: sorted distinct angles, random radii."""
+    """Star-shaped, usually concave: angles evenly spread with jitter (so no gap reaches pi and none
+    vanishes, which keeps the polygon simple without filtering), random radii."""
     n = draw(st.integers(3, 14))
-    angles = sorted(set(draw(st.lists(st.floats(0, 2 * math.pi, exclude_max=True), min_size=n, max_size=n))))
-    assume(len(angles) >= 3)
-    assume(all(b - a > 0.05 for a, b in zip(angles, angles[1:] + [angles[0] + 2 * math.pi], strict=True)))
-    assume(max(b - a for a, b in zip(angles, angles[1:] + [angles[0] + 2 * math.pi], strict=True)) < math.pi - 0.05)
+    step = 2 * math.pi / n
+    jitter = draw(st.lists(st.floats(-0.2, 0.2), min_size=n, max_size=n))
+    angles = [(i + j) * step for i, j in enumerate(jitter)]
     radii = draw(st.lists(st.floats(0.5, 10), min_size=len(angles), max_size=len(angles)))
     cx, cy = draw(st.floats(-50, 50)), draw(st.floats(-50, 50))
     return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a, r in zip(angles, radii, strict=True)]
