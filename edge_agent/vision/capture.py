@@ -1,0 +1,151 @@
+"""Frames from RTSP, USB or files through OpenCV, with stream timestamps, a rate cap and reconnects.
+
+- Timestamps come from the stream: the container's position for live streams, frame index / fps for
+  files (OpenCV's frame count is wrong for MPEG-1, so files are read until ``read()`` fails). Never
+  the wall clock at arrival, which would smear a stalled stream's backlog over the wrong seconds.
+- A frame-rate cap drops frames rather than queueing them; dropped frames are counted.
+- A live stream that drops is reopened with exponential backoff; the gap is reported.
+Frames never leave the process that captured them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    ts: float  # stream time, epoch seconds
+    index: int  # frames read from the source so far (kept or not)
+    image: np.ndarray = field(repr=False)  # BGR
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """The stream was lost from ``start`` to ``end`` (stream-clock estimate) and came back."""
+
+    start: float
+    end: float
+    reason: str
+
+
+@dataclass
+class CaptureStats:
+    read: int = 0
+    kept: int = 0
+    skipped: int = 0  # dropped by the rate cap
+    failed_opens: int = 0
+    gaps: int = 0
+    gap_s: float = 0.0
+
+
+def is_live(url: str | int) -> bool:
+    return isinstance(url, int) or str(url).startswith(("rtsp://", "rtsps://", "http://", "https://", "/dev/video"))
+
+
+class FrameSource:
+    def __init__(
+        self,
+        url: str | int,
+        *,
+        fps_cap: float = 0.0,
+        start_ts: float | None = None,
+        reconnect_min_s: float = 0.5,
+        reconnect_max_s: float = 30.0,
+        wall: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.url = url
+        self.live = is_live(url)
+        self.fps_cap = fps_cap
+        self.start_ts = start_ts
+        self.reconnect_min_s = reconnect_min_s
+        self.reconnect_max_s = reconnect_max_s
+        self._wall = wall
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self.stats = CaptureStats()
+        self._stopped = False
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def _open(self) -> cv2.VideoCapture | None:
+        cap = cv2.VideoCapture(self.url)
+        if not cap.isOpened():
+            cap.release()
+            self.stats.failed_opens += 1
+            return None
+        return cap
+
+    def frames(self) -> Iterator[Frame | Gap]:
+        """Yield kept frames (and a Gap after a live stream came back); ends when a file ends."""
+        attempt = 0
+        next_due: float | None = None
+        lost_at: float | None = None
+        lost_reason = ""
+        while not self._stopped:
+            cap = self._open()
+            if cap is None:
+                if not self.live:
+                    raise FileNotFoundError(f"cannot open video source {self.url!r}")
+                delay = min(self.reconnect_max_s, self.reconnect_min_s * 2**attempt) * self._rng.uniform(0.5, 1.0)
+                attempt += 1
+                log.warning("camera %s: cannot open; retrying in %.1fs", self.url, delay)
+                self._sleep(delay)
+                continue
+            attempt = 0
+            opened_wall = self._wall()
+            base = self.start_ts if self.start_ts is not None else opened_wall
+            fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
+            fps = fps if 1.0 <= fps <= 240.0 else 25.0
+            if lost_at is not None:
+                # Stream time restarts with the new session; the gap is measured on the wall clock
+                # because that is the only clock that kept running while there was no stream.
+                end = opened_wall
+                self.stats.gaps += 1
+                self.stats.gap_s += max(0.0, end - lost_at)
+                yield Gap(lost_at, end, lost_reason)
+                lost_at = None
+            n_session = 0
+            min_dt = 1.0 / self.fps_cap if self.fps_cap > 0 else 0.0
+            while not self._stopped:
+                if not cap.grab():
+                    break
+                self.stats.read += 1
+                if self.live:
+                    pos = cap.get(cv2.CAP_PROP_POS_MSEC)
+                    ts = base + (pos / 1000.0 if pos and pos > 0 else n_session / fps)
+                else:
+                    ts = base + n_session / fps
+                n_session += 1
+                if next_due is not None and ts < next_due - 1e-6:
+                    self.stats.skipped += 1
+                    continue
+                ok, image = cap.retrieve()
+                if not ok or image is None:
+                    self.stats.skipped += 1
+                    continue
+                # Due times advance on a fixed grid so the kept rate is the cap, not the cap rounded
+                # down to a divisor of the source rate; after a stall the grid restarts from now.
+                next_due = ts + min_dt if next_due is None or ts - next_due >= min_dt else next_due + min_dt
+                self.stats.kept += 1
+                yield Frame(ts, self.stats.read - 1, image)
+            cap.release()
+            if not self.live:
+                return
+            if not self._stopped:
+                lost_at = self._wall()
+                lost_reason = "stream ended or dropped"
+                log.warning("camera %s: stream lost; reconnecting", self.url)
+                self._sleep(self.reconnect_min_s * self._rng.uniform(0.5, 1.0))
