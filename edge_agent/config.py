@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .contract import DEFAULT_PREFIX, StoreId
+from .vision.analytics import TrafficAnalyticsConfig
 
 
 class Section(BaseModel):
@@ -170,6 +171,37 @@ class HqConfig(Section):
     print_applied: bool = True
 
 
+class CameraConfig(TrafficAnalyticsConfig):
+    """One camera: where its frames come from, plus its floor calibration, zones, lines and masks."""
+
+    url: str = Field(min_length=1)  # rtsp://..., /dev/video0, or a video file
+    fps_cap: float = Field(0.0, ge=0)  # 0 = every frame
+    # Stream time of a file's first frame (epoch seconds); default: when it is opened.
+    start_ts: float | None = None
+
+
+class VisionConfig(Section):
+    enabled: bool = False
+    # Any ultralytics-loadable model: .pt, .onnx, or an OpenVINO export folder. Default: the provisioned
+    # package model (models/provision.py).
+    model: Path | None = None
+    imgsz: int = Field(320, ge=32, le=1920)
+    conf: float = Field(0.35, gt=0, lt=1)
+    tracker: Literal["bytetrack.yaml", "botsort.yaml"] = "bytetrack.yaml"
+    # How often finished minute buckets are sent to the outbox.
+    flush_s: float = Field(5.0, gt=0)
+    # Results waiting for the outbox at most; a slow outbox never stalls a camera (excess is counted).
+    queue_max: int = Field(1000, ge=10)
+    cameras: list[CameraConfig] = []
+
+    @model_validator(mode="after")
+    def _unique_cameras(self) -> VisionConfig:
+        ids = [c.camera for c in self.cameras]
+        if len(ids) != len(set(ids)):
+            raise ValueError("camera ids must be unique")
+        return self
+
+
 class StoreConfig(Section):
     id: StoreId
 
@@ -181,6 +213,7 @@ class AgentConfig(Section):
     health: HealthConfig = HealthConfig()
     sources: SourcesConfig = SourcesConfig()
     rfid: RfidConfig = RfidConfig()
+    vision: VisionConfig = VisionConfig()
     log: LogConfig = LogConfig()
     hq: HqConfig = HqConfig()
 
