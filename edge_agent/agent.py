@@ -23,6 +23,7 @@ from .sync.uplink import Uplink
 
 if TYPE_CHECKING:
     from .rfid.pipeline import RfidPipeline
+    from .vision.service import VisionService
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,12 @@ class Agent:
         self.rfid: RfidPipeline | None = None
         if cfg.rfid.enabled:
             self._wire_rfid()
+        self.vision: VisionService | None = None
+        if cfg.vision.enabled and cfg.vision.cameras:
+            from .vision.service import VisionService
+
+            self.vision = VisionService(cfg.vision, self.outbox)
+            self.sources.append(self.vision)
         self._stop = threading.Event()
         self._housekeeper = threading.Thread(target=self._housekeep, name="housekeeper", daemon=True)
 
@@ -111,6 +118,8 @@ class Agent:
             "failed_acks": self.uplink.failed_acks,
             "mqtt_connect_attempts": self.uplink.conn.attempts,
         }
+        if self.vision is not None:
+            figures.update(self.vision.figures)
         if self.rfid is not None:
             figures.update(self.rfid.health())
             figures["rfid.intake_dropped"] = self.rfid_intake.dropped

@@ -34,10 +34,24 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.edge-agent-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml requirements-vision.txt models/manifest.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  pip_() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@"; }
   echo "bootstrap: installing edge-agent and its test extras into .venv" >&2
-  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+  pip_ --upgrade pip
+  pip_ -e ".[test]"
+  # Vision: torch pinned by architecture (a bare "torch" would pull a multi-GB CUDA build), then the
+  # rest without their declared dependencies (see requirements-vision.txt for why).
+  echo "bootstrap: installing the vision stack (torch, ultralytics, OpenVINO, ONNX Runtime, the people model)" >&2
+  case "$(uname -m)" in
+    aarch64|arm64) pip_ torch==2.9.1 torchvision==0.24.1 ;;
+    *) pip_ torch==2.14.1 torchvision==0.29.1 ;;
+  esac
+  pip_ --no-deps -r requirements-vision.txt
   echo "$want" > "$stamp"
+fi
+# The people model: verified against the manifest and exported to OpenVINO/ONNX once (offline).
+if [ ! -f models/cache/provisioned.json ]; then
+  echo "bootstrap: provisioning the people model (models/provision.py)" >&2
+  YOLO_OFFLINE=1 .venv/bin/python models/provision.py >&2
 fi

@@ -1,0 +1,145 @@
+"""Cameras in their own processes; only numbers come back.
+
+Each camera runs capture -> detect + track -> analytics in a process of its own (two cores are used,
+and a slow or stuck camera never stalls RFID or the uplink). The process sends back finished
+traffic/stats and traffic/heatmap items, stream gaps and per-stage timings over a bounded queue; the
+agent process enqueues them in the outbox. Frames never cross the process boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import time
+from typing import Any
+
+from ..clock import parse_rfc3339
+from ..config import CameraConfig, VisionConfig
+from ..sync import compaction
+from ..sync.outbox import Fact, Outbox
+
+log = logging.getLogger(__name__)
+
+
+def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> None:
+    """The camera process: never returns frames, only messages of numbers."""
+    import os
+
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    from .analytics import TrafficAnalytics
+    from .capture import Frame, FrameSource
+    from .detector import PersonDetector
+
+    def send(msg: tuple) -> None:
+        try:
+            out.put(msg, timeout=1.0)
+        except queue.Full:
+            pass  # counted by the parent as queue overflow through the frame stats it still gets
+
+    detector = PersonDetector(vcfg.model, imgsz=vcfg.imgsz, conf=vcfg.conf, tracker=vcfg.tracker)
+    analytics = TrafficAnalytics(cam)
+    src = FrameSource(cam.url, fps_cap=cam.fps_cap, start_ts=cam.start_ts)
+    last_flush = last_report = None
+    t_detect = t_frames = 0.0
+    n = 0
+    last_ts = 0.0
+    t_prev = time.perf_counter()
+    for item in src.frames():
+        if stop.is_set():
+            src.stop()
+            break
+        if not isinstance(item, Frame):
+            send(("gap", cam.camera, item.start, item.end, item.reason))
+            continue
+        t0 = time.perf_counter()
+        tracks = detector.track(item.image)
+        t1 = time.perf_counter()
+        analytics.update(item.ts, tracks)
+        t_detect += t1 - t0
+        t_frames += t1 - t_prev
+        t_prev = time.perf_counter()
+        n += 1
+        last_ts = item.ts
+        if last_flush is None or item.ts - last_flush >= vcfg.flush_s:
+            last_flush = item.ts
+            stats, heat = analytics.flush(item.ts)
+            if stats or heat:
+                send(("facts", cam.camera, stats, heat))
+        if last_report is None or item.ts - last_report >= 10.0:
+            last_report = item.ts
+            send(("perf", cam.camera, {"frames": n, "fps": n / t_frames if t_frames else 0.0,
+                                       "detect_track_ms": 1000 * t_detect / max(n, 1),
+                                       "skipped": src.stats.skipped, "gaps": src.stats.gaps}))
+    # A file ended (or we are stopping): close every open bucket.
+    stats, heat = analytics.flush(last_ts + cam.bucket_s + cam.track_grace_s + 1)
+    if stats or heat:
+        send(("facts", cam.camera, stats, heat))
+    send(("done", cam.camera, {"frames": n, "skipped": src.stats.skipped, "gaps": src.stats.gaps}))
+
+
+class VisionService:
+    def __init__(self, cfg: VisionConfig, outbox: Outbox) -> None:
+        self.cfg = cfg
+        self.outbox = outbox
+        ctx = mp.get_context("spawn")  # no forked copies of the agent's threads and sockets
+        self._q: Any = ctx.Queue(maxsize=cfg.queue_max)
+        self._stop = ctx.Event()
+        self._procs = {
+            c.camera: ctx.Process(target=run_camera, args=(c, cfg, self._q, self._stop), name=f"camera-{c.camera}",
+                                  daemon=True)
+            for c in cfg.cameras
+        }
+        self._drain = threading.Thread(target=self._run, name="vision-drain", daemon=True)
+        self._halt = threading.Event()
+        self.figures: dict[str, float] = {}
+        self.done: set[str] = set()
+
+    def start(self) -> None:
+        for p in self._procs.values():
+            p.start()
+        self._drain.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for p in self._procs.values():
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+        self._halt.set()
+        self._drain.join(5)
+
+    def _run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                msg = self._q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._handle(msg)
+            except Exception:
+                log.exception("vision result %s could not be handled", msg[0])
+
+    def _handle(self, msg: tuple) -> None:
+        kind, camera = msg[0], msg[1]
+        if kind == "facts":
+            _, _, stats, heat = msg
+            with self.outbox.transaction() as tx:
+                if stats:
+                    tx.enqueue("traffic/stats", [_fact(s, compaction.stats_key(s)) for s in stats])
+                if heat:
+                    tx.enqueue("traffic/heatmap", [_fact(h, compaction.heatmap_key(h)) for h in heat])
+        elif kind == "gap":
+            _, _, start, end, reason = msg
+            self.outbox.alert("vision.stream_gap", f"camera {camera}: {reason}; no frames for {end - start:.1f} s")
+        elif kind in ("perf", "done"):
+            for k, v in msg[2].items():
+                self.figures[f"vision.{camera}.{k}"] = float(v)
+            if kind == "done":
+                self.done.add(camera)
+
+
+def _fact(item: dict[str, Any], key: str) -> Fact:
+    return Fact(ts=parse_rfc3339(item["bucket_start"]), body=json.dumps(item, separators=(",", ":")), key=key)
