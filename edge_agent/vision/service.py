@@ -39,7 +39,11 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> No
         except queue.Full:
             pass  # counted by the parent as queue overflow through the frame stats it still gets
 
-    detector = PersonDetector(vcfg.model, imgsz=vcfg.imgsz, conf=vcfg.conf, tracker=vcfg.tracker)
+    # ultralytics keeps a lost track for track_buffer *frames*; the grace period is configured in
+    # seconds, so it means the same whatever rate the camera is analysed at.
+    fps = cam.fps_cap or 25.0
+    detector = PersonDetector(vcfg.model, imgsz=vcfg.imgsz, conf=vcfg.conf, tracker=vcfg.tracker,
+                              tracker_overrides={"track_buffer": max(1, round(cam.track_grace_s * fps))})
     analytics = TrafficAnalytics(cam)
     src = FrameSource(cam.url, fps_cap=cam.fps_cap, start_ts=cam.start_ts)
     last_flush = last_report = None
