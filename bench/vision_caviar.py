@@ -4,7 +4,9 @@ EC Funded CAVIAR project/IST 2001 37540), against its ground truth.
 Decode (OpenCV) -> detect + track (ultralytics YOLO + ByteTrack, the packaged people model, default
 OpenVINO at 320 px) -> analytics (floor mapping, shop-entrance line). Prints:
 
-- ``caviar_count_mae`` mean absolute error of the people count at each ground-truth second (target <= 0.3)
+- ``caviar_count_mae`` mean absolute error of the people count per ground-truth second, the count of a
+  second being the median of its frames' counts (target <= 0.3); ``caviar_count_mae_single_frame``
+  uses only the frame at the sampled instant
 - ``caviar_entries`` / ``caviar_exits`` counted across the shop-front line, against the ground truth's
 - ``caviar_fps`` and per-stage milliseconds (decode, detect+track, analytics) for one camera
 
@@ -77,10 +79,16 @@ def main() -> None:
     wall = time.perf_counter() - t0
     analytics.flush(1e12)
     errors = [abs(counts.get(round(s * 25), 0) - want) for s, want in sorted(gt.items())]
+    # The people count of a second: the median over its frames, so one frame's missed or doubled box
+    # does not decide it.
+    per_second = {s: statistics.median([counts[i] for i in range(round((s - 0.5) * 25), round((s + 0.5) * 25) + 1)
+                                        if i in counts]) for s in gt}
+    errors_1s = [abs(per_second[s] - want) for s, want in sorted(gt.items())]
     crossings = analytics.pop_crossings()
-    note(f"{n} frames; per second: predicted {[counts.get(round(s * 25), 0) for s in sorted(gt)]}, "
+    note(f"{n} frames; per second: predicted {[per_second[s] for s in sorted(gt)]}, "
          f"truth {[gt[s] for s in sorted(gt)]}; crossings {[(round(c.ts, 2), c.direction) for c in crossings]}")
-    emit("caviar_count_mae", statistics.fmean(errors))
+    emit("caviar_count_mae", statistics.fmean(errors_1s))
+    emit("caviar_count_mae_single_frame", statistics.fmean(errors))
     emit("caviar_entries", sum(c.direction == "in" for c in crossings))
     emit("caviar_exits", sum(c.direction == "out" for c in crossings))
     emit("caviar_truth_entries", gt_dir.count("in"))
