@@ -47,6 +47,11 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> No
     analytics = TrafficAnalytics(cam)
     src = FrameSource(cam.url, fps_cap=cam.fps_cap, start_ts=cam.start_ts)
     last_flush = last_report = None
+
+    def perf() -> dict[str, float]:
+        return {"frames": n, "fps": n / t_frames if t_frames else 0.0, "detect_track_ms": 1000 * t_detect / max(n, 1),
+                "skipped": src.stats.skipped, "gaps": src.stats.gaps}
+
     t_detect = t_frames = 0.0
     n = 0
     last_ts = 0.0
@@ -74,14 +79,12 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> No
                 send(("facts", cam.camera, stats, heat))
         if last_report is None or item.ts - last_report >= 10.0:
             last_report = item.ts
-            send(("perf", cam.camera, {"frames": n, "fps": n / t_frames if t_frames else 0.0,
-                                       "detect_track_ms": 1000 * t_detect / max(n, 1),
-                                       "skipped": src.stats.skipped, "gaps": src.stats.gaps}))
+            send(("perf", cam.camera, perf()))
     # A file ended (or we are stopping): close every open bucket.
     stats, heat = analytics.flush(last_ts + cam.bucket_s + cam.track_grace_s + 1)
     if stats or heat:
         send(("facts", cam.camera, stats, heat))
-    send(("done", cam.camera, {"frames": n, "skipped": src.stats.skipped, "gaps": src.stats.gaps}))
+    send(("done", cam.camera, perf()))
 
 
 class VisionService:
