@@ -13,7 +13,6 @@ import datetime as _dt
 import os
 import platform
 import random
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -31,6 +30,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 from edge_agent.config import AgentConfig  # noqa: E402
 from edge_agent.inventory.book import Delta  # noqa: E402
 from simulators.inventory_feed import gtin_for  # noqa: E402
+from simulators.mosquitto import stop_process  # noqa: E402
 from simulators.toml_files import write_toml  # noqa: E402
 
 STORE = "S001"
@@ -258,13 +258,7 @@ class HqProcess:
         if self._ro is not None:
             self._ro.close()
             self._ro = None
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
 
