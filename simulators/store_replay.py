@@ -26,6 +26,7 @@ import paho.mqtt.client as mqtt
 from .inventory_feed import InventoryFeed
 from .mosquitto import Mosquitto, free_port
 from .rfid_reader import SimConfig, StoreSim
+from .toml_files import toml_value
 
 ZONES = ["backroom", "salesfloor", "fitting-room", "pos"]
 GTINS = 60
@@ -89,6 +90,48 @@ class RfidReplay(threading.Thread):
         return {k: v for k, v in self.sim.truth().items() if k[0] != "exit"}
 
 
+def _camera_toml(cam: dict) -> str:
+    """[[vision.cameras]] with its sub-tables (homography, zones, lines.NAME, heatmap)."""
+    flat = {k: v for k, v in cam.items() if not isinstance(v, dict)}
+    out = ["[[vision.cameras]]"] + [f"{k} = {toml_value(v)}" for k, v in flat.items()]
+    for name, sub in cam.items():
+        if not isinstance(sub, dict):
+            continue
+        nested = {k: v for k, v in sub.items() if isinstance(v, dict)}
+        out.append(f"[vision.cameras.{name}]")
+        out += [f"{k} = {toml_value(v)}" for k, v in sub.items() if not isinstance(v, dict)]
+        for k, v in nested.items():
+            out.append(f"[vision.cameras.{name}.{k}]")
+            out += [f"{kk} = {toml_value(vv)}" for kk, vv in v.items()]
+    return "\n".join(out) + "\n"
+
+
+def _traffic_summary(hq_db: Path) -> list[str]:
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{hq_db}?mode=ro", uri=True)
+    lines = []
+    try:
+        stats = [json.loads(b) for (b,) in con.execute(
+            "SELECT body FROM messages WHERE stream = 'traffic/stats' ORDER BY seq")]
+        heat = [json.loads(b) for (b,) in con.execute(
+            "SELECT body FROM messages WHERE stream = 'traffic/heatmap' ORDER BY seq")]
+    finally:
+        con.close()
+    items = [i for b in stats for i in b["items"]]
+    entries = sum(i["entries"] for i in items if i["zone"] is None)
+    exits = sum(i["exits"] for i in items if i["zone"] is None)
+    lines.append(f"camera at HQ: {len(stats)} traffic/stats messages, entries {entries}, exits {exits}")
+    for zone in sorted({i["zone"] for i in items if i["zone"]}):
+        z = [i for i in items if i["zone"] == zone]
+        med = [i["dwell_median_s"] for i in z if i["dwell_median_s"] is not None]
+        lines.append(f"  zone {zone:<9} visits {sum(i['visits'] for i in z)}, occupancy max "
+                     f"{max(i['occupancy_max'] for i in z):.0f}, dwell median {med[-1] if med else '-'} s")
+    cells = [c for b in heat for i in b["items"] for c in i["cells"]]
+    lines.append(f"  heatmap: {len(heat)} messages, {sum(cells):.1f} person-seconds on the floor grid")
+    return lines
+
+
 def run_demo(seconds: float = 20.0, workdir: Path = Path("var/demo"), facts: int = 20_000) -> int:
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -98,6 +141,13 @@ def run_demo(seconds: float = 20.0, workdir: Path = Path("var/demo"), facts: int
     broker = Mosquitto(workdir=workdir / "mosquitto").start()
     store_broker = Mosquitto(workdir=workdir / "mosquitto-store").start()
     rfid = RfidReplay(store_broker.port, open_s=seconds * RFID_SPEED)
+    from .camera import CameraScene, SceneConfig
+
+    scene = CameraScene(SceneConfig(seed=1, n_people=4, duration_s=max(seconds, 20.0), fps=10))
+    scene.write_video(workdir / "camera.mp4")
+    camera = scene.analytics_config() | {"url": str(workdir / "camera.mp4"), "start_ts": time.time(),
+                                         "bucket_s": 10, "min_dwell_s": 2.0}
+    truth_cam = scene.truth()
     antennas = "".join(
         f'[[rfid.antennas]]\nreader = "{a["reader"]}"\nport = {a["port"]}\nzone = "{a["zone"]}"\n'
         for a in rfid.sim.layout()
@@ -133,7 +183,12 @@ snapshot_interval_s = 0
 enabled = true
 port = {store_broker.port}
 topic = "readers/+/events"
-{antennas}""",
+{antennas}
+[vision]
+enabled = true
+conf = 0.25
+flush_s = 1.0
+{_camera_toml(camera)}""",
     )
     hq_cfg = _write(
         workdir / "hq.toml",
@@ -196,6 +251,10 @@ reorder_window_s = 1.0
         rfid_exact = sum(1 for k, v in rfid.truth().items() if got.get(k) == v)
         _say(f"HQ inventory vs ground truth: {exact}/{len(truth)} (zone, GTIN) counts exact, {extra} unexpected "
              f"(RFID store: {rfid_exact}/{len(rfid.truth())}, feed: {exact - rfid_exact}/{len(feed_truth)})")
+        for line in _traffic_summary(workdir / "hq.db"):
+            _say(line)
+        _say(f"  camera truth: entries {truth_cam['entries']}, exits {truth_cam['exits']}, "
+             f"{len(truth_cam['visits'])} zone visits (simulated scene, {workdir / 'camera.mp4'})")
         snaps = _get(f"{http}/state").get("snapshots", [])
         for snap in snaps:
             _say(f"  snapshot {snap['snapshot_id']} as of seq {snap['as_of_seq']}: {snap['outcome']}, "
