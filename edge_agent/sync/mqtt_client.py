@@ -15,6 +15,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ..config import MqttConfig
+from ..retry import backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,7 @@ class Connection:
         return self._client if self.connected.is_set() else None
 
     def backoff(self, attempt: int) -> float:
-        base = min(self.cfg.reconnect_max_s, self.cfg.reconnect_min_s * (2 ** min(attempt, 30)))
-        return base * self._rng.uniform(0.5, 1.0)
+        return backoff_delay(attempt, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, self._rng)
 
     def _run(self) -> None:
         attempt = 0

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from ..retry import backoff_delay
+
 log = logging.getLogger(__name__)
 
 
@@ -99,7 +101,7 @@ class FrameSource:
             if cap is None:
                 if not self.live:
                     raise FileNotFoundError(f"cannot open video source {self.url!r}")
-                delay = min(self.reconnect_max_s, self.reconnect_min_s * 2**attempt) * self._rng.uniform(0.5, 1.0)
+                delay = backoff_delay(attempt, self.reconnect_min_s, self.reconnect_max_s, self._rng)
                 attempt += 1
                 log.warning("camera %s: cannot open; retrying in %.1fs", self.url, delay)
                 self._sleep(delay)
