@@ -97,3 +97,45 @@ def test_camera_process_sends_only_numbers_to_the_outbox(tmp_path: Path) -> None
                 if isinstance(v, str):
                     assert not re.search(r"[A-Za-z0-9+/]{512,}", v), f"base64-like run in {table}"
     con.close()
+
+
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"\x00\x00\x00\x0cjP")
+BASE64_RUN = re.compile(rb"[A-Za-z0-9+/=]{256,}")
+
+
+@needs_clip
+@pytest.mark.slow
+def test_no_image_data_in_any_mqtt_payload_of_a_run(tmp_path: Path, broker) -> None:  # type: ignore[no-untyped-def]
+    """Privacy: run the agent with a camera (the real clip through the real model) and record every MQTT
+    message any client publishes on the broker: none may carry image bytes, crops or encodings."""
+    import paho.mqtt.client as mqtt
+
+    from .helpers import AgentProcess, agent_config, wait_for
+
+    got: list[tuple[str, bytes]] = []
+    spy = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="privacy-spy")
+    spy.on_message = lambda _c, _u, m: got.append((m.topic, bytes(m.payload)))
+    spy.connect("127.0.0.1", broker.port)
+    spy.subscribe("#", qos=1)
+    spy.loop_start()
+    cfg = agent_config(tmp_path, broker.port, sim={"total": 200, "rate_per_s": 200, "batch": 20},
+                       vision={"enabled": True, "conf": 0.25, "flush_s": 1.0})
+    with cfg.open("a") as f:
+        f.write(f'\n[[vision.cameras]]\ncamera = "caviar"\nurl = "{CLIP}"\nbucket_s = 5\n'
+                "[vision.cameras.homography]\nimage = [[40, 288], [330, 288], [150, 40], [100, 40]]\n"
+                "floor = [[0, 0], [6, 0], [6, 30], [0, 30]]\n"
+                "[vision.cameras.heatmap]\norigin = [0, 0]\nwidth_m = 6.0\nheight_m = 30.0\ncell_m = 1.0\n")
+    agent = AgentProcess(cfg, tmp_path / "agent.log").start()
+    try:
+        wait_for(lambda: any(t.endswith("traffic/heatmap") for t, _ in got), 120, "the camera's heatmap on MQTT")
+        wait_for(lambda: any(t.endswith("traffic/stats") for t, _ in got), 30, "the camera's stats on MQTT")
+    finally:
+        assert agent.terminate() == 0
+        spy.loop_stop()
+        spy.disconnect()
+    assert len(got) >= 5
+    for topic, payload in got:
+        assert not any(m in payload for m in IMAGE_MAGIC), f"image bytes on {topic}"
+        assert not BASE64_RUN.search(payload), f"an encoded blob on {topic}"
+        body = json.loads(payload)  # every payload is JSON made of names and numbers
+        assert isinstance(body, dict), topic
