@@ -33,11 +33,13 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> No
     from .capture import Frame, FrameSource
     from .detector import PersonDetector
 
+    dropped = [0]  # results the agent could not take in time; reported with the frame figures
+
     def send(msg: tuple) -> None:
         try:
             out.put(msg, timeout=1.0)
         except queue.Full:
-            pass  # counted by the parent as queue overflow through the frame stats it still gets
+            dropped[0] += 1
 
     # ultralytics keeps a lost track for track_buffer *frames*; the grace period is configured in
     # seconds, so it means the same whatever rate the camera is analysed at.
@@ -50,7 +52,7 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> No
 
     def perf() -> dict[str, float]:
         return {"frames": n, "fps": n / t_frames if t_frames else 0.0, "detect_track_ms": 1000 * t_detect / max(n, 1),
-                "skipped": src.stats.skipped, "gaps": src.stats.gaps}
+                "skipped": src.stats.skipped, "gaps": src.stats.gaps, "results_dropped": dropped[0]}
 
     t_detect = t_frames = 0.0
     n = 0
