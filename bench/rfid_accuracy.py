@@ -68,22 +68,15 @@ def main() -> None:
     agent.start()
     pipe = agent.rfid
     assert pipe is not None
-    reads = 0
     t0 = time.perf_counter()
     try:
-        for phase, seconds in (("trading", a.hours * 3600), ("closed", 900 + cfg.rfid.departure_timeout_s)):
-            if phase == "closed":
-                sim.close()
-            for t, payloads in sim.run(seconds):
-                clock.set(max(t, clock.now()))
-                for p in payloads:
-                    reads += pipe.ingest(p).reads
-                pipe.tick()
+        reads = sim.replay(lambda t: clock.set(max(t, clock.now())), lambda p: pipe.ingest(p).reads, pipe.tick,
+                           a.hours * 3600, 900 + cfg.rfid.departure_timeout_s)
         elapsed = time.perf_counter() - t0
         book = {k: v for k, v in agent.book.levels().items() if v}
         wait_for(lambda: hq.inventory() == book, 120, "HQ to apply the whole day")
         got = hq.inventory()
-        truth = {k: v for k, v in sim.truth().items() if k[0] != "exit"}
+        truth = sim.stock_truth()
         keys = set(truth) | set(got)
         exact = sum(1 for k in keys if truth.get(k, 0) == got.get(k, 0))
         err = sum(abs(truth.get(k, 0) - got.get(k, 0)) for k in keys)

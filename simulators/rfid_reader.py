@@ -58,7 +58,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -525,6 +525,25 @@ class StoreSim:
     def truth(self) -> dict[tuple[str, str], int]:
         """Exact on-hand count per (zone, GTIN-14) right now (after the last step); zero counts left out."""
         return {k: len(v) for k, v in self._bags.items() if v}
+
+    def stock_truth(self) -> dict[tuple[str, str], int]:
+        """truth() without the exit zone: items there are walking out, by definition no longer stock."""
+        return {k: v for k, v in self.truth().items() if k[0] != "exit"}
+
+    def replay(self, set_time: Callable[[float], None], ingest: Callable[[bytes], int], tick: Callable[[], None],
+               open_s: float, closed_s: float = 0.0) -> int:
+        """Trade for ``open_s``, then close and settle for ``closed_s``, feeding every payload to ``ingest``
+        (which returns the reads it took) at its cycle's virtual time; ``tick`` after each cycle."""
+        reads = 0
+        for phase, span in (("open", open_s), ("closed", closed_s)):
+            if phase == "closed":
+                self.close()
+            for t, payloads in self.run(span):
+                set_time(t)
+                for p in payloads:
+                    reads += ingest(p)
+                tick()
+        return reads
 
     def item_zone(self) -> dict[str, str]:
         """EPC -> zone of every item in the store right now."""

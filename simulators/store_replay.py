@@ -87,7 +87,7 @@ class RfidReplay(threading.Thread):
         self.client.disconnect()
 
     def truth(self) -> dict[tuple[str, str], int]:
-        return {k: v for k, v in self.sim.truth().items() if k[0] != "exit"}
+        return self.sim.stock_truth()
 
 
 def _camera_toml(cam: dict) -> str:

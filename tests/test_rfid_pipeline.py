@@ -26,11 +26,6 @@ from .helpers import AgentProcess, agent_config, start_hq, wait_for
 T0 = 1_767_225_600.0
 
 
-def stock_truth(sim: StoreSim) -> dict[tuple[str, str], int]:
-    """Items at the exit are leaving: by definition no longer stock."""
-    return {k: v for k, v in sim.truth().items() if k[0] != "exit"}
-
-
 def make(tmp: Path, sim: StoreSim | None = None, name: str = "o.db", **rfid: object):
     clock = VirtualClock(sim.now if sim else T0)
     ob = Outbox(tmp / name, clock, synchronous="NORMAL")
@@ -44,16 +39,8 @@ def make(tmp: Path, sim: StoreSim | None = None, name: str = "o.db", **rfid: obj
 
 def replay(sim: StoreSim, clock: VirtualClock, pipe: RfidPipeline, seconds: float, close: bool = True) -> int:
     """Trade for ``seconds``, then close the store and let what is under way settle for 15 minutes."""
-    reads = 0
-    for phase, span in (("open", seconds), ("closed", 900 if close else 0)):
-        if phase == "closed":
-            sim.close()
-        for t, payloads in sim.run(span):
-            clock.set(max(t, clock.now()))
-            for p in payloads:
-                reads += pipe.ingest(p).reads
-            pipe.tick()
-    return reads
+    return sim.replay(lambda t: clock.set(max(t, clock.now())), lambda p: pipe.ingest(p).reads, pipe.tick,
+                      seconds, 900 if close else 0)
 
 
 def levels(book: InventoryBook) -> dict[tuple[str, str], int]:
@@ -65,7 +52,7 @@ def test_book_equals_truth_with_noise(tmp_path: Path) -> None:
                              ghost_rate=0.2, burst_rate=0.02, purchase_per_h=200, tryon_per_h=100))
     clock, ob, book, pipe = make(tmp_path, sim)
     replay(sim, clock, pipe, 1800)
-    assert levels(book) == stock_truth(sim)
+    assert levels(book) == sim.stock_truth()
     assert all(v >= 0 for v in book.levels().values())
     h = pipe.health()
     assert h["rfid.ghosts_dropped"] > 0
@@ -93,7 +80,7 @@ def test_restart_resumes_from_the_persisted_tags(tmp_path: Path) -> None:
     pipe2 = RfidPipeline(pipe.cfg, book2, ob2, clock)
     assert len(pipe2.engine.present()) == len(pipe.engine.present())
     replay(sim, clock, pipe2, 600)
-    assert levels(book2) == stock_truth(sim)
+    assert levels(book2) == sim.stock_truth()
     ob2.close()
 
 
@@ -179,7 +166,7 @@ def test_simulated_readers_over_mqtt_to_hq(tmp_path: Path, broker: Mosquitto) ->
                 info = pub.publish(f"readers/{reader}/events", p, qos=1)
         assert info is not None
         info.wait_for_publish(30)
-        truth = stock_truth(sim)
+        truth = sim.stock_truth()
         try:
             wait_for(lambda: hq.db.inventory("S001") == truth, 60, "HQ inventory to equal the simulated store")
         except AssertionError:
