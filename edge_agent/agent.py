@@ -22,6 +22,7 @@ from .sync.outbox import Outbox
 from .sync.uplink import Uplink
 
 if TYPE_CHECKING:
+    from .esl.service import EslService
     from .rfid.pipeline import RfidPipeline
     from .vision.service import VisionService
 
@@ -78,6 +79,9 @@ class Agent:
 
             self.vision = VisionService(cfg.vision, self.outbox)
             self.sources.append(self.vision)
+        self.esl: EslService | None = None
+        if cfg.esl.enabled:
+            self._wire_esl()
         self._stop = threading.Event()
         self._housekeeper = threading.Thread(target=self._housekeep, name="housekeeper", daemon=True)
 
@@ -103,6 +107,18 @@ class Agent:
                 )
         self.downlink.register("rfid.cycle_count", self._cycle_count)
 
+    def _wire_esl(self) -> None:
+        from .esl.openepaperlink import OpenEPaperLinkController
+        from .esl.service import EslService
+
+        ec = self.cfg.esl
+        controller = OpenEPaperLinkController(ec.url, timeout=ec.timeout_s)
+        self.esl = EslService(ec, controller, self.outbox, self.clock, stock=self.book.levels)
+        self.sources.append(self.esl)
+        self.downlink.register("price.set", self.esl.price_set)
+        self.downlink.register("esl.bind", self.esl.bind)
+        self.downlink.register("esl.flash", self.esl.flash)
+
     def _cycle_count(self, cmd: Command, args: CycleCountArgs) -> dict:  # type: ignore[override]
         assert self.rfid is not None
         try:
@@ -120,6 +136,8 @@ class Agent:
         }
         if self.vision is not None:
             figures.update(self.vision.figures)
+        if self.esl is not None:
+            figures.update(self.esl.figures())
         if self.rfid is not None:
             figures.update(self.rfid.health())
             figures["rfid.intake_dropped"] = self.rfid_intake.dropped

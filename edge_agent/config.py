@@ -202,6 +202,25 @@ class VisionConfig(Section):
         return self
 
 
+class EslConfig(Section):
+    enabled: bool = False
+    controller: Literal["openepaperlink"] = "openepaperlink"
+    url: str = Field("http://127.0.0.1:80", pattern=r"^https?://")  # the access point's web interface
+    timeout_s: float = Field(5.0, gt=0)
+    poll_interval_s: float = Field(30.0, gt=0)
+    max_sends_per_poll: int = Field(200, ge=1)  # the AP queues uploads; flooding it only slows everyone
+    resend_after_s: float = Field(300.0, gt=0)
+    mismatch_deadline_s: float = Field(600.0, gt=0)
+    pending_deadline_s: float = Field(900.0, gt=0)
+    silent_after_s: float = Field(3600.0, gt=0)
+    low_battery_mv: int = Field(2400, ge=0)
+    retry_min_s: float = Field(5.0, gt=0)
+    retry_max_s: float = Field(300.0, gt=0)
+    # Show "LOW STOCK" on a label when the RFID book holds fewer than this many of its GTIN (0 = off).
+    low_stock_below: int = Field(0, ge=0)
+    low_stock_zones: list[str] = []  # zones counted for low stock; empty = all
+
+
 class StoreConfig(Section):
     id: StoreId
 
@@ -214,6 +233,7 @@ class AgentConfig(Section):
     sources: SourcesConfig = SourcesConfig()
     rfid: RfidConfig = RfidConfig()
     vision: VisionConfig = VisionConfig()
+    esl: EslConfig = EslConfig()
     log: LogConfig = LogConfig()
     hq: HqConfig = HqConfig()
 

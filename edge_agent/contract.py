@@ -14,7 +14,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 CONTRACT_VERSION = 1
 DEFAULT_PREFIX = "retail/v1"
@@ -153,8 +153,11 @@ class EslStateItem(Strict):
     promo: str | None = None
     battery_mv: int | None = None
     rssi: int | None = None
+    lqi: int | None = None
     last_seen: datetime | None = None
     pending_since: datetime | None = None
+    pick: bool = False  # flashing "PICK" for an online order
+    matches_hq: bool | None = None  # shows HQ's price in effect; None if HQ has no price for its GTIN
 
 
 class EslStateBody(Strict):
@@ -357,9 +360,59 @@ class CycleCountArgs(Strict):
     duration_s: float = Field(60.0, gt=0, le=24 * 3600)
 
 
+Price = Annotated[str, StringConstraints(pattern=r"^(0|[1-9][0-9]{0,8})(\.[0-9]{1,4})?$")]
+Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+LabelId = Annotated[str, StringConstraints(pattern=r"^[0-9A-F]{12,16}$")]
+
+
+class PriceSetArgs(Strict):
+    """One price of HQ's price book. Of the versions in effect at a moment, the highest wins, so
+    versions may arrive in any order and repeat without harm."""
+
+    gtin: Gtin
+    price: Price  # a decimal string: prices are never floats
+    currency: Currency
+    promo: Annotated[str, StringConstraints(max_length=64)] | None = None
+    effective_from: datetime | None = None  # None: at once
+    effective_until: datetime | None = None  # None: until superseded
+    version: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _window(self) -> PriceSetArgs:
+        if self.effective_from and self.effective_until and self.effective_until <= self.effective_from:
+            raise ValueError("effective_until must be after effective_from")
+        for name in ("effective_from", "effective_until"):
+            v = getattr(self, name)
+            if v is not None and v.tzinfo is None:
+                raise ValueError(f"{name} must carry a time zone")
+        return self
+
+
+class LabelBinding(Strict):
+    label: LabelId
+    gtin: Gtin | None  # None unbinds the label
+
+
+class EslBindArgs(Strict):
+    """Which product each label is on the shelf for (the store's planogram)."""
+
+    items: list[LabelBinding] = Field(min_length=1, max_length=10_000)
+
+
+class EslFlashArgs(Strict):
+    """Make the labels of a product flash "PICK" for a store associate picking an online order."""
+
+    gtin: Gtin
+    order_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    duration_s: float = Field(600.0, gt=0, le=24 * 3600)
+
+
 COMMAND_ARGS: dict[str, type[BaseModel]] = {
     "inventory.resync": InventoryResyncArgs,
     "rfid.cycle_count": CycleCountArgs,
+    "price.set": PriceSetArgs,
+    "esl.bind": EslBindArgs,
+    "esl.flash": EslFlashArgs,
 }
 
 
