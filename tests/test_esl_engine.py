@@ -197,3 +197,17 @@ def test_state_round_trips_through_json() -> None:
     e.observe(report(T0 + 40, "h1", False), T0 + 41)
     st = e.labels[LABEL]
     assert LabelState.from_json(st.to_json()) == st
+
+
+def test_without_an_advance_hash_a_new_hash_from_a_later_checkin_is_the_proof() -> None:
+    e = Reconciler(P)
+    e.observe(report(T0, "old", False), T0)
+    e.sent(SendReceipt(LABEL, None, hash_before="old"), WANT, T0 + 1)
+    e.observe(report(T0, "old", True), T0 + 2)
+    assert e.labels[LABEL].shown is None
+    e.observe(report(T0 + 30, "old", False), T0 + 31)  # checked in but never took it: not proof
+    assert e.labels[LABEL].shown is None
+    e.observe(report(T0 + 70, "new", False), T0 + 71)
+    assert e.labels[LABEL].shown == WANT and e.labels[LABEL].sent_hash == "new"
+    e.observe(report(T0 + 110, "other", False), T0 + 111)  # later overwritten by someone else
+    assert e.labels[LABEL].shown is None

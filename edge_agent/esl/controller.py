@@ -63,11 +63,14 @@ class PollResult:
 
 @dataclass(frozen=True)
 class SendReceipt:
-    """The controller accepted content for a label. ``content_hash`` is the hash the controller
-    will report for that label once it holds this content (None if it cannot tell yet)."""
+    """The controller accepted content for a label. ``content_hash`` is the hash the controller will
+    report once the label holds this content, if the controller can tell in advance; otherwise it is
+    None and ``hash_before`` is what the controller reported for the label just after accepting: a
+    later report with another hash, not pending, from a check-in after the send, is the evidence."""
 
     label: str
     content_hash: str | None
+    hash_before: str | None = None
 
 
 class ControllerError(Exception):

@@ -42,7 +42,8 @@ class LabelState:
     first_known: float
     report: LabelReport | None = None
     sent: LabelContent | None = None  # last content the controller accepted for this label
-    sent_hash: str | None = None
+    sent_hash: str | None = None  # the controller's hash of the sent content, once known
+    hash_before: str | None = None  # the controller's hash for the label when it accepted the send
     sent_at: float | None = None
     shown: LabelContent | None = None  # confirmed displayed; None = unknown
     attempts: int = 0  # consecutive failed or unconfirmed sends
@@ -105,15 +106,17 @@ class Reconciler:
             return
         st.report = r
         self.dirty.add(r.label)
-        if st.sent is not None:
+        if st.sent is not None and st.sent_at is not None:
             if st.sent_hash is not None:
                 holds_ours = r.content_hash == st.sent_hash
-            else:  # a controller that gives no hash: a check-in after our send is the evidence
-                holds_ours = r.last_seen is not None and st.sent_at is not None and r.last_seen.timestamp() > st.sent_at
+            else:  # the controller could not tell the hash in advance: a new hash since the send is the proof
+                holds_ours = (r.content_hash != st.hash_before and r.last_seen is not None
+                              and r.last_seen.timestamp() > st.sent_at)
             if holds_ours and not r.pending:
                 st.shown = st.sent
+                st.sent_hash = r.content_hash  # learnt: another hash later means someone else's content
                 st.attempts = 0
-            elif not holds_ours and r.content_hash is not None:
+            elif not holds_ours and st.sent_hash is not None and r.content_hash is not None:
                 st.shown = None  # the label holds something we did not send
         if r.pending:
             if st.pending_since is None:
@@ -123,7 +126,7 @@ class Reconciler:
 
     def sent(self, rc: SendReceipt, content: LabelContent, now: float) -> None:
         st = self.state(rc.label, now)
-        st.sent, st.sent_hash, st.sent_at = content, rc.content_hash, now
+        st.sent, st.sent_hash, st.sent_at, st.hash_before = content, rc.content_hash, now, rc.hash_before
         st.attempts += 1
         st.next_try = 0.0
         self.dirty.add(rc.label)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 DELTA = "inventory/delta"
 SNAPSHOT = "inventory/snapshot"
+LABELS = "esl/state"
 MAX_PAYLOAD = 16 * 1024 * 1024
 
 
@@ -195,6 +196,13 @@ class HqApplier:
                 " ON CONFLICT(store, zone, gtin) DO UPDATE SET qty = qty + excluded.qty",
             )
         else:
+            if env.stream == LABELS:  # keep the newest state per label: what HQ's price-integrity view reads
+                insert_rows(
+                    c, "INSERT INTO labels(store, label, ts, state)", 4,
+                    [(env.store, it.label, it.ts.timestamp(), it.model_dump_json()) for it in items or ()],
+                    " ON CONFLICT(store, label) DO UPDATE SET ts = excluded.ts, state = excluded.state"
+                    " WHERE excluded.ts >= labels.ts",
+                )
             c.execute(
                 "INSERT OR REPLACE INTO messages(store, stream, seq, ts, historical, body) VALUES (?,?,?,?,?,?)",
                 (env.store, env.stream, env.seq, env.ts.timestamp(), int(env.historical),

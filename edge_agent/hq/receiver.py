@@ -180,6 +180,11 @@ def _handler(rx: HqReceiver) -> type[BaseHTTPRequestHandler]:
                 with rx._lock:
                     inv = rx.db.inventory(q["store"][0])
                 self._json(200, [{"zone": z, "gtin": g, "qty": n} for (z, g), n in sorted(inv.items())])
+            elif url.path == "/labels" and "store" in q:
+                with rx._lock:
+                    labels = rx.db.labels(q["store"][0])
+                judged = [lb["matches_hq"] for lb in labels if lb.get("matches_hq") is not None]
+                self._json(200, {"labels": labels, "showing_hq_price": sum(judged), "with_hq_price": len(judged)})
             else:
                 self._json(404, {"error": f"no such resource {url.path}"})
 

@@ -6,6 +6,7 @@ often the broker redelivers it and wherever the receiver is killed.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -45,6 +46,9 @@ CREATE TABLE IF NOT EXISTS status(
 CREATE TABLE IF NOT EXISTS resyncs(
   store TEXT NOT NULL, cmd_id TEXT NOT NULL, requested_at REAL NOT NULL, done_at REAL,
   PRIMARY KEY(store, cmd_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS labels(
+  store TEXT NOT NULL, label TEXT NOT NULL, ts REAL NOT NULL, state TEXT NOT NULL,
+  PRIMARY KEY(store, label)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rejected(
   id INTEGER PRIMARY KEY, at REAL NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL, payload BLOB);
 """
@@ -79,6 +83,10 @@ class HqStore:
             (z, g): q
             for z, g, q in self.read("SELECT zone, gtin, qty FROM inventory WHERE store = ? AND qty != 0", (store,))
         }
+
+    def labels(self, store: str) -> list[dict]:
+        """The newest reported state of every label of a store."""
+        return [json.loads(s) for (s,) in self.read("SELECT state FROM labels WHERE store = ? ORDER BY label", (store,))]
 
     def stream_stats(self) -> list[dict]:
         cols = ("store", "stream", "last_seq", "applied", "facts", "historical", "duplicates", "gaps", "lost",

@@ -1,0 +1,287 @@
+"""Adapter for an OpenEPaperLink (OEPL) access point, through the AP's own HTTP API.
+
+Shapes are the firmware's, read from OpenEPaperLink/OpenEPaperLink, ``ESP32_AP-Flasher/``:
+
+* ``src/web.cpp``: ``GET /get_db?pos=N`` lists the tag database one page at a time, ``GET /get_db?mac=MAC``
+  returns one tag (``{"tags": []}`` if unknown, ``{"error": "malformatted parameter"}`` for a bad MAC).
+  ``POST /jsonupload`` (form fields ``mac`` and ``json``, optional ``ttl``) stores a drawing template for a
+  tag and sets its ``contentMode`` to 19; it answers 200 "Ok, saved", 400 "mac not found in tagDB" or
+  "Missing parameters", and 409 "come back later" while the AP is not running.
+* ``src/tag_db.cpp``: ``tagDBtoJson`` ends a page once its JSON passes 5000 bytes and then adds
+  ``"continu": <index of the next record>``; the last page has no ``continu``. ``fillNode`` names the fields:
+  ``mac`` (``mac2hex``: 16 upper-case hex), ``hash`` (32 hex), ``lastseen`` (unix seconds, uint32),
+  ``nextupdate``, ``nextcheckin``, ``pending``, ``alias``, ``contentMode``, ``LQI``, ``RSSI``, ``temperature``,
+  ``batteryMv``, ``hwType``, ``wakeupReason``, ``capabilities``, ``modecfgjson``, ``isexternal``, ``apip``,
+  ``rotate``, ``lut``, ``invert``, ``updatecount``, ``updatelast``, ``ch``, ``ver``.
+* ``include/tag_db.h`` (older firmware): ``pending`` was a bool; current firmware sends ``pendingCount``.
+* ``data/www/main.js`` and ``wwwroot/main.js`` ``loadTags``: follow ``continu`` only while it is past ``pos``.
+* ``src/contentmanager.cpp`` ``drawElement`` and the project wiki page "Json template": the drawing
+  commands ``{"text": [x, y, text, font, color, align, size, bgcolor]}`` and ``{"box": [x, y, w, h, color]}``,
+  colors 0 white, 1 black, 2 red; ``data/tagtypes/01.json``: the 296x128 2.9" tag and its fonts.
+* OpenEPaperLink/Home_Assistant_Integration: ``hub.py`` reads the same field names; ``upload.py`` posts
+  rendered JPEGs to ``/imgupload`` (multipart). Here the AP draws the text itself from a ``/jsonupload``
+  template, so the agent needs no image library and the upload stays a few hundred bytes.
+
+Two firmware facts the engine should know about:
+
+* ``web.cpp`` parses ``pos`` into a ``uint8_t``, so on an AP with more than ~255 tags a later page wraps
+  round to the start. ``poll`` notices (``continu`` not past ``pos``), quarantines that page and stops.
+* ``newproto.cpp`` ``processXferComplete`` sets ``hash`` only when the tag confirms a transfer (8 bytes of
+  the data's md5, zero-padded), and the AP renders a template asynchronously after ``/jsonupload``. So the
+  hash read back right after an upload is still the previous content's; ``send`` returns it as
+  ``hash_before``, and each upload carries a small reference so that its image, and hash, are new.
+
+Text in a template goes through the AP's ``{variable}`` substitution, so braces in a promo are not drawn
+literally.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import secrets
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from .controller import ControllerError, LabelContent, LabelReport, PollResult, Rejected, SendReceipt
+
+__all__ = ["OpenEPaperLinkController", "parse_tag", "parse_template", "render_template"]
+
+MAX_RAW = 2000  # characters of a bad record or page kept for the quarantine
+MAX_BODY = 1 << 20  # a page is ~5 kB; a longer answer is garbage, cut so it cannot exhaust memory
+EARLIEST_LASTSEEN = 1_577_836_800  # 2020-01-01: before that the AP's clock was not set (no NTP, no /set_time)
+UINT32_MAX = 2**32 - 1  # lastseen is a uint32_t in tagRecord
+REQUIRED_FIELDS = ("mac", "hash", "lastseen", "pending", "batteryMv", "RSSI", "LQI")
+
+_MAC = re.compile(r"[0-9A-Fa-f]{12}|[0-9A-Fa-f]{16}")
+_HASH = re.compile(r"[0-9A-Fa-f]{32}")
+
+# ---------------------------------------------------------------- the drawing template
+
+WHITE, BLACK, RED = 0, 1, 2
+LEFT, CENTER, RIGHT = 0, 1, 2
+# One slot per LabelContent field: (x, y, font, color, align) on a 296x128 tag. Decoding looks a text
+# element up by (x, y, font), so render_template and parse_template cannot drift apart.
+_SLOTS: dict[str, tuple[int, int, str, int, int]] = {
+    "promo": (5, 5, "fonts/bahnschrift20", RED, LEFT),
+    "price": (240, 28, "fonts/calibrib80", BLACK, RIGHT),
+    "currency": (246, 60, "fonts/bahnschrift30", BLACK, LEFT),
+    "gtin": (5, 114, "glasstown_nbp_tf", BLACK, LEFT),
+    "stock_note": (291, 114, "glasstown_nbp_tf", RED, RIGHT),
+}
+_REF_TEXT = [150, 118, "glasstown_nbp_tf", BLACK, CENTER]  # x, y, (ref), font, color, align
+_PICK = "PICK"
+_PICK_BOX = [206, 0, 90, 26, RED]
+_PICK_TEXT = [251, 3, _PICK, "fonts/bahnschrift20", WHITE, CENTER, 0, RED]  # white on the red box
+
+
+def render_template(content: LabelContent, ref: str | None = None) -> str:
+    """The ``json`` form field of ``/jsonupload`` that draws ``content``, compact. ``ref``, a few
+    characters printed small in a corner (as shelf labels print a revision code), makes every send a
+    new image: the AP changes a tag's hash only when a new image is transferred, so a changed hash is
+    then proof that this very send reached the label."""
+    elements: list[dict[str, list[Any]]] = []
+    if ref is not None:
+        elements.append({"text": _REF_TEXT[:2] + [ref] + _REF_TEXT[2:]})
+    if content.pick:
+        elements += [{"box": _PICK_BOX}, {"text": _PICK_TEXT}]
+    for name, (x, y, font, color, align) in _SLOTS.items():
+        value = getattr(content, name)
+        if value is not None:
+            elements.append({"text": [x, y, value, font, color, align]})
+    return json.dumps(elements, ensure_ascii=False, separators=(",", ":"))
+
+
+def parse_template(body: str) -> LabelContent | None:
+    """The content a template drawn by ``render_template`` shows; None for anything else."""
+    try:
+        elements = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(elements, list):
+        return None
+    by_place = {(x, y, font): name for name, (x, y, font, _, _) in _SLOTS.items()}
+    pick_place = (_PICK_TEXT[0], _PICK_TEXT[1], _PICK_TEXT[3])
+    fields: dict[str, Any] = {}
+    for el in elements:
+        text = el.get("text") if isinstance(el, dict) else None
+        if not isinstance(text, list) or len(text) < 4:
+            continue
+        try:
+            place = (text[0], text[1], text[3])
+            name = by_place.get(place)
+        except TypeError:  # an unhashable coordinate: not one of ours
+            continue
+        if place == pick_place and text[2] == _PICK:
+            fields["pick"] = True
+        elif name is not None:
+            fields[name] = text[2]
+    try:
+        return LabelContent.model_validate(fields)
+    except ValidationError:
+        return None
+
+
+# ---------------------------------------------------------------- tag records
+
+
+class _Bad(ValueError):
+    """A tag record field the adapter cannot accept; the message names the field."""
+
+
+def _short(v: object) -> str:
+    s = json.dumps(v) if isinstance(v, (str, int, float, bool, type(None))) else type(v).__name__
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def _int(rec: dict[str, Any], name: str, lo: int, hi: int) -> int:
+    v = rec[name]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _Bad(f"{name} is not an integer: {_short(v)}")
+    if not lo <= v <= hi:
+        raise _Bad(f"{name} {v} out of range {lo}..{hi}")
+    return v
+
+
+def _raw_text(raw: object) -> str:
+    try:
+        text = json.dumps(raw, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError):
+        text = repr(raw)
+    return text[:MAX_RAW]
+
+
+def _report(rec: object) -> LabelReport:
+    if not isinstance(rec, dict):
+        raise _Bad(f"tag record is not a JSON object: {_short(rec)}")
+    missing = [f for f in REQUIRED_FIELDS if f not in rec]
+    if missing:
+        raise _Bad("missing field" + ("s " if len(missing) > 1 else " ") + ", ".join(missing))
+    mac = rec["mac"]
+    if not isinstance(mac, str) or not _MAC.fullmatch(mac):
+        raise _Bad(f"mac is not 12 or 16 hex digits: {_short(mac)}")
+    content_hash = rec["hash"]
+    if not isinstance(content_hash, str) or not _HASH.fullmatch(content_hash):
+        raise _Bad(f"hash is not 32 hex digits: {_short(content_hash)}")
+    lastseen = _int(rec, "lastseen", 0, UINT32_MAX)
+    if 0 < lastseen < EARLIEST_LASTSEEN:
+        raise _Bad(f"lastseen {lastseen} is before 2020: the AP's clock is not set")
+    pending = rec["pending"]
+    if not isinstance(pending, bool):  # older firmware: a bool; current: pendingCount
+        pending = _int(rec, "pending", 0, 65_535) > 0
+    battery = _int(rec, "batteryMv", 0, 10_000)
+    return LabelReport(
+        label=mac.upper(),
+        last_seen=datetime.fromtimestamp(lastseen, UTC) if lastseen else None,  # 0: never seen
+        battery_mv=battery or None,  # 0: the tag has not reported one yet
+        rssi=_int(rec, "RSSI", -128, 20),
+        lqi=_int(rec, "LQI", 0, 255),
+        pending=pending,
+        content_hash=content_hash.lower(),
+    )
+
+
+def parse_tag(raw: object) -> LabelReport | Rejected:
+    """One record of a ``get_db`` page as a report, or why not. Never raises."""
+    try:
+        return _report(raw)
+    except _Bad as e:
+        return Rejected(_raw_text(raw), str(e))
+    except ValidationError as e:
+        err = e.errors()[0]
+        return Rejected(_raw_text(raw), f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
+
+
+def _decode_page(body: bytes) -> tuple[dict[str, Any] | None, str]:
+    """A ``get_db`` answer as ``({"tags": [...], ...}, "")``, or ``(None, why not)``."""
+    try:
+        page = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 ({e.reason})"
+    except (ValueError, RecursionError) as e:
+        return None, f"not JSON ({e})"
+    if isinstance(page, dict) and "error" in page:
+        return None, f"the AP answered an error: {_short(page['error'])}"
+    if not isinstance(page, dict) or not isinstance(page.get("tags"), list):
+        return None, "not an object with a 'tags' list"
+    return page, ""
+
+
+def _snippet(body: bytes) -> str:
+    return body[:MAX_RAW].decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------- the controller
+
+
+class OpenEPaperLinkController:
+    """``EslController`` for one OEPL access point at ``base_url`` (e.g. ``http://192.168.1.20``)."""
+
+    def __init__(self, base_url: str, timeout: float = 5.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        # The AP is on the store LAN: never route it through a proxy from the environment.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def poll(self) -> PollResult:
+        result = PollResult()
+        reports: dict[str, LabelReport] = {}  # a record can repeat if the AP's database shifts mid-walk
+        pos = 0
+        while True:
+            path = f"/get_db?pos={pos}"
+            body = self._request(path)
+            page, why = _decode_page(body)
+            if page is None:
+                result.rejected.append(Rejected(_snippet(body), f"{path}: {why}; polling stopped"))
+                break
+            for raw in page["tags"]:
+                r = parse_tag(raw)
+                if isinstance(r, LabelReport):
+                    reports[r.label] = r
+                else:
+                    result.rejected.append(r)
+            nxt = page.get("continu")
+            if nxt is None or nxt == 0:  # the last page has none (0 from some AP builds)
+                break
+            if isinstance(nxt, bool) or not isinstance(nxt, int) or nxt <= pos:
+                result.rejected.append(Rejected(_snippet(body), (
+                    f"{path}: continu {_short(nxt)} does not move past pos {pos}; polling stopped (the firmware "
+                    "reads pos as a uint8_t, so an AP with more than 255 tags cannot list the rest)")))
+                break
+            pos = nxt
+        result.reports = list(reports.values())
+        return result
+
+    def send(self, label: str, content: LabelContent) -> SendReceipt:
+        form = urllib.parse.urlencode({"mac": label, "json": render_template(content, secrets.token_hex(2))}).encode()
+        self._request("/jsonupload", form)
+        path = "/get_db?" + urllib.parse.urlencode({"mac": label})
+        page, why = _decode_page(self._request(path))
+        if page is None:
+            raise ControllerError(f"{path}: {why}")
+        if not page["tags"]:
+            raise ControllerError(f"{path}: the AP accepted content for {label} but no longer lists it")
+        r = parse_tag(page["tags"][0])
+        if isinstance(r, Rejected):
+            raise ControllerError(f"{path}: {r.reason}")
+        # The AP sets a tag's hash only when the tag confirms a transfer (processXferComplete), so what it
+        # reports now is the hash of what the label had: the engine waits for it to change.
+        return SendReceipt(label, None, hash_before=r.content_hash)
+
+    def _request(self, path: str, form: bytes | None = None) -> bytes:
+        method = "GET" if form is None else "POST"
+        req = urllib.request.Request(self.base_url + path, data=form, method=method)
+        try:
+            with self._opener.open(req, timeout=self.timeout) as resp:
+                return resp.read(MAX_BODY)
+        except urllib.error.HTTPError as e:
+            snippet = e.read(200).decode("utf-8", "replace")
+            raise ControllerError(f"{method} {path}: HTTP {e.code} {snippet!r}") from e
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, malformed answer
+            raise ControllerError(f"{method} {path}: {e}") from e
