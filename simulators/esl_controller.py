@@ -124,6 +124,7 @@ class _Tag:
     checkin_queued: bool = False
     update_count: int = 0
     update_last: int = 0
+    shown_at: float | None = None  # when the e-paper last finished drawing
 
     def last_checkin(self, t: float) -> float:
         if self.silent_since is not None:
@@ -263,6 +264,15 @@ class SimulatedAccessPoint:
         content = parse_template(shown) if shown is not None else None
         return content.model_dump(mode="json") if content is not None else None
 
+    def shown_at(self, mac: str) -> float | None:
+        """When the label finished drawing what it shows (None: since the start)."""
+        with self._lock:
+            self._advance(self.clock.now())
+            return self._tags[self._index(mac)].shown_at
+
+    def silent_macs(self) -> set[str]:
+        return {tag.mac for tag in self._tags if tag.silent_since is not None}
+
     def tick(self) -> None:
         """Process every check-in and redraw up to ``clock.now()``."""
         with self._lock:
@@ -313,7 +323,7 @@ class SimulatedAccessPoint:
         self._schedule(t + self.refresh_s, _REDRAWN, tag)
 
     def _redrawn(self, tag: _Tag, t: float) -> None:
-        tag.shown, tag.drawing = tag.drawing, None
+        tag.shown, tag.drawing, tag.shown_at = tag.drawing, None, t
         tag.update_count += 1
         tag.update_last = int(t)
         self._stats.redraws += 1
