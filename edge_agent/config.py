@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .contract import DEFAULT_PREFIX, StoreId
 from .vision.analytics import TrafficAnalyticsConfig
+from .vision.storewide import STORE_WIDE
 
 
 class Section(BaseModel):
@@ -180,6 +181,9 @@ class CameraConfig(TrafficAnalyticsConfig):
     start_ts: float | None = None
 
 
+_FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+
+
 class VisionConfig(Section):
     enabled: bool = False
     # Any ultralytics-loadable model: .pt, .onnx, or an OpenVINO export folder. Default: the provisioned
@@ -192,13 +196,27 @@ class VisionConfig(Section):
     flush_s: float = Field(5.0, gt=0)
     # Results waiting for the outbox at most; a slow outbox never stalls a camera (excess is counted).
     queue_max: int = Field(1000, ge=10)
+    # A store-wide ("*") bucket waits at most this long for a camera that has not delivered it (down or stalled).
+    storewide_wait_s: float = Field(120.0, gt=0)
+    # Off unless set: a local folder where each camera overwrites <camera>.jpg with a blurred frame at most
+    # once per interval, for an operator checking aim and calibration. Never published nor put in the outbox.
+    debug_snapshot_dir: Path | None = None
+    debug_snapshot_interval_s: float = Field(10.0, gt=0)
     cameras: list[CameraConfig] = []
 
     @model_validator(mode="after")
-    def _unique_cameras(self) -> VisionConfig:
+    def _camera_ids(self) -> VisionConfig:
         ids = [c.camera for c in self.cameras]
         if len(ids) != len(set(ids)):
             raise ValueError("camera ids must be unique")
+        if STORE_WIDE in ids:
+            raise ValueError(f"camera id {STORE_WIDE!r} is reserved for store-wide figures")
+        if self.debug_snapshot_dir is not None:
+            # The id becomes a file name in the snapshot folder: no path separators, no hidden or parent names.
+            bad = [i for i in ids if not _FILE_NAME.fullmatch(i)]
+            if bad:
+                raise ValueError(f"with debug_snapshot_dir, camera ids must be file names ({_FILE_NAME.pattern}): "
+                                 f"{bad}")
         return self
 
 

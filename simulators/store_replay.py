@@ -118,16 +118,18 @@ def _traffic_summary(hq_db: Path) -> list[str]:
             "SELECT body FROM messages WHERE stream = 'traffic/heatmap' ORDER BY seq")]
     finally:
         con.close()
-    items = [i for b in stats for i in b["items"]]
+    items = [i for b in stats for i in b["items"] if i["camera"] != "*"]  # one camera: "*" repeats its figures
     entries = sum(i["entries"] for i in items if i["zone"] is None)
     exits = sum(i["exits"] for i in items if i["zone"] is None)
-    lines.append(f"camera at HQ: {len(stats)} traffic/stats messages, entries {entries}, exits {exits}")
+    wide = sum(1 for b in stats for i in b["items"] if i["camera"] == "*")
+    lines.append(f"camera at HQ: {len(stats)} traffic/stats messages, entries {entries}, exits {exits} "
+                 f"({wide} store-wide items)")
     for zone in sorted({i["zone"] for i in items if i["zone"]}):
         z = [i for i in items if i["zone"] == zone]
         med = [i["dwell_median_s"] for i in z if i["dwell_median_s"] is not None]
         lines.append(f"  zone {zone:<9} visits {sum(i['visits'] for i in z)}, occupancy max "
                      f"{max(i['occupancy_max'] for i in z):.0f}, dwell median {med[-1] if med else '-'} s")
-    cells = [c for b in heat for i in b["items"] for c in i["cells"]]
+    cells = [c for b in heat for i in b["items"] if i["camera"] != "*" for c in i["cells"]]
     lines.append(f"  heatmap: {len(heat)} messages, {sum(cells):.1f} person-seconds on the floor grid")
     return lines
 

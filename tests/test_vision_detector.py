@@ -85,6 +85,12 @@ def test_camera_process_sends_only_numbers_to_the_outbox(tmp_path: Path) -> None
     # People were seen: the corridor had 2-4 of them the whole clip.
     assert max(s["occupancy_max"] for s in stats if s["zone"] == "corridor") >= 2
     assert svc.figures["vision.caviar.frames"] == 383
+    # The store-wide ("*") figures of a one-camera store are that camera's, bucket for bucket (the dwell
+    # median too: the camera process sends the dwell seconds behind it).
+    for items in (stats, heat):
+        own = {(i["bucket_start"], i.get("zone")): i for i in items if i["camera"] == "caviar"}
+        wide = {(i["bucket_start"], i.get("zone")): i | {"camera": "caviar"} for i in items if i["camera"] == "*"}
+        assert wide == own
     ob.close()
     # Privacy: no image bytes anywhere in the database: no JPEG/PNG magic, no long binary or base64 runs.
     raw = (tmp_path / "outbox.db").read_bytes()

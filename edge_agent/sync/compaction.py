@@ -56,7 +56,7 @@ def _bucket(item: dict[str, Any], level_s: int) -> str:
     return rfc3339(start - start % level_s)
 
 
-def _median_from_hist(edges: list[float], hist: list[int]) -> float | None:
+def median_from_hist(edges: list[float], hist: list[int]) -> float | None:
     total = sum(hist)
     if not total:
         return None
@@ -88,7 +88,7 @@ def merge_stats(items: list[dict[str, Any]], level_s: int) -> dict[str, Any]:
         "visits": sum(it["visits"] for it in items),
         "dwell_edges_s": edges,
         "dwell_hist": hist,
-        "dwell_median_s": _median_from_hist(edges, hist),
+        "dwell_median_s": median_from_hist(edges, hist),
     }
 
 

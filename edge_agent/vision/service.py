@@ -2,8 +2,11 @@
 
 Each camera runs capture -> detect + track -> analytics in a process of its own (two cores are used,
 and a slow or stuck camera never stalls RFID or the uplink). The process sends back finished
-traffic/stats and traffic/heatmap items, stream gaps and per-stage timings over a bounded queue; the
-agent process enqueues them in the outbox. Frames never cross the process boundary.
+traffic/stats and traffic/heatmap items (with the dwell seconds behind them, for the store-wide
+median), stream gaps and per-stage timings over a bounded queue; the agent process merges the cameras'
+buckets into store-wide ("*") items and enqueues both in the outbox. Frames never cross the process
+boundary; the only image that ever leaves the analysis is the opt-in, blurred debug snapshot, which a
+camera process writes to a local folder itself.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ..clock import parse_rfc3339
 from ..config import CameraConfig, VisionConfig
 from ..sync import compaction
 from ..sync.outbox import Fact, Outbox
+from .storewide import STORE_WIDE, DwellCarry, StoreWideTraffic
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +51,20 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> No
     detector = PersonDetector(vcfg.model, imgsz=vcfg.imgsz, conf=vcfg.conf, tracker=vcfg.tracker,
                               tracker_overrides={"track_buffer": max(1, round(cam.track_grace_s * fps))})
     analytics = TrafficAnalytics(cam)
+    dwells = DwellCarry(cam.bucket_s)
     src = FrameSource(cam.url, fps_cap=cam.fps_cap, start_ts=cam.start_ts)
+    snapshot = None
+    if vcfg.debug_snapshot_dir is not None:
+        from .snapshot import SnapshotWriter
+
+        snapshot = SnapshotWriter(vcfg.debug_snapshot_dir, cam.camera, vcfg.debug_snapshot_interval_s)
     last_flush = last_report = None
+
+    def send_facts(until_ts: float) -> None:
+        stats, heat = analytics.flush(until_ts)
+        dwells.add(analytics.pop_visits())
+        if stats or heat:
+            send(("facts", cam.camera, stats, heat, dwells.take(stats)))
 
     def perf() -> dict[str, float]:
         return {"frames": n, "fps": n / t_frames if t_frames else 0.0, "detect_track_ms": 1000 * t_detect / max(n, 1),
@@ -69,6 +85,8 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> No
         tracks = detector.track(item.image)
         t1 = time.perf_counter()
         analytics.update(item.ts, tracks)
+        if snapshot is not None:
+            snapshot.offer(item.image, [t.box for t in tracks])
         t_detect += t1 - t0
         t_frames += t1 - t_prev
         t_prev = time.perf_counter()
@@ -76,16 +94,12 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> No
         last_ts = item.ts
         if last_flush is None or item.ts - last_flush >= vcfg.flush_s:
             last_flush = item.ts
-            stats, heat = analytics.flush(item.ts)
-            if stats or heat:
-                send(("facts", cam.camera, stats, heat))
+            send_facts(item.ts)
         if last_report is None or item.ts - last_report >= 10.0:
             last_report = item.ts
             send(("perf", cam.camera, perf()))
     # A file ended (or we are stopping): close every open bucket.
-    stats, heat = analytics.flush(last_ts + cam.bucket_s + cam.track_grace_s + 1)
-    if stats or heat:
-        send(("facts", cam.camera, stats, heat))
+    send_facts(last_ts + cam.bucket_s + cam.track_grace_s + 1)
     send(("done", cam.camera, perf()))
 
 
@@ -103,6 +117,9 @@ class VisionService:
         }
         self._drain = threading.Thread(target=self._run, name="vision-drain", daemon=True)
         self._halt = threading.Event()
+        # Only the drain thread touches it. Its deadline runs on the monotonic clock: the cameras' stream
+        # times need not agree with each other or with the wall clock.
+        self._storewide = StoreWideTraffic(cfg.cameras, wait_s=cfg.storewide_wait_s)
         self.figures: dict[str, float] = {}
         self.done: set[str] = set()
 
@@ -121,25 +138,28 @@ class VisionService:
         self._drain.join(5)
 
     def _run(self) -> None:
-        while not self._halt.is_set():
+        while True:
             try:
                 msg = self._q.get(timeout=0.2)
             except queue.Empty:
-                continue
+                if self._halt.is_set():
+                    break  # the cameras have stopped and everything they sent has been taken
+                msg = None
             try:
-                self._handle(msg)
+                if msg is not None:
+                    self._handle(msg)
+                self._enqueue(*self._storewide.due(time.monotonic()))
             except Exception:
-                log.exception("vision result %s could not be handled", msg[0])
+                log.exception("vision result %s could not be handled", msg[0] if msg else "(store-wide deadline)")
+        self._enqueue(*self._storewide.flush())
 
     def _handle(self, msg: tuple) -> None:
         kind, camera = msg[0], msg[1]
         if kind == "facts":
-            _, _, stats, heat = msg
-            with self.outbox.transaction() as tx:
-                if stats:
-                    tx.enqueue("traffic/stats", [_fact(s, compaction.stats_key(s)) for s in stats])
-                if heat:
-                    tx.enqueue("traffic/heatmap", [_fact(h, compaction.heatmap_key(h)) for h in heat])
+            _, _, stats, heat, dwells = msg
+            # The store-wide items a camera's bucket completes go into the same transaction as the camera's.
+            wide_stats, wide_heat = self._storewide.add(camera, stats, heat, dwells, time.monotonic())
+            self._enqueue(stats + wide_stats, heat + wide_heat)
         elif kind == "gap":
             _, _, start, end, reason = msg
             self.outbox.alert("vision.stream_gap", f"camera {camera}: {reason}; no frames for {end - start:.1f} s")
@@ -148,6 +168,17 @@ class VisionService:
                 self.figures[f"vision.{camera}.{k}"] = float(v)
             if kind == "done":
                 self.done.add(camera)
+                self._enqueue(*self._storewide.camera_done(camera))
+
+    def _enqueue(self, stats: list[dict[str, Any]], heat: list[dict[str, Any]]) -> None:
+        self.figures.update({f"vision.{STORE_WIDE}.{k}": float(v) for k, v in self._storewide.counters.items()})
+        if not (stats or heat):
+            return
+        with self.outbox.transaction() as tx:
+            if stats:
+                tx.enqueue("traffic/stats", [_fact(s, compaction.stats_key(s)) for s in stats])
+            if heat:
+                tx.enqueue("traffic/heatmap", [_fact(h, compaction.heatmap_key(h)) for h in heat])
 
 
 def _fact(item: dict[str, Any], key: str) -> Fact:
