@@ -103,16 +103,18 @@ class EslStore:
             out = self.command("price.set", args)
             assert out.status == "ok", out
             changes.append(Change(g, price_of[g], eff, [m for m, x in self.gtin_of.items() if x == g]))
+        self.service.step()  # the agent's ESL thread wakes on a price.set
         return changes
 
     # ---------------------------------------------------------------- time
 
     def run(self, seconds: float, step_s: float | None = None) -> None:
-        """Advance the clock in steps of the poll interval, running the service at each."""
-        step = step_s or self.cfg.poll_interval_s
+        """Advance the clock to each moment the agent's ESL thread would wake (its next poll, or a price
+        taking effect), running a step at each."""
         end = self.clock.now() + seconds
         while self.clock.now() < end - 1e-9:
-            self.clock.advance(min(step, end - self.clock.now()))
+            due = self.service.next_due() if step_s is None else self.clock.now() + step_s
+            self.clock.set(min(due, end))
             self.service.step()
 
     def run_until_right(self, timeout_s: float, step_s: float | None = None) -> float | None:

@@ -89,6 +89,12 @@ class PriceBook:
                 return v
         return None
 
+    def next_boundary(self, after: float) -> float | None:
+        """The first moment after ``after`` at which some price window opens or closes."""
+        times = [t for vs in self._by_gtin.values() for v in vs for t in (v.eff_from, v.eff_until)
+                 if t is not None and t > after]
+        return min(times, default=None)
+
     def prune(self, conn: sqlite3.Connection, now: float) -> int:
         """Forget versions that can never be in effect again: ended ones, and those below an
         open-ended version already in effect. Keeps the book from growing over months."""

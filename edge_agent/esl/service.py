@@ -103,8 +103,17 @@ class EslService:
                 self.step()
             except Exception:
                 log.exception("ESL step failed")
-            self._wake.wait(self.cfg.poll_interval_s)
+            self._wake.wait(max(0.0, self.next_due() - self.clock.now()))
             self._wake.clear()
+
+    def next_due(self) -> float:
+        """When the next step should run: the next poll, or sooner if a price takes effect before it."""
+        now = self.clock.now()
+        with self._lock:
+            boundary = self.book.next_boundary(now)
+            picks_end = min((u for u in self.picks.values() if u > now), default=None)
+        due = now + self.cfg.poll_interval_s
+        return min(t for t in (due, boundary, picks_end) if t is not None)
 
     # ---------------------------------------------------------------- commands
 
