@@ -6,23 +6,30 @@ processes; the agent takes a simulated inventory feed and the RFID traffic of a 
 (readers, shoppers, noise) replayed 60x faster than real time. A third of the way in, HQ's broker
 stops for a few seconds: the agent keeps working and buffering, then drains the backlog (marked
 historical). At closing time HQ asks the store for a resync, and HQ's inventory is compared with the
-exact ground truth of both simulators.
+exact ground truth of both simulators. Meanwhile HQ binds 200 shelf labels (behind a simulated
+OpenEPaperLink access point) to products and sets their prices, then changes 30% of them; the demo
+checks what every simulated e-paper label shows against HQ's prices.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from .esl_controller import SimulatedAccessPoint
+from .esl_store import cents
+from .esl_store import gtin as esl_gtin
 from .inventory_feed import InventoryFeed
 from .mosquitto import Mosquitto, free_port
 from .rfid_reader import SimConfig, StoreSim
@@ -46,6 +53,27 @@ def _write(path: Path, text: str) -> Path:
 def _get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - loopback only
         return json.loads(r.read())
+
+
+def _post_cmd(http: str, name: str, args: dict) -> None:
+    req = urllib.request.Request(
+        f"{http}/cmd", data=json.dumps({"store": STORE, "name": name, "args": args}).encode(),
+        headers={"Content-Type": "application/json"}, method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=5):  # noqa: S310 - loopback only
+        pass
+
+
+def _wait(pred: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return True
+        except OSError:
+            pass
+        time.sleep(0.25)
+    return False
 
 
 def _hq_inventory(http: str) -> dict[tuple[str, str], int]:
@@ -88,6 +116,30 @@ class RfidReplay(threading.Thread):
 
     def truth(self) -> dict[tuple[str, str], int]:
         return self.sim.stock_truth()
+
+
+class ShelfLabels:
+    """The store's e-paper labels behind a simulated OpenEPaperLink access point (real HTTP), checking in
+    every 2 s instead of 40 s so that the demo is short; 2% of uploads and transfers fail."""
+
+    def __init__(self, n: int = 200, gtins: int = 100) -> None:
+        self.ap = SimulatedAccessPoint(n, seed=5, checkin_s=2.0, refresh_s=0.5, transfer_fail_rate=0.02,
+                                       upload_fail_rate=0.02).start()
+        self.gtin_of = {m: esl_gtin(i % gtins) for i, m in enumerate(self.ap.macs())}
+        self.rng = random.Random(5)
+        self.price_of: dict[str, str] = {}
+
+    def toml(self) -> str:
+        return (f'[esl]\nenabled = true\nurl = "{self.ap.url}"\npoll_interval_s = 1.0\nresend_after_s = 10.0\n'
+                "mismatch_deadline_s = 30.0\n")
+
+    def set_prices(self, http: str, gtins: list[str], version: int) -> None:
+        for g in gtins:
+            self.price_of[g] = cents(self.rng.randint(100, 5000))
+            _post_cmd(http, "price.set", {"gtin": g, "price": self.price_of[g], "currency": "EUR", "version": version})
+
+    def wrong(self) -> int:
+        return sum((self.ap.displayed(m) or {}).get("price") != self.price_of.get(g) for m, g in self.gtin_of.items())
 
 
 def _camera_toml(cam: dict) -> str:
@@ -150,6 +202,7 @@ def run_demo(seconds: float = 20.0, workdir: Path = Path("var/demo"), facts: int
     camera = scene.analytics_config() | {"url": str(workdir / "camera.mp4"), "start_ts": time.time(),
                                          "bucket_s": 10, "min_dwell_s": 2.0}
     truth_cam = scene.truth()
+    labels = ShelfLabels()
     antennas = "".join(
         f'[[rfid.antennas]]\nreader = "{a["reader"]}"\nport = {a["port"]}\nzone = "{a["zone"]}"\n'
         for a in rfid.sim.layout()
@@ -190,7 +243,8 @@ topic = "readers/+/events"
 enabled = true
 conf = 0.25
 flush_s = 1.0
-{_camera_toml(camera)}""",
+{_camera_toml(camera)}
+{labels.toml()}""",
     )
     hq_cfg = _write(
         workdir / "hq.toml",
@@ -214,8 +268,15 @@ reorder_window_s = 1.0
         _say(f"store {STORE}: replaying {facts} inventory deltas at {rate:.0f}/s, and {seconds * RFID_SPEED / 60:.0f} "
              f"min of RFID traffic ({RFID_SIM.n_items} tagged items, 5 readers, {RFID_SIM.miss_rate:.0%} missed "
              f"reads, cross-reads, ghosts) at {RFID_SPEED:.0f}x on the store broker :{store_broker.port}")
-        time.sleep(1.0)
+        _wait(lambda: _get(f"{http}/state")["status"].get(STORE, {}).get("state") == "online", 30)
         rfid.start()
+        _say(f"shelf labels: HQ binds {len(labels.gtin_of)} e-paper labels to {len(set(labels.gtin_of.values()))} "
+             f"products and sets their prices (POST /cmd esl.bind, price.set); the labels sit behind a simulated "
+             f"OpenEPaperLink access point at {labels.ap.url}")
+        _post_cmd(http, "esl.bind", {"items": [{"label": m, "gtin": g} for m, g in labels.gtin_of.items()]})
+        _wait(lambda: any(s["stream"] == "cmd-result" for s in _get(f"{http}/state")["streams"]), 30)
+        gtins = sorted(set(labels.gtin_of.values()))
+        labels.set_prices(http, gtins, 1)
         time.sleep(seconds * 0.3)
         _say("cutting the uplink: HQ's broker stopped for 4 s (the agent keeps working and buffering)")
         broker.stop()
@@ -224,6 +285,13 @@ reorder_window_s = 1.0
         _say("HQ's broker back: the backlog drains at full speed, marked historical")
         rfid.join(seconds + RFID_CLOSED_S / RFID_SPEED + 30)
         _say(f"store closed: {rfid.payloads} reader payloads, {rfid.sim.stats['events']} tag reads replayed")
+        labels_ok = _wait(lambda: labels.wrong() == 0, 60)
+        changed = labels.rng.sample(gtins, k=len(gtins) * 3 // 10)
+        t_change = time.monotonic()
+        _say(f"HQ changes the price of {len(changed)} products (30%) with price.set version 2")
+        labels.set_prices(http, changed, 2)
+        labels_ok = _wait(lambda: labels.wrong() == 0, 60) and labels_ok
+        took = time.monotonic() - t_change
         truth = feed_truth | rfid.truth()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -234,12 +302,7 @@ reorder_window_s = 1.0
                 pass
             time.sleep(0.5)
         _say("asking the store for an inventory.resync from the HQ side (POST /cmd) to verify HQ's copy")
-        req = urllib.request.Request(
-            f"{http}/cmd", data=json.dumps({"store": STORE, "name": "inventory.resync", "args": {}}).encode(),
-            headers={"Content-Type": "application/json"}, method="POST",
-        )
-        with urllib.request.urlopen(req, timeout=5):  # noqa: S310 - loopback only
-            pass
+        _post_cmd(http, "inventory.resync", {})
         time.sleep(3)
         state = _get(f"{http}/state")
         got = _hq_inventory(http)
@@ -257,12 +320,20 @@ reorder_window_s = 1.0
             _say(line)
         _say(f"  camera truth: entries {truth_cam['entries']}, exits {truth_cam['exits']}, "
              f"{len(truth_cam['visits'])} zone visits (simulated scene, {workdir / 'camera.mp4'})")
+        st = labels.ap.stats()
+        _say(f"shelf labels: {len(labels.gtin_of) - labels.wrong()}/{len(labels.gtin_of)} e-paper labels show HQ's "
+             f"price (simulated e-paper truth), the change displayed everywhere {took:.1f} s after HQ sent it; "
+             f"{st.uploads} uploads, {st.upload_failures} refused and {st.transfer_failures} failed transfers retried")
+        _wait(lambda: _get(f"{http}/labels?store={STORE}")["showing_hq_price"] == len(labels.gtin_of), 15)
+        view = _get(f"{http}/labels?store={STORE}")
+        _say(f"  HQ's label view (GET /labels): {view['showing_hq_price']}/{view['with_hq_price']} labels report "
+             f"showing HQ's price")
         snaps = _get(f"{http}/state").get("snapshots", [])
         for snap in snaps:
             _say(f"  snapshot {snap['snapshot_id']} as of seq {snap['as_of_seq']}: {snap['outcome']}, "
                  f"{snap['mismatches']} keys differed")
-        code = 0 if exact == len(truth) and not extra else 1
-        _say("OK: nothing lost, nothing applied twice" if code == 0 else "MISMATCH: see the logs in " + str(workdir))
+        code = 0 if exact == len(truth) and not extra and labels_ok else 1
+        _say("OK: nothing lost, nothing applied twice, every label shows HQ's price" if code == 0 else "MISMATCH: see the logs in " + str(workdir))
     finally:
         for p in (agent, hq):
             if p.poll() is None:
@@ -275,4 +346,5 @@ reorder_window_s = 1.0
         agent_log.close()
         broker.stop()
         store_broker.stop()
+        labels.ap.stop()
     return code
