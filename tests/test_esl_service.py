@@ -149,3 +149,16 @@ def test_state_survives_a_restart_without_resending(store: EslStore) -> None:
     assert store.service.book.effective(gtins[0], store.clock.now()).price == "7.77"
     store.run(600)
     assert store.ap.stats().uploads == sends and not store.wrong()
+
+
+@pytest.mark.parametrize("store", [{"labels": 40, "gtins": 20, "low_stock_below": 2,
+                                    "low_stock_zones": ["salesfloor"]}], indirect=True)
+def test_low_rfid_stock_is_shown_on_the_label(store: EslStore) -> None:
+    gtins = sorted(set(store.gtin_of.values()))
+    low, plenty = gtins[0], gtins[1]
+    store.service.stock = lambda: {("salesfloor", low): 1, ("backroom", low): 9, ("salesfloor", plenty): 5}
+    store.bind_all()
+    store.set_prices(gtins, 1, {g: "2.50" for g in gtins})
+    assert store.run_until_right(900) is not None
+    for mac, g in store.gtin_of.items():
+        assert store.ap.displayed(mac)["stock_note"] == ("LOW STOCK" if g != plenty else None)
