@@ -37,6 +37,7 @@ prints the AP's URL, serves until SIGINT/SIGTERM, then prints the counters as JS
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import heapq
 import json
@@ -44,6 +45,7 @@ import math
 import random
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -102,6 +104,8 @@ class ApStats:
     redraws: int = 0  # a label finished drawing new content
     db_requests: int = 0  # /get_db answers
     garbage_served: int = 0
+    pushes: int = 0  # websocket messages sent
+    led_commands: int = 0
 
 
 @dataclass
@@ -183,6 +187,9 @@ class SimulatedAccessPoint:
         self._seq = 0
         self._garbage: deque[GarbageKind] = deque()
         self._stats = ApStats()
+        self._ws_clients: set[_WsClient] = set()
+        self._flashing: dict[str, bool] = {}
+        self._ticking = threading.Event()
 
         macs = label_macs(labels, seed)
         setup = random.Random(f"{seed}:setup")
@@ -235,14 +242,30 @@ class SimulatedAccessPoint:
             self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="oepl-ap",
                                             daemon=True)
             self._thread.start()
+            # Labels check in on their own: on a running clock, process check-ins (and push them) as they
+            # happen rather than only when a client asks.
+            self._ticking.clear()
+            threading.Thread(target=self._tick_loop, name="oepl-ap-tick", daemon=True).start()
         return self
 
+    def _tick_loop(self) -> None:
+        while not self._ticking.wait(0.1):
+            self.tick()
+
     def stop(self) -> None:
-        """Stop serving and close the port: clients get connection refused."""
+        """Stop serving and close the port: clients get connection refused, websockets are dropped."""
+        self._ticking.set()
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join()
             self._thread = None
+        with self._lock:
+            for client in self._ws_clients:
+                try:
+                    client.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self._ws_clients.clear()
         self._server.server_close()
 
     def __enter__(self) -> SimulatedAccessPoint:
@@ -316,11 +339,12 @@ class SimulatedAccessPoint:
         if self._world.random() < self.transfer_fail_rate:
             self._stats.transfer_failures += 1
             self._queue_checkin(tag, t)
-            return
-        self._stats.transfers += 1
-        tag.drawing = tag.body
-        tag.hash = _ap_hash(tag.body)
-        self._schedule(t + self.refresh_s, _REDRAWN, tag)
+        else:
+            self._stats.transfers += 1
+            tag.drawing = tag.body
+            tag.hash = _ap_hash(tag.body)
+            self._schedule(t + self.refresh_s, _REDRAWN, tag)
+        self._push(tag, t)
 
     def _redrawn(self, tag: _Tag, t: float) -> None:
         tag.shown, tag.drawing, tag.shown_at = tag.drawing, None, t
@@ -331,6 +355,29 @@ class SimulatedAccessPoint:
             tag.pending = 0
         else:  # newer content arrived while it was drawing: fetch that at the next check-in
             self._queue_checkin(tag, t)
+        self._push(tag, t)
+
+    # ---------------------------------------------------------------- the websocket (/ws)
+
+    def _push(self, tag: _Tag, t: float) -> None:
+        """What the firmware's wsSendTaginfo sends when a tag changes: ``tagDBtoJson(mac)``."""
+        if not self._ws_clients:
+            return
+        frame = json.dumps({"tags": [self._record(tag, t)]}, separators=(",", ":")).encode()
+        for client in list(self._ws_clients):
+            try:
+                client.send(0x1, frame)
+                self._stats.pushes += 1
+            except OSError:
+                self._ws_clients.discard(client)
+
+    def _ws_join(self, client: _WsClient) -> None:
+        with self._lock:
+            self._ws_clients.add(client)
+
+    def _ws_leave(self, client: _WsClient) -> None:
+        with self._lock:
+            self._ws_clients.discard(client)
 
     def _hold(self, tag: _Tag, body: str) -> None:
         tag.body, tag.pending = body, 1
@@ -449,7 +496,73 @@ class SimulatedAccessPoint:
                 tag.pending = 0  # the image the label shows: the firmware does not queue it
             else:
                 self._queue_checkin(tag, self.clock.now())
+            self._push(tag, self.clock.now())
             return 200, "Ok, saved"
+
+    def tag_cmd(self, form: dict[str, list[str]]) -> tuple[int, str]:
+        """``POST /tag_cmd`` (``mac``, ``cmd``): only the LED commands matter here; the rest are accepted."""
+        with self._lock:
+            if "mac" not in form or "cmd" not in form:
+                return 500, "param error"
+            i = self._by_mac.get(form["mac"][0].upper().rjust(16, "0"))
+            if i is None:
+                return 400, "Error: mac not found"
+            cmd = form["cmd"][0]
+            if cmd.startswith("ledflash"):
+                self._flashing[self._tags[i].mac] = cmd != "ledflash_stop"
+                self._stats.led_commands += 1
+            return 200, "Ok, done"
+
+    def flashing(self, mac: str) -> bool:
+        """Whether the label's LED was last told to flash."""
+        with self._lock:
+            return self._flashing.get(mac, False)
+
+
+_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
+
+
+class _WsClient:
+    """One websocket client of the AP's ``/ws``: server-side RFC 6455 framing, just what the AP does
+    (text frames out, pings answered, close honoured)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        n = len(payload)
+        head = bytes([0x80 | opcode]) + (bytes([n]) if n < 126 else
+                                          bytes([126]) + n.to_bytes(2, "big") if n < 65536 else
+                                          bytes([127]) + n.to_bytes(8, "big"))
+        with self._lock:
+            self.sock.sendall(head + payload)
+
+    def _read(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("client went away")
+            buf += chunk
+        return buf
+
+    def serve(self) -> None:
+        """Answer the client's frames until it closes or the socket does."""
+        while True:
+            b0, b1 = self._read(2)
+            opcode, n = b0 & 0x0F, b1 & 0x7F
+            if n == 126:
+                n = int.from_bytes(self._read(2), "big")
+            elif n == 127:
+                n = int.from_bytes(self._read(8), "big")
+            mask = self._read(4) if b1 & 0x80 else b"\0\0\0\0"
+            data = bytes(c ^ mask[i % 4] for i, c in enumerate(self._read(n)))
+            if opcode == 0x8:  # close: echo it, as RFC 6455 asks
+                self.send(0x8, data[:2])
+                return
+            if opcode == 0x9:
+                self.send(0xA, data)
 
 
 class _Server(ThreadingHTTPServer):
@@ -474,18 +587,46 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
+        if url.path == "/ws" and self.headers.get("Upgrade", "").lower() == "websocket":
+            self._websocket()
+            return
         if url.path != "/get_db":
             self._answer(404, b"", "text/plain")
             return
         self._answer(200, cast(_Server, self.server).ap.get_db(parse_qs(url.query)), "application/json")
 
+    def _websocket(self) -> None:
+        key = self.headers.get("Sec-WebSocket-Key", "")
+        accept = base64.b64encode(hashlib.sha1((key + _WS_GUID).encode()).digest()).decode()
+        self.protocol_version = "HTTP/1.1"  # an upgrade is HTTP/1.1 only
+        self.send_response(101, "Switching Protocols")
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.end_headers()
+        self.wfile.flush()
+        client = _WsClient(self.connection)
+        ap = cast(_Server, self.server).ap
+        ap._ws_join(client)
+        try:
+            client.serve()
+        except OSError:
+            pass
+        finally:
+            ap._ws_leave(client)
+            self.close_connection = True
+
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         form = parse_qs(self.rfile.read(length).decode("utf-8", "replace"))
-        if urlsplit(self.path).path != "/jsonupload":
-            self._answer(404, b"", "text/plain")
-            return
-        status, text = cast(_Server, self.server).ap.jsonupload(form)
+        path = urlsplit(self.path).path
+        ap = cast(_Server, self.server).ap
+        if path == "/jsonupload":
+            status, text = ap.jsonupload(form)
+        elif path == "/tag_cmd":
+            status, text = ap.tag_cmd(form)
+        else:
+            status, text = 404, ""
         self._answer(status, text.encode(), "text/plain")
 
 

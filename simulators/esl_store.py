@@ -103,7 +103,7 @@ class EslStore:
             out = self.command("price.set", args)
             assert out.status == "ok", out
             changes.append(Change(g, price_of[g], eff, [m for m, x in self.gtin_of.items() if x == g]))
-        self.service.step()  # the agent's ESL thread wakes on a price.set
+        self.service.step(poll=False)  # the agent's ESL thread wakes on a price.set, between polls
         return changes
 
     # ---------------------------------------------------------------- time

@@ -256,3 +256,57 @@ def test_parse_tag_never_raises(raw: object) -> None:
 @given(st.one_of(st.text(), json_values.map(json.dumps)))
 def test_parse_template_never_raises(body: str) -> None:
     assert parse_template(body) is None or isinstance(parse_template(body), LabelContent)
+
+
+# ---------------------------------------------------------------- push (the AP's websocket)
+
+
+def test_the_ap_websocket_pushes_tag_changes_as_they_happen(make_ap: MakeAp, clock: VirtualClock) -> None:
+    import threading
+    import time
+
+    mac = label_macs(40, 7)[2]
+    ap = make_ap(initial={mac: OLD})
+    ctl = controller(ap)
+    got: list = []
+    stop = threading.Event()
+    t = threading.Thread(target=ctl.listen, args=(got.append, stop), daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 5
+        while ap._ws_clients == set() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        receipt = ctl.send(mac, NEW)
+        clock.advance(ONE_CHECKIN)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            mine = [r for res in got for r in res.reports if r.label == mac]
+            if mine and not mine[-1].pending and mine[-1].content_hash != receipt.hash_before:
+                break
+            time.sleep(0.02)
+        mine = [r for res in got for r in res.reports if r.label == mac]
+        assert mine[0].pending, "the upload itself is pushed"
+        assert not mine[-1].pending and mine[-1].content_hash != receipt.hash_before, "and the redraw"
+        assert ap.stats().pushes >= 3
+    finally:
+        stop.set()
+        t.join(5)
+    assert not t.is_alive()
+
+
+def test_push_messages_that_are_not_about_tags_are_ignored_and_garbage_is_rejected() -> None:
+    from edge_agent.esl.openepaperlink import parse_push
+
+    assert parse_push('{"sys": {"heap": 1000}}') is None
+    assert parse_push('{"logMsg": "hello"}') is None
+    bad = parse_push(b"\xff{not json")
+    assert bad is not None and not bad.reports and "not JSON" in bad.rejected[0].reason
+    odd = parse_push('{"tags": [{"mac": "XYZ"}]}')
+    assert odd is not None and odd.rejected and not odd.reports
+
+
+def test_pick_content_also_flashes_the_led(make_ap: MakeAp) -> None:
+    mac = label_macs(40, 7)[4]
+    ap = make_ap()
+    controller(ap).send(mac, NEW.model_copy(update={"pick": True}))
+    assert ap.flashing(mac) and ap.stats().led_commands == 1

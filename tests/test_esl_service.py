@@ -162,3 +162,27 @@ def test_low_rfid_stock_is_shown_on_the_label(store: EslStore) -> None:
     assert store.run_until_right(900) is not None
     for mac, g in store.gtin_of.items():
         assert store.ap.displayed(mac)["stock_note"] == ("LOW STOCK" if g != plenty else None)
+
+
+@pytest.mark.parametrize("store", [{"labels": 60, "gtins": 30, "poll_interval_s": 3600.0}], indirect=True)
+def test_pushed_label_changes_confirm_prices_without_waiting_for_a_poll(store: EslStore) -> None:
+    import threading
+    import time
+
+    stop = threading.Event()
+    listener = threading.Thread(target=store.service.controller.listen, args=(store.service.ingest, stop),
+                                daemon=True)
+    listener.start()
+    try:
+        store.bind_all()
+        gtins = sorted(set(store.gtin_of.values()))
+        store.set_prices(gtins, 1, {g: "4.20" for g in gtins})  # one step: everything sent, no poll since
+        store.clock.advance(60)  # every label checks in, fetches and redraws; the AP pushes each change
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and store.service.figures()["esl.pushed_reports"] < 3 * 60:
+            time.sleep(0.05)
+        store.service.step(poll=False)
+        assert store.service.integrity == (60, 60) and not store.wrong()
+    finally:
+        stop.set()
+        listener.join(5)

@@ -39,19 +39,28 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
+import random
 import re
 import secrets
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
+from websockets.exceptions import WebSocketException
+from websockets.sync.client import connect as ws_connect
 
+from ..retry import backoff_delay
 from .controller import ControllerError, LabelContent, LabelReport, PollResult, Rejected, SendReceipt
 
-__all__ = ["OpenEPaperLinkController", "parse_tag", "parse_template", "render_template"]
+__all__ = ["OpenEPaperLinkController", "parse_push", "parse_tag", "parse_template", "render_template"]
+
+log = logging.getLogger(__name__)
 
 MAX_RAW = 2000  # characters of a bad record or page kept for the quarantine
 MAX_BODY = 1 << 20  # a page is ~5 kB; a longer answer is garbage, cut so it cannot exhaust memory
@@ -213,6 +222,26 @@ def _decode_page(body: bytes) -> tuple[dict[str, Any] | None, str]:
     return page, ""
 
 
+def parse_push(message: str | bytes) -> PollResult | None:
+    """One message of the AP's websocket as reports, or None if it is not about tags (the AP also
+    pushes system info, log lines and upload progress on the same socket). Never raises."""
+    body = message.encode("utf-8", "replace") if isinstance(message, str) else message
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        return PollResult(rejected=[Rejected(_snippet(body), f"/ws: message is not JSON ({e})")])
+    if not isinstance(data, dict) or "tags" not in data:
+        return None
+    page, why = _decode_page(body)
+    if page is None:
+        return PollResult(rejected=[Rejected(_snippet(body), f"/ws: {why}")])
+    result = PollResult()
+    for raw in page["tags"]:
+        r = parse_tag(raw)
+        (result.reports if isinstance(r, LabelReport) else result.rejected).append(r)  # type: ignore[arg-type]
+    return result
+
+
 def _snippet(body: bytes) -> str:
     return body[:MAX_RAW].decode("utf-8", "replace")
 
@@ -228,6 +257,33 @@ class OpenEPaperLinkController:
         self.timeout = timeout
         # The AP is on the store LAN: never route it through a proxy from the environment.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def listen(self, on_result: Callable[[PollResult], None], stop: threading.Event) -> None:
+        """Follow the AP's websocket until ``stop`` is set. The firmware pushes ``tagDBtoJson(mac)``, the
+        same ``{"tags": [record]}`` as ``get_db?mac``, whenever a tag checks in or changes
+        (``wsSendTaginfo``), so label state arrives within a second instead of at the next poll.
+        Reconnects with backoff; polling keeps going whatever happens here."""
+        url = "ws" + self.base_url.removeprefix("http") + "/ws"
+        rng = random.Random()
+        attempt = 0
+        while not stop.is_set():
+            try:
+                with ws_connect(url, open_timeout=self.timeout, proxy=None, compression=None,
+                                max_size=MAX_BODY) as ws:
+                    attempt = 0
+                    while not stop.is_set():
+                        try:
+                            message = ws.recv(timeout=0.5)
+                        except TimeoutError:
+                            continue
+                        result = parse_push(message)
+                        if result is not None:
+                            on_result(result)
+            except (OSError, WebSocketException) as e:
+                delay = backoff_delay(attempt, 0.5, 30.0, rng)
+                attempt += 1
+                log.info("OEPL websocket %s: %s; again in %.1f s", url, e, delay)
+                stop.wait(delay)
 
     def poll(self) -> PollResult:
         result = PollResult()
@@ -270,6 +326,11 @@ class OpenEPaperLinkController:
         r = parse_tag(page["tags"][0])
         if isinstance(r, Rejected):
             raise ControllerError(f"{path}: {r.reason}")
+        if content.pick:  # tags with an LED flash it too; the firmware's own pattern, best effort
+            try:
+                self._request("/tag_cmd", urllib.parse.urlencode({"mac": label, "cmd": "ledflash_long"}).encode())
+            except ControllerError as e:
+                log.info("LED flash for %s not sent: %s", label, e)
         # The AP sets a tag's hash only when the tag confirms a transfer (processXferComplete), so what it
         # reports now is the hash of what the label had: the engine waits for it to change.
         return SendReceipt(label, None, hash_before=r.content_hash)

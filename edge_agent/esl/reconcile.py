@@ -13,6 +13,7 @@ a send that fails is retried with exponential backoff and jitter.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -110,8 +111,9 @@ class Reconciler:
             if st.sent_hash is not None:
                 holds_ours = r.content_hash == st.sent_hash
             else:  # the controller could not tell the hash in advance: a new hash since the send is the proof
+                # (lastseen is whole seconds: a check-in in the second of the send counts)
                 holds_ours = (r.content_hash != st.hash_before and r.last_seen is not None
-                              and r.last_seen.timestamp() > st.sent_at)
+                              and r.last_seen.timestamp() >= math.floor(st.sent_at))
             if holds_ours and not r.pending:
                 st.shown = st.sent
                 st.sent_hash = r.content_hash  # learnt: another hash later means someone else's content

@@ -24,7 +24,7 @@ from ..config import EslConfig
 from ..contract import Command, EslBindArgs, EslFlashArgs, PriceSetArgs
 from ..sync.downlink import CommandRejected
 from ..sync.outbox import Fact, Outbox, OutboxTx
-from .controller import ControllerError, EslController, LabelContent
+from .controller import ControllerError, EslController, LabelContent, PollResult
 from .pricebook import PriceBook, VersionConflict
 from .reconcile import LabelState, ReconcileParams, Reconciler
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 SOURCE = "esl"
 LOW_STOCK_NOTE = "LOW STOCK"
 PRUNE_EVERY_S = 3600.0
+PUSH_BATCH_S = 0.2
 MAX_QUARANTINE_PER_POLL = 50  # a controller spewing garbage is counted in full, stored in part
 
 SCHEMA = (
@@ -73,6 +74,7 @@ class EslService:
         self._wake = threading.Event()
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, name="esl", daemon=True)
+        self._listener: threading.Thread | None = None
         self.counters: Counter[str] = Counter()
         self.integrity: tuple[int, int] = (0, 0)
         self._pruned_at = 0.0
@@ -91,29 +93,58 @@ class EslService:
 
     def start(self) -> None:
         self._thread.start()
+        listen = getattr(self.controller, "listen", None)
+        if listen is not None:  # a controller that pushes label changes (the OEPL AP's websocket)
+            self._listener = threading.Thread(target=listen, args=(self.ingest, self._halt), name="esl-push",
+                                              daemon=True)
+            self._listener.start()
 
     def stop(self) -> None:
         self._halt.set()
         self._wake.set()
         self._thread.join(10)
+        if self._listener is not None:
+            self._listener.join(5)
 
     def _run(self) -> None:
+        next_poll = 0.0
         while not self._halt.is_set():
+            poll = self.clock.now() >= next_poll
             try:
-                self.step()
+                self.step(poll=poll)
             except Exception:
                 log.exception("ESL step failed")
-            self._wake.wait(max(0.0, self.next_due() - self.clock.now()))
+            if poll:
+                next_poll = self.clock.now() + self.cfg.poll_interval_s
+            if self._wake.wait(max(0.0, self.next_due(next_poll) - self.clock.now())):
+                self._halt.wait(PUSH_BATCH_S)  # let a burst of pushes or commands land in one step
             self._wake.clear()
 
-    def next_due(self) -> float:
+    def next_due(self, next_poll: float | None = None) -> float:
         """When the next step should run: the next poll, or sooner if a price takes effect before it."""
         now = self.clock.now()
         with self._lock:
             boundary = self.book.next_boundary(now)
             picks_end = min((u for u in self.picks.values() if u > now), default=None)
-        due = now + self.cfg.poll_interval_s
+        due = now + self.cfg.poll_interval_s if next_poll is None else next_poll
         return min(t for t in (due, boundary, picks_end) if t is not None)
+
+    def ingest(self, result: PollResult) -> None:
+        """Label reports pushed by the controller: taken at once, acted on at the next (early) step."""
+        self._quarantine(result)
+        now = self.clock.now()
+        with self._lock:
+            for r in result.reports:
+                self.engine.observe(r, now)
+        self.counters["pushed"] += len(result.reports)
+        self._wake.set()
+
+    def _quarantine(self, result: PollResult) -> None:
+        for bad in result.rejected[:MAX_QUARANTINE_PER_POLL]:
+            self.outbox.quarantine(SOURCE, bad.reason, bad.raw)
+        if len(result.rejected) > MAX_QUARANTINE_PER_POLL:
+            with self.outbox.transaction() as tx:
+                tx.bump(f"quarantined.{SOURCE}", len(result.rejected) - MAX_QUARANTINE_PER_POLL)
 
     # ---------------------------------------------------------------- commands
 
@@ -157,24 +188,23 @@ class EslService:
 
     # ---------------------------------------------------------------- the step
 
-    def step(self) -> StepReport:
-        """One round: poll, reconcile, send, report. Safe to call directly (tests, replays)."""
+    def step(self, poll: bool = True) -> StepReport:
+        """One round: poll (unless told not to: pushes keep the state fresh), reconcile, send, report.
+        Safe to call directly (tests, replays)."""
         rep = StepReport()
-        try:
-            polled = self.controller.poll()
-        except ControllerError as e:
-            polled = None
-            rep.poll_error = str(e)
-            self.counters["poll_errors"] += 1
-            log.warning("ESL controller poll failed: %s", e)
+        polled: PollResult | None = PollResult()
+        if poll:
+            try:
+                polled = self.controller.poll()
+            except ControllerError as e:
+                polled = None
+                rep.poll_error = str(e)
+                self.counters["poll_errors"] += 1
+                log.warning("ESL controller poll failed: %s", e)
         now = self.clock.now()
         if polled is not None:
             rep.polled, rep.rejected = len(polled.reports), len(polled.rejected)
-            for bad in polled.rejected[:MAX_QUARANTINE_PER_POLL]:
-                self.outbox.quarantine(SOURCE, bad.reason, bad.raw)
-            if len(polled.rejected) > MAX_QUARANTINE_PER_POLL:
-                with self.outbox.transaction() as tx:
-                    tx.bump(f"quarantined.{SOURCE}", len(polled.rejected) - MAX_QUARANTINE_PER_POLL)
+            self._quarantine(polled)
         with self._lock:
             if polled is not None:
                 for r in polled.reports:
@@ -286,5 +316,6 @@ class EslService:
                 "esl.sends": float(self.counters["sends"]),
                 "esl.send_failures": float(self.counters["send_failures"]),
                 "esl.poll_errors": float(self.counters["poll_errors"]),
+                "esl.pushed_reports": float(self.counters["pushed"]),
             }
 
