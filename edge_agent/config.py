@@ -190,7 +190,7 @@ class VisionConfig(Section):
     # package model (models/provision.py).
     model: Path | None = None
     imgsz: int = Field(320, ge=32, le=1920)
-    conf: float = Field(0.35, gt=0, lt=1)
+    conf: float = Field(0.25, gt=0, lt=1)  # see PersonDetector: measured on real CCTV and the simulator
     tracker: Literal["bytetrack.yaml", "botsort.yaml"] = "bytetrack.yaml"
     # How often finished minute buckets are sent to the outbox.
     flush_s: float = Field(5.0, gt=0)

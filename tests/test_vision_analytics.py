@@ -367,6 +367,51 @@ def test_fast_walker_across_a_brief_occlusion_is_counted() -> None:
     assert line_totals(an.flush(T0 + 60)[0]) == (1, 0)
 
 
+def _hidden_across_the_line(new_id: int, new_x: float = 10.0) -> list[tuple[float, list[Track]]]:
+    """Walks in from y 12 to 10.6, hidden 1 s, found again at y 9.4 by the tracker under ``new_id``."""
+    seen = [(T0 + 0.1 * i, [person(1, 10, 12 - 0.1 * i)]) for i in range(15)]
+    later = [(T0 + 2.5 + 0.1 * i, [person(new_id, new_x, 9.4 - 0.1 * i)]) for i in range(15)]
+    return seen + later
+
+
+def test_walker_found_again_under_a_new_id_after_crossing_while_hidden_is_counted() -> None:
+    an = TrafficAnalytics(config())
+    run(an, _hidden_across_the_line(new_id=7))
+    assert line_totals(an.flush(T0 + 60)[0]) == (1, 0)
+    assert [(c.track_id, c.direction) for c in an.pop_crossings()] == [(7, "in")]
+    assert an.counters["reattached"] == 1
+
+
+def test_reattach_off_or_out_of_reach_loses_the_hidden_crossing() -> None:
+    off = TrafficAnalytics(config(reattach_speed_mps=0))
+    run(off, _hidden_across_the_line(new_id=7))
+    assert line_totals(off.flush(T0 + 60)[0]) == (0, 0)
+    # 1.1 s unseen at 2 m/s plus 1 m: 3.2 m of reach; someone new 5 m away is someone else.
+    far = TrafficAnalytics(config())
+    run(far, _hidden_across_the_line(new_id=7, new_x=15.0))
+    assert line_totals(far.flush(T0 + 60)[0]) == (0, 0)
+    assert far.counters["reattached"] == 0
+
+
+def test_reattach_never_takes_a_track_seen_in_the_same_frame() -> None:
+    an = TrafficAnalytics(config())
+    # Two people side by side; a third appears next to them: both are still seen, so it is new.
+    run(an, [(T0 + 0.1 * i, [person(1, 10, 12 - 0.1 * i), person(2, 10.5, 12 - 0.1 * i)]) for i in range(10)])
+    run(an, [(T0 + 1.0 + 0.1 * i, [person(1, 10, 11 - 0.1 * i), person(2, 10.5, 11 - 0.1 * i),
+                                   person(3, 10.3, 11.2 - 0.1 * i)]) for i in range(40)])
+    assert an.counters["reattached"] == 0
+    assert line_totals(an.flush(T0 + 60)[0]) == (3, 0)
+
+
+def test_visit_continues_across_an_id_switch() -> None:
+    an = TrafficAnalytics(config())
+    # 4 s in the shelf zone as track 1, hidden 1 s, then 5 s more as track 9: one visit of 10 s.
+    run(an, [(T0 + 0.5 * i, [person(1, 4, 4)]) for i in range(9)])
+    run(an, [(T0 + 5 + 0.5 * i, [person(9, 4.1, 4)]) for i in range(11)])
+    an.flush(T0 + 60)
+    assert [(v.track_id, v.seconds) for v in an.pop_visits()] == [(9, 10.0)]
+
+
 def test_jittering_walker_on_the_line_counts_once() -> None:
     an = TrafficAnalytics(config())
     rng = random.Random(3)

@@ -42,6 +42,17 @@ def test_packaged_model_finds_the_people_in_bus_jpg() -> None:
         assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h and 0 < t.conf <= 1
 
 
+def test_defaults_track_low_confidence_boxes_and_cap_low_conf_at_conf() -> None:
+    det = PersonDetector(None, imgsz=320)
+    assert (det.conf, det.low_conf, det.iou) == (0.25, 0.1, 0.55)
+    assert VisionConfig().conf == det.conf  # a camera process passes the config's conf
+    # A camera configured below the default low_conf keeps every box it asked for, no more.
+    assert PersonDetector(None, imgsz=320, conf=0.05).low_conf == 0.05
+    for bad in ({"low_conf": 0.0}, {"iou": 1.0}, {"conf": 1.0}):
+        with pytest.raises(ValueError):
+            PersonDetector(None, imgsz=320, **bad)
+
+
 @needs_clip
 def test_track_ids_persist_across_frames_of_real_cctv() -> None:
     det = PersonDetector(None, imgsz=320, conf=0.35)

@@ -125,6 +125,13 @@ class TrafficAnalyticsConfig(_Model):
     zone_grace_s: float = Field(1.0, ge=0)
     # A crossing counts once the foot point is this far past the line, so jitter on it counts nothing.
     line_hysteresis_m: float = Field(0.15, ge=0)
+    # A new track that starts where a track lost within track_grace_s could have walked to (at this
+    # speed, plus reattach_radius_m for the foot point's error, which reaches 0.8 m at the far end of a
+    # simulated 6 m floor) continues that track: the tracker lost someone behind another person and found
+    # them again under a new id, and a door crossing or a zone visit made while hidden must not be lost
+    # with the old id. 0 disables it.
+    reattach_speed_mps: float = Field(2.0, ge=0)
+    reattach_radius_m: float = Field(1.0, ge=0)
     # Time credited to one frame (heatmap, time-weighted occupancy) is capped at this, so a stalled
     # stream does not paint whoever was last seen for the whole outage.
     max_frame_gap_s: float = Field(1.0, gt=0)
@@ -221,7 +228,7 @@ class _Bucket:
 COUNTERS = (
     "frames", "late_frames", "tracks", "dropped_invalid", "dropped_duplicate", "dropped_conf",
     "dropped_small", "dropped_masked", "dropped_horizon", "visits", "short_visits", "entries", "exits",
-    "heat_off_grid",
+    "heat_off_grid", "reattached",
 )
 
 
@@ -309,7 +316,7 @@ class TrafficAnalytics:
         for k, tid in enumerate(ids):
             p = floor[k]
             d = d_list[k]
-            st = self._tracks.get(tid)
+            st = self._tracks.get(tid) or self._reattach(tid, p, ts, ids)
             if st is None:
                 st = self._tracks[tid] = _TrackState(ts, p, d)
             else:
@@ -319,6 +326,25 @@ class TrafficAnalytics:
                 st.pos = p
                 st.d = d
             self._step_zones(st, inside_list[k], ts, tid)
+
+    def _reattach(self, tid: int, p: FloatArray, ts: float, present: list[int]) -> _TrackState | None:
+        """The state of the nearest lost track that could have walked to ``p`` by ``ts``, re-keyed to ``tid``."""
+        cfg = self.config
+        if cfg.reattach_speed_mps <= 0:
+            return None
+        best: tuple[float, int] | None = None
+        for old, st in self._tracks.items():
+            gap = ts - st.last_seen
+            if gap <= 0 or old in present:
+                continue  # seen in this frame: not lost
+            dist = math.hypot(float(p[0] - st.pos[0]), float(p[1] - st.pos[1]))
+            if dist <= cfg.reattach_radius_m + cfg.reattach_speed_mps * gap and (best is None or dist < best[0]):
+                best = (dist, old)
+        if best is None:
+            return None
+        self.counters["reattached"] += 1
+        st = self._tracks[tid] = self._tracks.pop(best[1])
+        return st
 
     def _accept(self, tracks: Sequence[Track]) -> tuple[list[int], FloatArray]:
         """Filter one frame's tracks; returns their ids (ascending) and floor points (N, 2)."""

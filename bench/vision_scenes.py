@@ -1,0 +1,178 @@
+"""Traffic analytics accuracy on synthetic store scenes (simulators/camera.py) against their exact truth.
+
+Each seeded scene is rendered frame by frame and run through the agent's own pipeline, set up as a
+camera process sets it up (edge_agent.vision.service.run_camera): PersonDetector with the VisionConfig
+defaults and ``track_buffer = track_grace_s * fps``, then TrafficAnalytics with the scene's calibration,
+zones, door line and heatmap grid (``CameraScene.analytics_config()``, every other key at its default).
+Rendering is not timed. Figures, over all scenes:
+
+- ``scenes_entry_exit_accuracy``: 1 - (missed + extra) / truth events, the counts of door crossings
+  compared per scene, line and direction (missed: truth minus counted where fewer were counted, extra:
+  the excess where more were), so errors in different scenes or directions never cancel out. Target
+  >= 0.98. ``scenes_entry_exit_accuracy_timed`` is stricter: a counted crossing must also match a truth
+  crossing at most ``MATCH_S`` seconds away, one to one (as many pairs as possible), so a crossing
+  counted for the wrong person or long after it happened is one missed and one extra.
+  ``scenes_entries`` / ``scenes_exits`` are the raw counts beside ``scenes_truth_entries`` / ``_exits``.
+- ``scenes_dwell_error_median_pct``: median over the truth visits that the analytics should report (zone
+  visits of at least ``min_dwell_s``) of |reported - true| / true seconds, in %. Each truth visit is
+  matched to the reported visit of the same zone that overlaps it most in time (one to one); a truth
+  visit left unmatched counts as a 100% error. Target < 5. ``scenes_visits_missed`` and
+  ``scenes_visits_extra`` (reported visits matching no truth visit) say how many were not matched.
+- ``scenes_heatmap_corr_mean`` / ``_min``: Pearson correlation, over the floor grid's cells, of the
+  person-seconds painted by the analytics (all buckets of a scene summed) with the truth's; the mean and
+  the worst over the scenes. Target >= 0.9.
+- ``scenes_count_mae``: mean absolute error of the people count per frame (tracks reported by the
+  detector against the people in the scene, hidden ones included).
+- ``scenes_fps``: frames per second of detect + track + analytics for one camera.
+
+    python bench/vision_scenes.py                    # 6 scenes of 60 s, 6 people each, 10 fps
+    python bench/vision_scenes.py --seeds 1 2 --seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+from _common import emit, header, note
+
+from edge_agent.config import VisionConfig
+from edge_agent.vision.analytics import Crossing, TrafficAnalytics, TrafficAnalyticsConfig, Visit
+from edge_agent.vision.detector import PersonDetector
+from simulators.camera import CameraScene, SceneConfig
+
+MATCH_S = 2.0  # a counted crossing this close in time to a truth crossing (same line, direction) is that one
+
+
+def match_crossings(truth: list[dict[str, Any]], got: list[Crossing]) -> tuple[int, int]:
+    """(missed, extra) after matching counted crossings to truth crossings one to one.
+
+    Every truth crossing, in time order, takes the earliest free counted one of its line and direction
+    within MATCH_S: with windows of one width this pairs as many as any matching can (nearest-first
+    would not: it can take the one a later truth crossing needed)."""
+    missed = 0
+    free = sorted(got, key=lambda c: c.ts)
+    for t in sorted(truth, key=lambda x: x["ts"]):
+        c = next((c for c in free if c.line == t["line"] and c.direction == t["direction"]
+                  and abs(c.ts - t["ts"]) <= MATCH_S), None)
+        if c is None:
+            missed += 1
+        else:
+            free.remove(c)
+    return missed, len(free)
+
+
+def match_visits(truth: list[dict[str, Any]], got: list[Visit]) -> tuple[list[float], int, int]:
+    """(relative dwell errors of the truth visits, 1.0 for a missed one; missed; extra)."""
+    pairs = []
+    for i, t in enumerate(truth):
+        for j, v in enumerate(got):
+            overlap = min(t["leave_ts"], v.leave_ts) - max(t["enter_ts"], v.enter_ts)
+            if v.zone == t["zone"] and overlap > 0:
+                pairs.append((overlap, i, j))
+    errors: dict[int, float] = {}
+    used: set[int] = set()
+    for _, i, j in sorted(pairs, reverse=True):
+        if i not in errors and j not in used:
+            errors[i] = abs(got[j].seconds - truth[i]["seconds"]) / truth[i]["seconds"]
+            used.add(j)
+    missed = len(truth) - len(errors)
+    return [errors.get(i, 1.0) for i in range(len(truth))], missed, len(got) - len(used)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--people", type=int, default=6)
+    ap.add_argument("--fps", type=float, default=10.0)
+    ap.add_argument("--imgsz", type=int, default=None, help="default: VisionConfig's")
+    ap.add_argument("--conf", type=float, default=None, help="default: VisionConfig's")
+    a = ap.parse_args()
+    vcfg = VisionConfig()
+    imgsz = a.imgsz or vcfg.imgsz
+    conf = a.conf or vcfg.conf
+    header("vision_scenes", seeds=a.seeds, seconds=a.seconds, people=a.people, fps=a.fps, imgsz=imgsz, conf=conf)
+    det: PersonDetector | None = None
+    truth_events = missed_events = extra_events = count_errors_events = 0
+    entries = exits = truth_entries = truth_exits = 0
+    dwell_errors: list[float] = []
+    visits_missed = visits_extra = 0
+    corrs: list[float] = []
+    count_errors: list[int] = []
+    n_frames = 0
+    busy = 0.0
+    for seed in a.seeds:
+        scene = CameraScene(SceneConfig(seed=seed, n_people=a.people, duration_s=a.seconds, fps=a.fps))
+        cam = TrafficAnalyticsConfig.model_validate(scene.analytics_config())
+        overrides = {"track_buffer": max(1, round(cam.track_grace_s * a.fps))}
+        if det is None:
+            det = PersonDetector(vcfg.model, imgsz=imgsz, conf=conf, tracker=vcfg.tracker, tracker_overrides=overrides)
+            note(repr(det))
+        det.reset()
+        analytics = TrafficAnalytics(cam)
+        counts: list[int] = []
+        heat: list[dict[str, Any]] = []
+        ts = 0.0
+        for ts, image in scene.frames():
+            t0 = time.perf_counter()
+            tracks = det.track(image)
+            analytics.update(ts, tracks)
+            busy += time.perf_counter() - t0
+            counts.append(len(tracks))
+        heat += analytics.flush(ts + cam.bucket_s + cam.track_grace_s + 1)[1]
+        truth = scene.truth()
+        n_frames += len(counts)
+        count_errors += [abs(n - len(f["people"])) for n, f in zip(counts, truth["frames"], strict=True)]
+
+        crossings = analytics.pop_crossings()
+        missed, extra = match_crossings(truth["crossings"], crossings)
+        truth_events += len(truth["crossings"])
+        missed_events += missed
+        extra_events += extra
+        for line in cam.lines:
+            for direction in ("in", "out"):
+                want = sum(c["line"] == line and c["direction"] == direction for c in truth["crossings"])
+                count_errors_events += abs(want - sum(c.line == line and c.direction == direction for c in crossings))
+        got_in = sum(c.direction == "in" for c in crossings)
+        entries += got_in
+        exits += len(crossings) - got_in
+        truth_entries += truth["entries"]
+        truth_exits += truth["exits"]
+
+        due = [v for v in truth["visits"] if v["seconds"] >= cam.min_dwell_s]
+        visits = analytics.pop_visits()
+        errs, v_missed, v_extra = match_visits(due, visits)
+        dwell_errors += errs
+        visits_missed += v_missed
+        visits_extra += v_extra
+
+        painted = np.sum([h["cells"] for h in heat], axis=0) if heat else np.zeros(len(truth["heatmap"]["cells"]))
+        corr = float(np.corrcoef(painted, truth["heatmap"]["cells"])[0, 1])
+        corrs.append(corr)
+        note(f"seed {seed}: crossings {got_in} in / {len(crossings) - got_in} out against "
+             f"{truth['entries']} / {truth['exits']} (missed {missed}, extra {extra}); visits {len(visits)} against "
+             f"{len(due)} (missed {v_missed}, extra {v_extra}), dwell errors % "
+             f"{[round(100 * e, 1) for e in errs]}; heatmap r {corr:.3f}; "
+             f"count MAE {statistics.fmean(count_errors[-len(counts):]):.3f}")
+    emit("scenes_entry_exit_accuracy", 1.0 - count_errors_events / truth_events)
+    emit("scenes_entry_exit_accuracy_timed", 1.0 - (missed_events + extra_events) / truth_events)
+    emit("scenes_entries", entries)
+    emit("scenes_truth_entries", truth_entries)
+    emit("scenes_exits", exits)
+    emit("scenes_truth_exits", truth_exits)
+    emit("scenes_dwell_error_median_pct", 100 * statistics.median(dwell_errors))
+    emit("scenes_visits", len(dwell_errors))
+    emit("scenes_visits_missed", visits_missed)
+    emit("scenes_visits_extra", visits_extra)
+    emit("scenes_heatmap_corr_mean", statistics.fmean(corrs))
+    emit("scenes_heatmap_corr_min", min(corrs))
+    emit("scenes_count_mae", statistics.fmean(count_errors))
+    emit("scenes_fps", n_frames / busy)
+
+
+if __name__ == "__main__":
+    main()
