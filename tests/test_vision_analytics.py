@@ -367,11 +367,14 @@ def test_fast_walker_across_a_brief_occlusion_is_counted() -> None:
     assert line_totals(an.flush(T0 + 60)[0]) == (1, 0)
 
 
-def _hidden_across_the_line(new_id: int, new_x: float = 10.0) -> list[tuple[float, list[Track]]]:
-    """Walks in from y 12 to 10.6, hidden 1 s, found again at y 9.4 by the tracker under ``new_id``."""
-    seen = [(T0 + 0.1 * i, [person(1, 10, 12 - 0.1 * i)]) for i in range(15)]
-    later = [(T0 + 2.5 + 0.1 * i, [person(new_id, new_x, 9.4 - 0.1 * i)]) for i in range(15)]
-    return seen + later
+def _hidden_across_the_line(new_id: int, new_x: float = 10.0, occluder: bool = True) -> list[tuple[float, list[Track]]]:
+    """Walks in from y 12 to 10.6 and goes behind someone standing at the door (their boxes overlap),
+    hidden 1 s, found again at y 9.4 by the tracker under ``new_id``."""
+    stander = [person(50, 10.2, 10.6)] if occluder else []
+    seen = [(T0 + 0.1 * i, [person(1, 10, 12 - 0.1 * i), *stander]) for i in range(15)]
+    hidden = [(T0 + 1.5 + 0.1 * i, list(stander)) for i in range(10)]
+    later = [(T0 + 2.5 + 0.1 * i, [person(new_id, new_x, 9.4 - 0.1 * i), *stander]) for i in range(15)]
+    return seen + hidden + later
 
 
 def test_walker_found_again_under_a_new_id_after_crossing_while_hidden_is_counted() -> None:
@@ -391,6 +394,10 @@ def test_reattach_off_or_out_of_reach_loses_the_hidden_crossing() -> None:
     run(far, _hidden_across_the_line(new_id=7, new_x=15.0))
     assert line_totals(far.flush(T0 + 60)[0]) == (0, 0)
     assert far.counters["reattached"] == 0
+    # Nobody to hide behind: who vanished left the view, and who appears there next is someone else.
+    alone = TrafficAnalytics(config())
+    run(alone, _hidden_across_the_line(new_id=7, occluder=False))
+    assert alone.counters["reattached"] == 0
 
 
 def test_reattach_never_takes_a_track_seen_in_the_same_frame() -> None:
@@ -405,9 +412,11 @@ def test_reattach_never_takes_a_track_seen_in_the_same_frame() -> None:
 
 def test_visit_continues_across_an_id_switch() -> None:
     an = TrafficAnalytics(config())
-    # 4 s in the shelf zone as track 1, hidden 1 s, then 5 s more as track 9: one visit of 10 s.
-    run(an, [(T0 + 0.5 * i, [person(1, 4, 4)]) for i in range(9)])
-    run(an, [(T0 + 5 + 0.5 * i, [person(9, 4.1, 4)]) for i in range(11)])
+    # 4 s in the shelf zone as track 1, hidden 1 s behind someone passing outside the zone, then 5 s
+    # more as track 9: one visit of 10 s.
+    run(an, [(T0 + 0.5 * i, [person(1, 4, 5.5), person(50, 4.2, 6.5)]) for i in range(9)])
+    run(an, [(T0 + 4.5, [person(50, 4.2, 6.5)])])
+    run(an, [(T0 + 5 + 0.5 * i, [person(9, 4.1, 5.5)]) for i in range(11)])
     an.flush(T0 + 60)
     assert [(v.track_id, v.seconds) for v in an.pop_visits()] == [(9, 10.0)]
 

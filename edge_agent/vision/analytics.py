@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
+from numpy.typing import NDArray
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from ..clock import rfc3339
@@ -127,9 +128,10 @@ class TrafficAnalyticsConfig(_Model):
     line_hysteresis_m: float = Field(0.15, ge=0)
     # A new track that starts where a track lost within track_grace_s could have walked to (at this
     # speed, plus reattach_radius_m for the foot point's error, which reaches 0.8 m at the far end of a
-    # simulated 6 m floor) continues that track: the tracker lost someone behind another person and found
-    # them again under a new id, and a door crossing or a zone visit made while hidden must not be lost
-    # with the old id. 0 disables it.
+    # simulated 6 m floor) continues that track, if the lost one was last seen partly covered by another
+    # person's box: the tracker lost someone behind another person and found them again under a new id,
+    # and a door crossing or a zone visit made while hidden must not be lost with the old id. Someone
+    # who vanishes uncovered left the view; who appears there next is someone else. 0 disables it.
     reattach_speed_mps: float = Field(2.0, ge=0)
     reattach_radius_m: float = Field(1.0, ge=0)
     # Time credited to one frame (heatmap, time-weighted occupancy) is capped at this, so a stalled
@@ -193,10 +195,13 @@ class _OpenVisit:
 
 
 class _TrackState:
-    __slots__ = ("last_seen", "pos", "d", "side", "cross_ok", "visits")
+    __slots__ = ("last_seen", "pos", "d", "side", "cross_ok", "visits", "covered")
 
     def __init__(self, ts: float, pos: FloatArray, d: list[float]) -> None:
         self.last_seen = ts
+        # Whether another person's box covered part of this one at the last sighting: the evidence that a
+        # track lost now went behind someone (and may come back under a new id) rather than out of view.
+        self.covered = False
         self.pos = pos
         self.d = d
         # Committed side of each line (+1 in, -1 out, 0 unknown). A track first seen near a line
@@ -288,8 +293,9 @@ class TrafficAnalytics:
         self._last_ts = ts
         self._expire(ts)
 
-        ids, floor = self._accept(tracks)
+        ids, floor, boxes = self._accept(tracks)
         n = len(ids)
+        covered = _covered(boxes).tolist()
         c["tracks"] += n
 
         bucket = self._bucket(ts)
@@ -325,6 +331,7 @@ class TrafficAnalytics:
                 st.last_seen = ts
                 st.pos = p
                 st.d = d
+            st.covered = covered[k]
             self._step_zones(st, inside_list[k], ts, tid)
 
     def _reattach(self, tid: int, p: FloatArray, ts: float, present: list[int]) -> _TrackState | None:
@@ -335,8 +342,8 @@ class TrafficAnalytics:
         best: tuple[float, int] | None = None
         for old, st in self._tracks.items():
             gap = ts - st.last_seen
-            if gap <= 0 or old in present:
-                continue  # seen in this frame: not lost
+            if gap <= 0 or old in present or not st.covered:
+                continue  # seen in this frame, or it was not going behind anyone: not hidden, gone
             dist = math.hypot(float(p[0] - st.pos[0]), float(p[1] - st.pos[1]))
             if dist <= cfg.reattach_radius_m + cfg.reattach_speed_mps * gap and (best is None or dist < best[0]):
                 best = (dist, old)
@@ -346,8 +353,8 @@ class TrafficAnalytics:
         st = self._tracks[tid] = self._tracks.pop(best[1])
         return st
 
-    def _accept(self, tracks: Sequence[Track]) -> tuple[list[int], FloatArray]:
-        """Filter one frame's tracks; returns their ids (ascending) and floor points (N, 2)."""
+    def _accept(self, tracks: Sequence[Track]) -> tuple[list[int], FloatArray, FloatArray]:
+        """Filter one frame's tracks; returns their ids (ascending), floor points (N, 2) and boxes (N, 4)."""
         c = self.counters
         cfg = self.config
         # Sorted by id (then best confidence first) so the output never depends on list order.
@@ -374,8 +381,9 @@ class TrafficAnalytics:
             ids.append(t.track_id)
             boxes.append((x1, y1, x2, y2))
         if not ids:
-            return ids, np.zeros((0, 2))
-        feet = foot_points(np.array(boxes, dtype=np.float64))
+            return ids, np.zeros((0, 2)), np.zeros((0, 4))
+        box_arr = np.array(boxes, dtype=np.float64)
+        feet = foot_points(box_arr)
         keep = np.ones(len(ids), dtype=bool)
         for m in self._masks:
             keep &= ~m.contains(feet)
@@ -385,8 +393,8 @@ class TrafficAnalytics:
         c["dropped_horizon"] += int((keep & ~visible).sum())
         keep &= visible
         if keep.all():
-            return ids, floor
-        return [i for i, k in zip(ids, keep.tolist(), strict=True) if k], floor[keep]
+            return ids, floor, box_arr
+        return [i for i, k in zip(ids, keep.tolist(), strict=True) if k], floor[keep], box_arr[keep]
 
     def _paint(self, bucket: _Bucket, floor: FloatArray, dt: float) -> None:
         hm = self.config.heatmap
@@ -560,6 +568,22 @@ class TrafficAnalytics:
     @property
     def active_tracks(self) -> int:
         return len(self._tracks)
+
+
+COVERED_SHARE = 0.1  # of a box's area under another box: the start of an occlusion
+
+
+def _covered(boxes: FloatArray) -> NDArray[np.bool_]:
+    """For each box (N, 4), whether other boxes cover at least COVERED_SHARE of its area."""
+    n = len(boxes)
+    if n < 2:
+        return np.zeros(n, dtype=bool)
+    x1, y1, x2, y2 = (boxes[:, i] for i in range(4))
+    w = np.clip(np.minimum(x2[:, None], x2[None, :]) - np.maximum(x1[:, None], x1[None, :]), 0, None)
+    h = np.clip(np.minimum(y2[:, None], y2[None, :]) - np.maximum(y1[:, None], y1[None, :]), 0, None)
+    inter = w * h
+    np.fill_diagonal(inter, 0.0)
+    return inter.max(axis=1) >= COVERED_SHARE * (x2 - x1) * (y2 - y1)
 
 
 def _histogram(edges: FloatArray, values: Iterable[float]) -> list[int]:
