@@ -6,8 +6,9 @@ real HTTP, on a virtual clock. HQ's commands go through the real downlink. Over 
 prices every hour: most at once, some scheduled for a later time (promotions that start and end).
 Judged by what the simulated e-paper shows (ground truth), not by the agent's view:
 
-- ``esl_price_integrity_min`` / ``_mean`` share of labels showing HQ's price in effect, sampled at every
-  step, counting labels still inside the retry deadline of a change as wrong
+- ``esl_price_integrity_min`` share of labels showing HQ's price in effect, sampled at every step,
+  counting labels still inside the retry deadline of a change as wrong; ``esl_labels_wrong_mean_pct``
+  the mean share of labels not showing it, in %
 - ``esl_integrity_past_deadline_min`` the same, counting only labels wrong for longer than the deadline
   (target 1.0)
 - ``esl_within_deadline`` share of (label, price change) pairs shown before the mismatch deadline
@@ -119,7 +120,7 @@ def run(s: EslStore, a: argparse.Namespace, rng: random.Random) -> None:
     late += len(waiting)  # still not shown at the end of the day: counted against the target
     latencies.sort()
     emit("esl_price_integrity_min", min(integrity))
-    emit("esl_price_integrity_mean", statistics.fmean(integrity))
+    emit("esl_labels_wrong_mean_pct", 100 * (1 - statistics.fmean(integrity)))
     emit("esl_integrity_past_deadline_min", min(past_deadline))
     emit("esl_within_deadline", 1 - late / max(pairs, 1))
     emit("esl_set_to_displayed_p50_s", latencies[len(latencies) // 2])

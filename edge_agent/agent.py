@@ -108,11 +108,12 @@ class Agent:
         self.downlink.register("rfid.cycle_count", self._cycle_count)
 
     def _wire_esl(self) -> None:
+        from .esl.group import ControllerGroup
         from .esl.openepaperlink import OpenEPaperLinkController
         from .esl.service import EslService
 
         ec = self.cfg.esl
-        controller = OpenEPaperLinkController(ec.url, timeout=ec.timeout_s)
+        controller = ControllerGroup([OpenEPaperLinkController(u, timeout=ec.timeout_s) for u in ec.urls])
         self.esl = EslService(ec, controller, self.outbox, self.clock, stock=self.book.levels)
         self.sources.append(self.esl)
         self.downlink.register("price.set", self.esl.price_set)

@@ -11,9 +11,9 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from .contract import DEFAULT_PREFIX, StoreId
 from .vision.analytics import TrafficAnalyticsConfig
@@ -223,7 +223,8 @@ class VisionConfig(Section):
 class EslConfig(Section):
     enabled: bool = False
     controller: Literal["openepaperlink"] = "openepaperlink"
-    url: str = Field("http://127.0.0.1:80", pattern=r"^https?://")  # the access point's web interface
+    # The access points' web interfaces; several when the store has more labels than one serves.
+    urls: list[Annotated[str, StringConstraints(pattern=r"^https?://")]] = Field(["http://127.0.0.1:80"], min_length=1)
     timeout_s: float = Field(5.0, gt=0)
     poll_interval_s: float = Field(30.0, gt=0)
     max_sends_per_poll: int = Field(200, ge=1)  # the AP queues uploads; flooding it only slows everyone

@@ -63,7 +63,7 @@ class EslStore:
                                        transfer_fail_rate=transfer_fail_rate, upload_fail_rate=upload_fail_rate,
                                        silent=silent, low_battery=low_battery, initial=initial).start()
         self.outbox = Outbox(workdir / "outbox.db", self.clock)
-        self.cfg = EslConfig.model_validate({"enabled": True, "url": self.ap.url, **esl})
+        self.cfg = EslConfig.model_validate({"enabled": True, "urls": [self.ap.url], **esl})
         self.service = EslService(self.cfg, OpenEPaperLinkController(self.ap.url, timeout=5.0), self.outbox,
                                   self.clock)
         self.downlink = Downlink(STORE, DEFAULT_PREFIX, self.outbox, self.clock)

@@ -130,7 +130,7 @@ class ShelfLabels:
         self.price_of: dict[str, str] = {}
 
     def toml(self) -> str:
-        return (f'[esl]\nenabled = true\nurl = "{self.ap.url}"\npoll_interval_s = 1.0\nresend_after_s = 10.0\n'
+        return (f'[esl]\nenabled = true\nurls = ["{self.ap.url}"]\npoll_interval_s = 1.0\nresend_after_s = 10.0\n'
                 "mismatch_deadline_s = 30.0\n")
 
     def set_prices(self, http: str, gtins: list[str], version: int) -> None:

@@ -35,7 +35,7 @@ def test_prices_apply_on_schedule_with_the_broker_down_and_results_reach_hq_afte
     silent = ap.silent_macs()
     gtin_of = {m: gtin(i % 10) for i, m in enumerate(macs)}
     cfg = agent_config(tmp_path, broker.port, esl={
-        "enabled": True, "url": ap.url, "poll_interval_s": 0.5, "resend_after_s": 5.0, "mismatch_deadline_s": 6.0,
+        "enabled": True, "urls": [ap.url], "poll_interval_s": 0.5, "resend_after_s": 5.0, "mismatch_deadline_s": 6.0,
         "silent_after_s": 600.0,
     })
     agent = AgentProcess(cfg, tmp_path / "agent.log").start()
