@@ -75,7 +75,7 @@ def _schema(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from simulators.store_replay import run_demo
 
-    return run_demo(seconds=args.seconds, workdir=Path(args.workdir), facts=args.facts)
+    return run_demo(seconds=args.seconds, workdir=Path(args.workdir), facts=args.facts, linger=args.linger)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,10 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("schema", help="write a JSON Schema per message type")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=_schema)
-    d = sub.add_parser("demo", help="replay a simulated store: broker, simulator, agent, HQ receiver")
+    d = sub.add_parser("demo", help="replay a simulated store: brokers, simulators, agent, HQ receiver, dashboard")
     d.add_argument("--seconds", type=float, default=20.0)
     d.add_argument("--facts", type=int, default=20_000)
     d.add_argument("--workdir", default="var/demo")
+    d.add_argument("--linger", type=float, default=0.0,
+                   help="keep everything running this many seconds after the checks, to look at the dashboard")
     d.set_defaults(fn=_demo)
     args = p.parse_args(argv)
     return int(args.fn(args))

@@ -186,7 +186,7 @@ def _traffic_summary(hq_db: Path) -> list[str]:
     return lines
 
 
-def run_demo(seconds: float = 20.0, workdir: Path = Path("var/demo"), facts: int = 20_000) -> int:
+def run_demo(seconds: float = 20.0, workdir: Path = Path("var/demo"), facts: int = 20_000, linger: float = 0.0) -> int:
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     for old in workdir.glob("*.db*"):
@@ -260,6 +260,7 @@ reorder_window_s = 1.0
     exe = [sys.executable, "-m", "edge_agent.cli"]
     agent_log = open(workdir / "agent.log", "ab")  # noqa: SIM115 - lives as long as the agent
     _say(f"mosquitto on 127.0.0.1:{broker.port}; HQ API on {http}; agent log in {workdir / 'agent.log'}")
+    _say(f"HQ dashboard: {http}/dashboard (open it in a browser; --linger 600 keeps it up after the checks)")
     hq = subprocess.Popen([*exe, "hq", "-c", str(hq_cfg)], env=env, stderr=subprocess.DEVNULL)
     agent = subprocess.Popen([*exe, "run", "-c", str(agent_cfg)], env=env, stdout=agent_log, stderr=agent_log)
     feed_truth = InventoryFeed(SEED, ZONES, GTINS).truth(facts)
@@ -334,6 +335,9 @@ reorder_window_s = 1.0
                  f"{snap['mismatches']} keys differed")
         code = 0 if exact == len(truth) and not extra and labels_ok else 1
         _say("OK: nothing lost, nothing applied twice, every label shows HQ's price" if code == 0 else "MISMATCH: see the logs in " + str(workdir))
+        if linger > 0:
+            _say(f"lingering {linger:.0f} s: the dashboard stays at {http}/dashboard (Ctrl-C ends it)")
+            time.sleep(linger)
     finally:
         for p in (agent, hq):
             if p.poll() is None:

@@ -10,6 +10,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -141,17 +142,17 @@ class HqReceiver:
         now = self.clock.now()
         with self._lock:
             streams = self.db.stream_stats()
-            stores = sorted({s["store"] for s in streams})
             status = {r[0]: {"state": r[1], "boot_id": r[2], "connection": r[3]}
                       for r in self.db.read("SELECT store, state, boot_id, connection FROM status")}
-        for s in streams:
-            s["lag_s"] = round(now - s["last_ts"], 3) if s["last_ts"] else None
+            stores = sorted({s["store"] for s in streams} | set(status))
             snapshots = [
                 dict(zip(("store", "snapshot_id", "as_of_seq", "outcome", "mismatches"), r, strict=True))
                 for r in self.db.read(
                     "SELECT store, snapshot_id, as_of_seq, outcome, mismatches FROM snapshots ORDER BY applied_at"
                 )
             ]
+        for s in streams:
+            s["lag_s"] = round(now - s["last_ts"], 3) if s["last_ts"] else None
         return {"stores": stores, "status": status, "streams": streams, "snapshots": snapshots,
                 "rejected": self.applier.figures.rejected, "connected": self.conn.connected.is_set()}
 
@@ -180,6 +181,17 @@ def _handler(rx: HqReceiver) -> type[BaseHTTPRequestHandler]:
                 with rx._lock:
                     inv = rx.db.inventory(q["store"][0])
                 self._json(200, [{"zone": z, "gtin": g, "qty": n} for (z, g), n in sorted(inv.items())])
+            elif url.path == "/dashboard":
+                page = resources.files("edge_agent.hq").joinpath("dashboard.html").read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+            elif url.path == "/traffic" and "store" in q:
+                with rx._lock:
+                    traffic = rx.db.traffic(q["store"][0])
+                self._json(200, traffic)
             elif url.path == "/labels" and "store" in q:
                 with rx._lock:
                     labels = rx.db.labels(q["store"][0])

@@ -88,6 +88,25 @@ class HqStore:
         """The newest reported state of every label of a store."""
         return [json.loads(s) for (s,) in self.read("SELECT state FROM labels WHERE store = ? ORDER BY label", (store,))]
 
+    def traffic(self, store: str, messages: int = 200) -> dict:
+        """The newest traffic/stats items (oldest first) and the floor heatmap summed over the newest
+        heatmap messages: store-wide ("*") cells where a store sends them, else its first camera's."""
+        stats = [it for (b,) in reversed(self.read(
+            "SELECT body FROM messages WHERE store = ? AND stream = 'traffic/stats' ORDER BY seq DESC LIMIT ?",
+            (store, messages))) for it in json.loads(b)["items"]]
+        stats.sort(key=lambda it: it["bucket_start"])
+        heat = [it for (b,) in self.read(
+            "SELECT body FROM messages WHERE store = ? AND stream = 'traffic/heatmap' ORDER BY seq DESC LIMIT ?",
+            (store, messages)) for it in json.loads(b)["items"]]
+        wide = [h for h in heat if h["camera"] == "*"] or [h for h in heat if h["camera"] == heat[0]["camera"]]
+        grid = None
+        for h in wide:
+            if grid is None:
+                grid = {k: h[k] for k in ("camera", "cell_m", "cols", "rows")} | {"cells": [0.0] * len(h["cells"])}
+            if (h["cols"], h["rows"]) == (grid["cols"], grid["rows"]):
+                grid["cells"] = [a + b for a, b in zip(grid["cells"], h["cells"], strict=True)]
+        return {"stats": stats, "heatmap": grid}
+
     def stream_stats(self) -> list[dict]:
         cols = ("store", "stream", "last_seq", "applied", "facts", "historical", "duplicates", "gaps", "lost",
                 "last_ts", "last_sent", "last_applied_at")
