@@ -214,6 +214,9 @@ class StatusBody(Strict):
     agent_version: str
     boot_id: str
     connection: int
+    # Per stream, the first seq of an outbox rebuilt after corruption: numbers below it were never sent
+    # by this outbox, so a gap up to it is a restart (resync inventory), not messages lost in transit.
+    seq_floor: dict[str, int] = Field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- streams

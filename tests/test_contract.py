@@ -84,7 +84,8 @@ SAMPLE_FACTS: dict[str, list[dict[str, Any]]] = {
          "cells": [0.0, 1.5, 2.0, 0.0]},
     ],
 }
-STATUS_BODY = {"state": "online", "agent_version": "0.1.0", "boot_id": ULID_, "connection": 1}
+STATUS_BODY = {"state": "online", "agent_version": "0.1.0", "boot_id": ULID_, "connection": 1,
+               "seq_floor": {"inventory/delta": 1795586360000}}
 
 
 def _dumps(obj: Any) -> str:

@@ -132,6 +132,11 @@ class HqApplier:
                 " connection=excluded.connection, at=excluded.at",
                 (env.store, b.state, b.boot_id, b.connection, self.clock.now()),  # type: ignore[attr-defined]
             )
+            c.executemany(
+                "INSERT INTO floors(store, stream, floor) VALUES (?,?,?)"
+                " ON CONFLICT(store, stream) DO UPDATE SET floor = max(floor, excluded.floor)",
+                [(env.store, s, f) for s, f in b.seq_floor.items()],  # type: ignore[attr-defined]
+            )
 
     # ------------------------------------------------------------ sequenced streams
 
@@ -142,6 +147,13 @@ class HqApplier:
             c.execute("INSERT INTO streams(store, stream) VALUES (?, ?)", (store, stream))
             return 0
         return row[0]
+
+    @staticmethod
+    def _missing(c: sqlite3.Connection, store: str, stream: str, last: int, upto: int) -> int:
+        """How many numbers in (last, upto] the store sent that never arrived: those below its seq floor
+        were never sent (its outbox was rebuilt from a corrupt file and started there)."""
+        floor = c.execute("SELECT floor FROM floors WHERE store = ? AND stream = ?", (store, stream)).fetchone()
+        return max(0, upto - (max(last, floor[0] - 1) if floor else last))
 
     def _sequenced(self, env: Envelope, payload: bytes) -> None:
         key = (env.store, env.stream)
@@ -279,7 +291,7 @@ class HqApplier:
                 if as_of > last:
                     c.execute(
                         "UPDATE streams SET lost = lost + ?, gaps = gaps + 1, last_seq = ? WHERE store = ? AND stream = ?",
-                        (as_of - last - c.execute(
+                        (self._missing(c, store, DELTA, last, as_of) - c.execute(
                             "SELECT count(*) FROM stash WHERE store = ? AND stream = ? AND seq > ? AND seq <= ?",
                             (store, DELTA, last, as_of)).fetchone()[0], as_of, store, DELTA),
                     )
@@ -320,7 +332,7 @@ class HqApplier:
                 skip_to = row[0] - 1
                 c.execute(
                     "UPDATE streams SET last_seq = ?, gaps = gaps + 1, lost = lost + ? WHERE store = ? AND stream = ?",
-                    (skip_to, skip_to - last, store, stream),
+                    (skip_to, self._missing(c, store, stream, last, skip_to), store, stream),
                 )
                 log.warning("%s %s: seq %d..%d never arrived; skipping ahead", store, stream, last + 1, skip_to)
                 applied = self._drain_stash(c, store, stream, skip_to)

@@ -233,14 +233,17 @@ class Outbox:
             # The last sequence numbers (or the book they describe) are lost: jump far ahead so HQ sees a gap and resyncs,
             # instead of discarding the new messages as duplicates of old ones.
             base = int(self.clock.now() * 1000)
-            self._lock_free_tx(
-                conn,
-                lambda c: c.executemany(
+
+            def jump(c: sqlite3.Connection) -> None:
+                c.executemany(
                     "INSERT INTO seqs(stream, last) VALUES (?, ?)"
                     " ON CONFLICT(stream) DO UPDATE SET last = max(last, excluded.last)",
                     [(s, base) for s in STREAMS],
-                ),
-            )
+                )
+                floors = {s: last + 1 for s, last in c.execute("SELECT stream, last FROM seqs")}
+                c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('seq_floor', ?)", (json.dumps(floors),))
+
+            self._lock_free_tx(conn, jump)
         self._lock_free_tx(
             conn,
             lambda c: c.execute(
@@ -429,6 +432,11 @@ class Outbox:
                     self.conn.execute("ROLLBACK")
                 if relax:
                     self.conn.execute(f"PRAGMA synchronous={self._synchronous}")
+
+    def seq_floors(self) -> dict[str, int]:
+        """Per stream, the first seq after a rebuild from a corrupt file (empty if there never was one)."""
+        rows = self.read("SELECT value FROM meta WHERE key = 'seq_floor'")
+        return {str(k): int(v) for k, v in json.loads(rows[0][0]).items()} if rows else {}
 
     def last_seq(self, stream: str, conn: sqlite3.Connection | None = None) -> int:
         with self._lock:

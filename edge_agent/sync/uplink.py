@@ -45,6 +45,7 @@ class Uplink:
     ) -> None:
         self.cfg = cfg
         self.store = store
+        self._seq_floor = outbox.seq_floors()  # fixed once the outbox is open: read here, not on the network thread
         self.outbox = outbox
         self.clock = clock
         self.window = inflight_window
@@ -122,7 +123,8 @@ class Uplink:
     def _status_msg(self, state: str, no: int | None = None) -> tuple[str, bytes]:
         no = self.conn.connection_no if no is None else no
         now = rfc3339(self.clock.now())
-        body = {"state": state, "agent_version": self.agent_version, "boot_id": self.boot_id, "connection": no}
+        body = {"state": state, "agent_version": self.agent_version, "boot_id": self.boot_id, "connection": no,
+                "seq_floor": self._seq_floor}
         env = {"v": CONTRACT_VERSION, "type": STATUS_TYPE, "store": self.store, "stream": STATUS_STREAM,
                "seq": no, "id": str(ULID()), "ts": now, "sent": now, "historical": False, "body": body}
         return uplink_topic(self.cfg.topic_prefix, self.store, STATUS_STREAM), json.dumps(env).encode()
