@@ -53,14 +53,16 @@ def main() -> None:
     ap.add_argument("--imgsz", type=int, default=vcfg.imgsz)
     ap.add_argument("--conf", type=float, default=vcfg.conf)
     ap.add_argument("--model", type=Path, default=vcfg.model)
+    ap.add_argument("--iou", type=float, default=None, help="NMS overlap (default: the detector's)")
     a = ap.parse_args()
     header("vision_caviar", imgsz=a.imgsz, conf=a.conf)
     gt = {round(float(r["video_time_s"])): int(r["people_in_frame"])
           for r in csv.DictReader(open(DATA / "EnterExitCrossingPaths1cor_gt_people.csv"))}
     gt_dir = [r["direction"] for r in csv.DictReader(open(DATA / "EnterExitCrossingPaths1cor_gt_entries.csv"))]
     cam = TrafficAnalyticsConfig.model_validate(CAVIAR_CAMERA)
+    nms = {"iou": a.iou} if a.iou is not None else {}
     det = PersonDetector(a.model, imgsz=a.imgsz, conf=a.conf, tracker=vcfg.tracker,
-                         tracker_overrides={"track_buffer": round(cam.track_grace_s * 25)})
+                         tracker_overrides={"track_buffer": round(cam.track_grace_s * 25)}, **nms)
     note(repr(det))
     analytics = TrafficAnalytics(cam)
     counts: dict[int, int] = {}
