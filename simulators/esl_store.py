@@ -20,6 +20,7 @@ from edge_agent.contract import DEFAULT_PREFIX, command_topic
 from edge_agent.esl.controller import LabelContent
 from edge_agent.esl.openepaperlink import OpenEPaperLinkController
 from edge_agent.esl.service import EslService
+from edge_agent.rfid.epc import gtin_check_digit
 from edge_agent.sync.downlink import Downlink, Outcome
 from edge_agent.sync.outbox import Outbox
 
@@ -31,8 +32,7 @@ STORE = "S001"
 def gtin(i: int) -> str:
     """A valid GTIN-14 (check digit included) for product number ``i``."""
     body = f"0950600{i:06d}"
-    total = sum(int(d) * (3 if k % 2 == 0 else 1) for k, d in enumerate(reversed(body)))
-    return body + str((10 - total % 10) % 10)
+    return body + gtin_check_digit(body)
 
 
 def cents(c: int) -> str:
