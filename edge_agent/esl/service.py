@@ -140,11 +140,7 @@ class EslService:
         self._wake.set()
 
     def _quarantine(self, result: PollResult) -> None:
-        for bad in result.rejected[:MAX_QUARANTINE_PER_POLL]:
-            self.outbox.quarantine(SOURCE, bad.reason, bad.raw)
-        if len(result.rejected) > MAX_QUARANTINE_PER_POLL:
-            with self.outbox.transaction() as tx:
-                tx.bump(f"quarantined.{SOURCE}", len(result.rejected) - MAX_QUARANTINE_PER_POLL)
+        self.outbox.quarantine_many(SOURCE, [(b.reason, b.raw) for b in result.rejected], MAX_QUARANTINE_PER_POLL)
 
     # ---------------------------------------------------------------- commands
 

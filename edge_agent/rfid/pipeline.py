@@ -181,11 +181,7 @@ class RfidPipeline:
     def _quarantine(self, source: str, bad: Sequence[tuple[str, bytes]]) -> None:
         for reason, _ in bad:
             self.bad_by_reason[reason.split(":")[0].split(" ")[0]] += 1
-        for reason, raw in bad[:MAX_QUARANTINE_PER_PAYLOAD]:
-            self.outbox.quarantine(source, reason, raw)
-        if len(bad) > MAX_QUARANTINE_PER_PAYLOAD:
-            with self.outbox.transaction() as tx:
-                tx.bump(f"quarantined.{source}", len(bad) - MAX_QUARANTINE_PER_PAYLOAD)
+        self.outbox.quarantine_many(source, bad, MAX_QUARANTINE_PER_PAYLOAD)
 
     # ------------------------------------------------------------ state changes
 

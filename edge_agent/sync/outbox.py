@@ -320,6 +320,15 @@ class Outbox:
             tx.conn.execute("DELETE FROM quarantine WHERE id <= ?", ((cur.lastrowid or 0) - self.quarantine_keep,))
             tx.bump(f"quarantined.{source}")
 
+    def quarantine_many(self, source: str, bad: Sequence[tuple[str, bytes | str | None]], keep: int) -> None:
+        """Quarantine a batch of (reason, raw): the first ``keep`` are stored, the rest only counted, so a
+        flood of garbage is counted in full but cannot crowd out the rest of the table."""
+        for reason, raw in bad[:keep]:
+            self.quarantine(source, reason, raw)
+        if len(bad) > keep:
+            with self.transaction() as tx:
+                tx.bump(f"quarantined.{source}", len(bad) - keep)
+
     @staticmethod
     def _bump(conn: sqlite3.Connection, name: str, by: int) -> None:
         conn.execute(
