@@ -64,7 +64,7 @@ def run(s: EslStore, a: argparse.Namespace, rng: random.Random) -> None:
     took = s.run_until_right(3600)
     note(f"initial sync of {a.labels} labels from yesterday's prices: {took} s")
     version = 1
-    waiting: dict[tuple[str, int], tuple[Change, int]] = {}  # (label, change no) -> change
+    waiting: dict[str, Change] = {}  # label -> the price change it has yet to show (a newer one supersedes)
     latencies: list[float] = []
     late = 0
     pairs = 0
@@ -74,7 +74,6 @@ def run(s: EslStore, a: argparse.Namespace, rng: random.Random) -> None:
     sends0 = s.ap.stats().uploads
     t_end = s.clock.now() + a.hours * 3600
     next_change = s.clock.now()
-    n_change = 0
     while s.clock.now() < t_end:
         if s.clock.now() >= next_change:
             version += 1
@@ -85,14 +84,10 @@ def run(s: EslStore, a: argparse.Namespace, rng: random.Random) -> None:
             changes += s.set_prices(promo, version, {g: cents(rng.randint(50, 900)) for g in promo},
                                     after_s=1200, promo="PROMO")
             for c in changes:
-                n_change += 1
                 for mac in c.labels:
-                    if mac in s.silent:
-                        continue
-                    for key in [k for k in waiting if k[0] == mac]:  # superseded before it was shown
-                        del waiting[key]
-                    waiting[(mac, n_change)] = (c, n_change)
-                    pairs += 1
+                    if mac not in s.silent:
+                        waiting[mac] = c
+                        pairs += 1
             next_change += 3600
         t0 = time.perf_counter()
         due = s.service.next_due()
@@ -100,8 +95,7 @@ def run(s: EslStore, a: argparse.Namespace, rng: random.Random) -> None:
         s.service.step()
         step_ms.append(1000 * (time.perf_counter() - t0))
         now = s.clock.now()
-        for key, (c, _) in list(waiting.items()):
-            mac = key[0]
+        for mac, c in list(waiting.items()):
             if now < c.effective:
                 continue
             shown = s.shows(mac)
@@ -109,14 +103,13 @@ def run(s: EslStore, a: argparse.Namespace, rng: random.Random) -> None:
                 at = s.ap.shown_at(mac) or now
                 latencies.append(max(0.0, at - c.effective))
                 late += at - c.effective > deadline
-                del waiting[key]
+                del waiting[mac]
             elif now - c.effective > deadline:
                 late += 1
-                del waiting[key]
+                del waiting[mac]
         wrong = s.wrong()
-        in_grace = {k[0] for k in waiting}
         integrity.append(1 - len(wrong) / (len(s.gtin_of) - len(s.silent)))
-        past_deadline.append(1 - sum(m not in in_grace for m in wrong) / (len(s.gtin_of) - len(s.silent)))
+        past_deadline.append(1 - sum(m not in waiting for m in wrong) / (len(s.gtin_of) - len(s.silent)))
     late += len(waiting)  # still not shown at the end of the day: counted against the target
     latencies.sort()
     emit("esl_price_integrity_min", min(integrity))

@@ -294,14 +294,7 @@ reorder_window_s = 1.0
         labels_ok = _wait(lambda: labels.wrong() == 0, 60) and labels_ok
         took = time.monotonic() - t_change
         truth = feed_truth | rfid.truth()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if _hq_inventory(http) == truth:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
+        _wait(lambda: _hq_inventory(http) == truth, 60)
         _say("asking the store for an inventory.resync from the HQ side (POST /cmd) to verify HQ's copy")
         _post_cmd(http, "inventory.resync", {})
         time.sleep(3)

@@ -238,7 +238,10 @@ def parse_push(message: str | bytes) -> PollResult | None:
     result = PollResult()
     for raw in page["tags"]:
         r = parse_tag(raw)
-        (result.reports if isinstance(r, LabelReport) else result.rejected).append(r)  # type: ignore[arg-type]
+        if isinstance(r, LabelReport):
+            result.reports.append(r)
+        else:
+            result.rejected.append(r)
     return result
 
 

@@ -223,6 +223,8 @@ class EslService:
         self.counters["send_failures"] += rep.failed
         with self._lock, self.outbox.transaction() as tx:
             now = self.clock.now()
+            # Again, not the plan's: commands may have changed the book while the sends ran unlocked, and what
+            # is judged and uplinked must match the book as committed with it.
             desired, hq = self._desired(now)
             alerts = self.engine.assess(desired, hq, now)
             changes = self.engine.state_changes(hq, self.bindings)

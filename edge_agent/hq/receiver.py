@@ -162,13 +162,15 @@ def _handler(rx: HqReceiver) -> type[BaseHTTPRequestHandler]:
         def log_message(self, fmt: str, *args: Any) -> None:
             log.debug("http: " + fmt, *args)
 
-        def _json(self, code: int, body: Any) -> None:
-            data = json.dumps(body, default=str).encode()
+        def _send(self, code: int, data: bytes, ctype: str) -> None:
             self.send_response(code)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+
+        def _json(self, code: int, body: Any) -> None:
+            self._send(code, json.dumps(body, default=str).encode(), "application/json")
 
         def do_GET(self) -> None:
             url = urlparse(self.path)
@@ -183,11 +185,7 @@ def _handler(rx: HqReceiver) -> type[BaseHTTPRequestHandler]:
                 self._json(200, [{"zone": z, "gtin": g, "qty": n} for (z, g), n in sorted(inv.items())])
             elif url.path == "/dashboard":
                 page = resources.files("edge_agent.hq").joinpath("dashboard.html").read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(page)))
-                self.end_headers()
-                self.wfile.write(page)
+                self._send(200, page, "text/html; charset=utf-8")
             elif url.path == "/traffic" and "store" in q:
                 with rx._lock:
                     traffic = rx.db.traffic(q["store"][0])
