@@ -27,7 +27,7 @@ CLIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "caviar" / "Ent
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cameras", type=int, default=2)
-    ap.add_argument("--imgsz", type=int, default=320)
+    ap.add_argument("--imgsz", type=int, default=VisionConfig().imgsz)
     a = ap.parse_args()
     header("vision_cameras", cameras=a.cameras, imgsz=a.imgsz)
     cams = [{"camera": f"cam{i}", "url": str(CLIP), "start_ts": 1_767_225_600.0,

@@ -2,7 +2,7 @@
 EC Funded CAVIAR project/IST 2001 37540), against its ground truth.
 
 Decode (OpenCV) -> detect + track (ultralytics YOLO + ByteTrack, the packaged people model, default
-OpenVINO at 320 px) -> analytics (floor mapping, shop-entrance line). Prints:
+OpenVINO at the default size) -> analytics (floor mapping, shop-entrance line). Prints:
 
 - ``caviar_count_mae`` mean absolute error of the people count per ground-truth second, the count of a
   second being the median of its frames' counts (target <= 0.3); ``caviar_count_mae_single_frame``
@@ -13,7 +13,7 @@ OpenVINO at 320 px) -> analytics (floor mapping, shop-entrance line). Prints:
 The detector is set up as a camera process sets it up: VisionConfig's defaults (imgsz, conf) and
 PersonDetector's (iou, low_conf), ``track_buffer`` = track_grace_s at 25 fps.
 
-    python bench/vision_caviar.py [--imgsz 320] [--conf 0.25] [--model PATH]
+    python bench/vision_caviar.py [--imgsz 480] [--conf 0.25] [--model PATH]
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from _common import emit, header, note
 from edge_agent.config import VisionConfig
 from edge_agent.vision.analytics import Crossing, TrafficAnalytics, TrafficAnalyticsConfig, Visit
 from edge_agent.vision.detector import PersonDetector
-from simulators.camera import CameraScene, SceneConfig
+from simulators.camera import POSES, CameraScene, SceneConfig
 
 MATCH_S = 2.0  # a counted crossing this close in time to a truth crossing (same line, direction) is that one
 
@@ -89,13 +89,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--people", type=int, default=6)
     ap.add_argument("--fps", type=float, default=10.0)
+    ap.add_argument("--pose", choices=sorted(POSES), default=SceneConfig.pose, help="the simulated camera's mount")
     ap.add_argument("--imgsz", type=int, default=None, help="default: VisionConfig's")
     ap.add_argument("--conf", type=float, default=None, help="default: VisionConfig's")
     a = ap.parse_args()
     vcfg = VisionConfig()
     imgsz = a.imgsz or vcfg.imgsz
     conf = a.conf or vcfg.conf
-    header("vision_scenes", seeds=a.seeds, seconds=a.seconds, people=a.people, fps=a.fps, imgsz=imgsz, conf=conf)
+    header("vision_scenes", pose=a.pose, seeds=a.seeds, seconds=a.seconds, people=a.people, fps=a.fps, imgsz=imgsz, conf=conf)
     det: PersonDetector | None = None
     truth_events = missed_events = extra_events = count_errors_events = 0
     entries = exits = truth_entries = truth_exits = 0
@@ -106,7 +107,7 @@ def main() -> None:
     n_frames = 0
     busy = 0.0
     for seed in a.seeds:
-        scene = CameraScene(SceneConfig(seed=seed, n_people=a.people, duration_s=a.seconds, fps=a.fps))
+        scene = CameraScene(SceneConfig(seed=seed, n_people=a.people, duration_s=a.seconds, fps=a.fps, pose=a.pose))
         cam = TrafficAnalyticsConfig.model_validate(scene.analytics_config())
         overrides = {"track_buffer": max(1, round(cam.track_grace_s * a.fps))}
         if det is None:

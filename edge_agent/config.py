@@ -189,7 +189,7 @@ class VisionConfig(Section):
     # Any ultralytics-loadable model: .pt, .onnx, or an OpenVINO export folder. Default: the provisioned
     # package model (models/provision.py).
     model: Path | None = None
-    imgsz: int = Field(320, ge=32, le=1920)
+    imgsz: int = Field(480, ge=32, le=1920)
     conf: float = Field(0.25, gt=0, lt=1)  # see PersonDetector: measured on real CCTV and the simulator
     tracker: Literal["bytetrack.yaml", "botsort.yaml"] = "bytetrack.yaml"
     # How often finished minute buckets are sent to the outbox.

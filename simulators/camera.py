@@ -109,6 +109,48 @@ def load_sprites(assets: str | None = None) -> tuple[Sprite, ...]:
     return tuple(out)
 
 
+# ---------------------------------------------------------------- camera
+
+
+@dataclass(frozen=True)
+class CameraPose:
+    """A pinhole camera over the floor, principal point at the image centre, no roll.
+
+    It stands on the floor's centre line ``back_m`` behind its near edge (y = 0), ``height_m`` up, and
+    looks along +y, ``pitch_deg`` below the horizontal. Everything drawn (floor, walls, people) is
+    projected through it, so the floor calibration is exact and a standing person looks as they would
+    to that camera: smaller farther off, and leaning away from the image centre where the lens is wide.
+    """
+
+    height_m: float
+    back_m: float
+    pitch_deg: float
+    focal_px: float
+
+    def project(self, pts: Any, size: tuple[int, int], centre_x_m: float) -> np.ndarray:
+        """(N, 3) floor-frame points in metres (z up) -> (N, 2) image pixels."""
+        th = math.radians(self.pitch_deg)
+        forward = np.array([0.0, math.cos(th), -math.sin(th)])
+        down = np.array([0.0, -math.sin(th), -math.cos(th)])
+        d = np.asarray(pts, dtype=np.float64).reshape(-1, 3) - (centre_x_m, -self.back_m, self.height_m)
+        depth = d @ forward
+        if (depth <= 0.05).any():
+            raise ValueError("a point behind the camera cannot be drawn")
+        return np.stack([size[0] / 2 + self.focal_px * d[:, 0] / depth,
+                         size[1] / 2 + self.focal_px * (d @ down) / depth], axis=-1)
+
+
+# Two mounts. "ceiling" is how store cameras that count and map people are hung: high, near the area
+# they watch, looking down at it, so people farther off appear higher in the image than the heads of
+# nearer ones and occlude them only partly. "wall" is a camera mounted level with the tops of the
+# shelves, far back (6 m behind the floor it watches): people one behind the other overlap almost
+# completely, which no single camera can undo; it is kept to measure that hard case.
+POSES: dict[str, CameraPose] = {
+    "ceiling": CameraPose(height_m=3.5, back_m=2.5, pitch_deg=32.0, focal_px=420.0),
+    "wall": CameraPose(height_m=3.2, back_m=6.0, pitch_deg=17.0, focal_px=800.0),
+}
+
+
 # ---------------------------------------------------------------- config
 
 
@@ -131,8 +173,7 @@ class SceneConfig:
     camera: str = "sim-cam-1"
     floor_w_m: float = 4.5  # floor x in [0, floor_w_m]
     floor_d_m: float = 6.0  # floor y in [0, floor_d_m]; y = 0 is nearest the camera, the door wall at y = floor_d_m
-    # Image pixels of the floor corners (0,0), (w,0), (w,d), (0,d): the camera's calibration.
-    floor_corners_px: tuple[tuple[float, float], ...] = ((20.0, 354.0), (620.0, 354.0), (470.0, 140.0), (170.0, 140.0))
+    pose: str = "ceiling"  # a key of POSES: where the camera hangs and where it looks
     zones: dict[str, list[tuple[float, float]]] = field(default_factory=_default_zones)
     door_x: tuple[float, float] = (0.4, 1.9)  # doorway in the far wall
     door_line_y: float = 4.0  # the counting line across the doorway's approach: outside is y > this
@@ -145,6 +186,7 @@ class SceneConfig:
     noise: float = 2.0  # sensor noise (std of the Gaussian, grey levels); 0 for none
     min_dwell_s: float = 5.0
     entry_gap_s: float = 2.5  # people come in one at a time, at least this far apart (0: any time)
+    personal_space_m: float = 0.7  # two people standing in a zone at once keep at least this far apart
 
 
 @dataclass
@@ -180,7 +222,11 @@ class CameraScene:
         self.cfg = cfg
         w, d = cfg.floor_w_m, cfg.floor_d_m
         self.floor_pts = [(0.0, 0.0), (w, 0.0), (w, d), (0.0, d)]
-        self.image_pts = [tuple(map(float, p)) for p in cfg.floor_corners_px]
+        if cfg.pose not in POSES:
+            raise ValueError(f"pose {cfg.pose!r}: one of {sorted(POSES)}")
+        self.pose = POSES[cfg.pose]
+        # The calibration an installer would measure: where the floor's corners are in the image.
+        self.image_pts = [tuple(map(float, q)) for q in self.project([(x, y, 0.0) for x, y in self.floor_pts])]
         self.homography = Homography.from_points(self.image_pts, self.floor_pts)
         self._zones = {k: Polygon.of(v) for k, v in cfg.zones.items()}
         self.sprites = load_sprites()
@@ -199,9 +245,13 @@ class CameraScene:
     def to_image(self, pts: Any) -> np.ndarray:
         return self.homography.to_image(np.asarray(pts, dtype=np.float64).reshape(-1, 2))
 
-    def px_per_m(self, p: np.ndarray) -> float:
-        """Horizontal image scale at floor point p: the height of a standing person scales with it."""
-        a, b = self.to_image([(p[0] - 0.25, p[1]), (p[0] + 0.25, p[1])])
+    def project(self, pts: Any) -> np.ndarray:
+        """Floor-frame points (x, y, height) in metres -> image pixels, through the camera."""
+        return self.pose.project(pts, self.cfg.size, self.cfg.floor_w_m / 2)
+
+    def px_per_m(self, x: float, y: float, z: float) -> float:
+        """Horizontal image scale at a point: a person's width scales with it."""
+        a, b = self.project([(x - 0.25, y, z), (x + 0.25, y, z)])
         return float(np.hypot(*(b - a)) / 0.5)
 
     def _zone_point(self, name: str, margin: float = 0.3) -> tuple[float, float]:
@@ -225,27 +275,36 @@ class CameraScene:
         k = int(r.integers(c.stops[0], c.stops[1] + 1)) if names else 0
         chosen = [names[i] for i in r.permutation(len(names))[: min(k, len(names))]]
         dwell = [float(r.uniform(*c.dwell_s)) for _ in chosen]
-        stops = [self._zone_point(z) for z in chosen]
         x_in = float(r.uniform(c.door_x[0] + 0.3, c.door_x[1] - 0.3))
         x_out = float(r.uniform(c.door_x[0] + 0.3, c.door_x[1] - 0.3))
         y_door, y_hall = c.floor_d_m, c.door_line_y - 0.9
-        # (point, pause after arriving there, zone of the stop)
-        def route_of(dw: list[float]) -> list[tuple[tuple[float, float], float, str | None]]:
-            return ([((x_in, y_door), 0.0, None), ((x_in, y_hall), 0.0, None)]
-                    + [(p, w, z) for p, w, z in zip(stops, dw, chosen, strict=True)]
-                    + [((x_out, y_hall), 0.0, None), ((x_out, y_door), 0.0, None)])
+        # Strangers do not stand on each other's toes: redraw the stop points until nobody already
+        # planned stands within personal_space_m of one of them at the same time.
+        for _ in range(100):
+            stops = [self._zone_point(z) for z in chosen]
+            route = ([((x_in, y_door), 0.0, None), ((x_in, y_hall), 0.0, None)]
+                     + [(p, w, z) for p, w, z in zip(stops, dwell, chosen, strict=True)]
+                     + [((x_out, y_hall), 0.0, None), ((x_out, y_door), 0.0, None)])
+            person = self._schedule(pid, sprite, height, speed, earliest, route)
+            if not self._crowds(person):
+                break
+        return person
 
-        pts = np.array([p for p, _, _ in route_of(dwell)])
+    def _schedule(self, pid: int, sprite: int, height: float, speed: float, earliest: float,
+                  route: list[tuple[tuple[float, float], float, str | None]]) -> _Person:
+        """Times along a route of (point, pause after arriving there, zone of the stop)."""
+        c = self.cfg
+        pts = np.array([p for p, _, _ in route])
         walk = float(np.hypot(*np.diff(pts, axis=0).T).sum()) / speed
+        dwell = [w for _, w, _ in route if w > 0]
         room = c.duration_s - 0.5 - earliest  # to walk in, stop and leave before the end
         span = room - walk - sum(dwell)
         if span < 0.5 and dwell:  # too long for the scene: shorten the stops (not below 1 s)
             scale = max(0.0, room - 0.5 - walk) / sum(dwell)
-            dwell = [max(1.0, d * scale) for d in dwell]
-            span = room - walk - sum(dwell)
-        route = route_of(dwell)
+            route = [(q, max(1.0, w * scale) if w > 0 else 0.0, z) for q, w, z in route]
+            span = room - walk - sum(w for _, w, _ in route)
         # Early in the allowed window, so that the people after this one still have time.
-        t0 = earliest + float(r.uniform(0, max(0.0, min(span, 3.0))))
+        t0 = earliest + float(self._rng.uniform(0, max(0.0, min(span, 3.0))))
         t = t0
         kt, kp, st = [t0], [route[0][0]], []
         for q, pause, zone in route[1:]:
@@ -258,6 +317,11 @@ class CameraScene:
                 kt.append(t)
                 kp.append(q)
         return _Person(pid, sprite, height, speed, t0, np.array(kt), np.array(kp, dtype=np.float64), st)
+
+    def _crowds(self, person: _Person) -> bool:
+        return any(math.dist(s["point"], o["point"]) < self.cfg.personal_space_m
+                   and s["arrive_s"] < o["leave_s"] and o["arrive_s"] < s["leave_s"]
+                   for s in person.stops for other in self.people for o in other.stops)
 
     # ------------------------------------------------------------ rendering
 
@@ -294,18 +358,16 @@ class CameraScene:
         img[on > 0] = floor_img[on > 0]
 
         def up(p: tuple[float, float], h_m: float) -> np.ndarray:
-            q = self.to_image([p])[0]
-            return q - (0.0, h_m * self.px_per_m(np.array(p)))
+            return self.project([(p[0], p[1], h_m)])[0]
 
         wall_h = 2.7
         d, w = c.floor_d_m, c.floor_w_m
         back = np.array([self.to_image([(0, d)])[0], self.to_image([(w, d)])[0], up((w, d), wall_h), up((0, d), wall_h)])
         cv2.fillPoly(img, [np.round(back).astype(np.int32)], (178, 200, 214))
-        left = np.array([self.to_image([(0, 0)])[0] + (-400, 0), self.to_image([(0, 0)])[0], self.to_image([(0, d)])[0],
-                         up((0, d), wall_h), up((0, 0), wall_h) + (-400, 0)])
+        near = 1.0 - self.pose.back_m  # the side walls run on to just in front of the camera
+        left = np.array([up((0, near), 0), up((0, d), 0), up((0, d), wall_h), up((0, near), wall_h)])
         cv2.fillPoly(img, [np.round(left).astype(np.int32)], (160, 184, 198))
-        right = np.array([self.to_image([(w, 0)])[0] + (400, 0), self.to_image([(w, 0)])[0], self.to_image([(w, d)])[0],
-                          up((w, d), wall_h), up((w, 0), wall_h) + (400, 0)])
+        right = np.array([up((w, near), 0), up((w, d), 0), up((w, d), wall_h), up((w, near), wall_h)])
         cv2.fillPoly(img, [np.round(right).astype(np.int32)], (150, 176, 192))
         # Skirting line along the walls.
         cv2.polylines(img, [np.round(self.to_image([(0, 0), (0, d), (w, d), (w, 0)])).astype(np.int32)], False,
@@ -323,10 +385,34 @@ class CameraScene:
             n = 10
             for j in range(n):
                 col = tuple(int(v) for v in r.integers(40, 230, 3))
-                pa = a + (b - a) * (j + 0.15) / n
-                pb = a + (b - a) * (j + 0.85) / n - (0, 0.35 * self.px_per_m(np.array((sx0, d))))
+                pa = up((sx0 + (sx1 - sx0) * (j + 0.15) / n, d), level)
+                pb = up((sx0 + (sx1 - sx0) * (j + 0.85) / n, d), level + 0.35)
                 cv2.rectangle(img, tuple(np.round(pa).astype(int)), tuple(np.round(pb).astype(int)), col, -1)
         return img
+
+    def _person_image(self, sp: Sprite, pos: np.ndarray, height_m: float
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+        """(foot pixel, BGR, alpha, left, top) of a person standing at ``pos``, as the camera sees them.
+
+        The cut-out is scaled to the projected height from foot to head and to the body's width at
+        mid-height, then sheared so that its upright follows the projected vertical (on a pitched
+        wide-angle camera people lean away from the image centre)."""
+        foot, head = self.project([(pos[0], pos[1], 0.0), (pos[0], pos[1], height_m)])
+        rise = max(1.0, float(foot[1] - head[1]))
+        sw = max(1, round(sp.alpha.shape[1] * height_m * self.px_per_m(pos[0], pos[1], height_m / 2) / sp.height_px))
+        sh = max(1, round(sp.alpha.shape[0] * rise / sp.height_px))
+        bgr = cv2.resize(sp.bgr, (sw, sh), interpolation=cv2.INTER_AREA)
+        alpha = cv2.resize(sp.alpha, (sw, sh), interpolation=cv2.INTER_AREA)
+        fx = sp.foot[0] * sw / sp.alpha.shape[1]
+        shift = float(head[0] - foot[0])  # how far right of the foot the head is drawn
+        if abs(shift) >= 0.5:
+            lean, tx = shift / sh, max(0.0, -shift)
+            m = np.float32([[1.0, -lean, shift + tx], [0.0, 1.0, 0.0]])  # the foot row moves by tx only
+            size = (int(math.ceil(sw + abs(shift))) + 1, sh)
+            bgr = cv2.warpAffine(bgr, m, size, flags=cv2.INTER_LINEAR, borderValue=0)
+            alpha = cv2.warpAffine(alpha, m, size, flags=cv2.INTER_LINEAR, borderValue=0)
+            fx += tx
+        return foot, bgr, alpha, int(round(foot[0] - fx)), int(round(foot[1] - sh))
 
     def _scene_at(self, t: float) -> list[tuple[_Person, np.ndarray]]:
         here = [(p, pos) for p in self.people if (pos := p.at(t)) is not None]
@@ -341,21 +427,15 @@ class CameraScene:
         label = np.full((H, W), -1, np.int32)
         placed: list[tuple[_Person, np.ndarray, tuple[int, int, int, int], int]] = []
         for person, pos in self._scene_at(t):
-            sp = self.sprites[person.sprite]
-            foot = self.to_image([pos])[0]
-            scale = person.height_m * self.px_per_m(pos) / sp.height_px
-            sw, sh = max(1, round(sp.alpha.shape[1] * scale)), max(1, round(sp.alpha.shape[0] * scale))
-            bgr = cv2.resize(sp.bgr, (sw, sh), interpolation=cv2.INTER_AREA)
-            alpha = cv2.resize(sp.alpha, (sw, sh), interpolation=cv2.INTER_AREA)
-            ox = int(round(foot[0] - sp.foot[0] * sw / sp.alpha.shape[1]))
-            oy = int(round(foot[1] - sh))
+            foot, bgr, alpha, ox, oy = self._person_image(self.sprites[person.sprite], pos, person.height_m)
             # Soft contact shadow first.
             shadow = np.zeros((H, W), np.float32)
-            cv2.ellipse(shadow, (int(round(foot[0])), int(round(foot[1]))), (max(2, sw // 2), max(1, sw // 8)), 0, 0,
+            half = max(2, round(0.22 * self.px_per_m(pos[0], pos[1], 0.0)))  # shoulders' half-width
+            cv2.ellipse(shadow, (int(round(foot[0])), int(round(foot[1]))), (half, max(1, half // 4)), 0, 0,
                         360, 0.35, -1)
-            shadow = cv2.GaussianBlur(shadow, (0, 0), max(1.0, sw / 12))
+            shadow = cv2.GaussianBlur(shadow, (0, 0), max(1.0, half / 6))
             canvas *= (1.0 - shadow)[..., None]
-            x1, y1, x2, y2 = max(0, ox), max(0, oy), min(W, ox + sw), min(H, oy + sh)
+            x1, y1, x2, y2 = max(0, ox), max(0, oy), min(W, ox + alpha.shape[1]), min(H, oy + alpha.shape[0])
             if x2 <= x1 or y2 <= y1:
                 placed.append((person, pos, (0, 0, 0, 0), 0))
                 continue
@@ -493,7 +573,8 @@ class CameraScene:
         a, b = self.door_line()
         return {
             "camera": c.camera,
-            "homography": {"image": [list(p) for p in self.image_pts], "floor": [list(p) for p in self.floor_pts]},
+            "homography": {"image": [list(p) for p in self.image_pts], "floor": [list(p) for p in self.floor_pts],
+                           "image_size": list(c.size)},
             "zones": {k: [list(p) for p in v] for k, v in c.zones.items()},
             "lines": {c.line_name: {"a": list(a), "b": list(b),
                                     "inside": [(a[0] + b[0]) / 2, c.door_line_y - 2.0]}},

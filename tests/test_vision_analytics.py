@@ -145,6 +145,60 @@ def test_foot_point_is_bottom_centre() -> None:
     assert foot_points([[10, 20, 30, 120]]).tolist() == [[20.0, 120.0]]
 
 
+def _camera(yaw_deg: float, pitch_deg: float, height: float, focal: float, size=(640, 360)):
+    """A pinhole camera over the floor: returns project((N, 3) floor points, z up) -> (N, 2) pixels."""
+    yaw, pitch = math.radians(yaw_deg), math.radians(pitch_deg)
+    forward = np.array([math.sin(yaw) * math.cos(pitch), math.cos(yaw) * math.cos(pitch), -math.sin(pitch)])
+    right = np.array([math.cos(yaw), -math.sin(yaw), 0.0])
+    down = np.cross(forward, right)
+    centre = np.array([2.0, -3.0, height])
+
+    def project(pts: np.ndarray) -> np.ndarray:
+        d = np.asarray(pts, dtype=np.float64) - centre
+        z = d @ forward
+        return np.stack([size[0] / 2 + focal * (d @ right) / z, size[1] / 2 + focal * (d @ down) / z], axis=1)
+    return project
+
+
+@settings(max_examples=60, deadline=None)
+@given(yaw=st.floats(-40, 40), pitch=st.floats(10, 80), height=st.floats(2.5, 6), focal=st.floats(250, 1200))
+def test_vertical_vanishing_point_of_a_pinhole_camera(yaw: float, pitch: float, height: float, focal: float) -> None:
+    project = _camera(yaw, pitch, height, focal)
+    floor = np.array([[0, 2], [4, 2], [4, 8], [0, 8], [2, 5]], dtype=np.float64)
+    h = Homography.from_points(project(np.c_[floor, np.zeros(len(floor))]), floor)
+    vp = h.vertical_vanishing_point((320, 180))
+    assert vp is not None
+    true = project(np.array([[2.0, 5.0, -1e7]]))[0]
+    assert np.hypot(*(vp - true)) < 1e-3 * max(1.0, np.hypot(*(true - (320, 180))))
+
+
+def test_level_camera_has_no_vertical_vanishing_point() -> None:
+    project = _camera(0.0, 0.0, 3.0, 500.0)
+    floor = np.array([[0, 2], [4, 2], [4, 8], [0, 8]], dtype=np.float64)
+    h = Homography.from_points(project(np.c_[floor, np.zeros(4)]), floor)
+    assert h.vertical_vanishing_point((320, 180)) is None
+
+
+def test_foot_point_of_a_person_leaning_towards_the_vanishing_point() -> None:
+    """A downward-looking wide-angle camera images a standing person slanted: the box's bottom-centre is
+    off to the side of their feet; following their axis to the box bottom finds the feet."""
+    project = _camera(0.0, 35.0, 3.5, 420.0)
+    floor = np.array([[0, 2], [4, 2], [4, 8], [0, 8]], dtype=np.float64)
+    h = Homography.from_points(project(np.c_[floor, np.zeros(4)]), floor)
+    vp = h.vertical_vanishing_point((320, 180))
+    for x, y in ((0.3, 3.0), (3.8, 3.5), (2.0, 6.0)):
+        # The person as a 0.5 m wide, 1.8 m tall slab facing the camera.
+        corners = project(np.array([[x - 0.25, y, 0], [x + 0.25, y, 0], [x - 0.25, y, 1.8], [x + 0.25, y, 1.8]]))
+        box = [[corners[:, 0].min(), corners[:, 1].min(), corners[:, 0].max(), corners[:, 1].max()]]
+        naive = h.to_floor(foot_points(box))[0]
+        followed = h.to_floor(foot_points(box, vp))[0]
+        assert np.hypot(followed[0] - x, followed[1] - y) < 0.03
+        if abs(x - 2.0) > 1:
+            assert abs(naive[0] - x) > 0.1  # what the bottom-centre alone gets wrong
+    # No vanishing point (or one above the box): the bottom-centre.
+    assert foot_points([[10, 20, 30, 120]], (500.0, 50.0)).tolist() == [[20.0, 120.0]]
+
+
 def test_points_beyond_the_horizon_are_nan() -> None:
     img = [[100, 400], [500, 400], [450, 100], [150, 100]]
     h = Homography.from_points(img, [[0, 0], [4, 0], [4, 8], [0, 8]])  # horizon at image y = -800
@@ -534,15 +588,19 @@ def test_occupancy_time_weighting_with_default_cap() -> None:
 
 @settings(max_examples=30, deadline=None)
 @given(st.integers(0, 2**32 - 1))
-def test_heatmap_person_seconds_equal_visible_time(seed: int) -> None:
+def test_heatmap_person_seconds_equal_visible_and_hidden_time(seed: int) -> None:
+    """Every frame credits each person in it; a track that comes back within the grace is also credited
+    the frames it was missing from (the person was hidden, not gone), never more than 1 s a frame."""
     rng = random.Random(seed)
-    an = TrafficAnalytics(config())
+    an = TrafficAnalytics(config(reattach_speed_mps=0))
+    grace = an.config.track_grace_s
     ts = T0 + rng.uniform(0, 30)
     expected = 0.0
     prev = None
     # Kept inside the 20 x 20 m grid (a point exactly on its edge may round to either side).
     people = {tid: (rng.uniform(0.01, 19.99), rng.uniform(0.01, 19.99)) for tid in range(rng.randint(1, 8))}
-    for _ in range(rng.randint(2, 150)):
+    seen: dict[int, tuple[float, int]] = {}  # track -> (time, frame number) of its last sighting
+    for frame in range(rng.randint(2, 150)):
         ts += rng.choice([0.04, 0.1, 0.5, 1.0, 3.0])  # 3 s gaps are credited at most 1 s
         visible = [tid for tid in people if rng.random() < 0.7]
         for tid in visible:
@@ -551,6 +609,11 @@ def test_heatmap_person_seconds_equal_visible_time(seed: int) -> None:
         an.update(ts, [person(tid, *people[tid]) for tid in visible])
         if prev is not None:
             expected += min(ts - prev, 1.0) * len(visible)
+            for tid in visible:
+                last = seen.get(tid)
+                if last is not None and ts - last[0] <= grace and frame - last[1] > 1:
+                    expected += min(prev - last[0], (frame - last[1] - 1) * 1.0)
+        seen.update({tid: (ts, frame) for tid in visible})
         prev = ts
     _, heat = an.flush(ts + 1000)
     got = sum(sum(h["cells"]) for h in heat)

@@ -53,6 +53,9 @@ class HomographyConfig(_Model):
 
     image: list[Point] = Field(min_length=4)
     floor: list[Point] = Field(min_length=4)
+    # The camera's frame size (width, height) the image points are in. Optional; with it the foot point
+    # of a person follows their lean towards the camera's vertical vanishing point (see foot_points).
+    image_size: tuple[int, int] | None = None
 
     @model_validator(mode="after")
     def _solvable(self) -> HomographyConfig:
@@ -61,6 +64,11 @@ class HomographyConfig(_Model):
 
     def build(self) -> Homography:
         return Homography.from_points(self.image, self.floor)
+
+    def vanishing_point(self) -> FloatArray | None:
+        if self.image_size is None:
+            return None
+        return self.build().vertical_vanishing_point((self.image_size[0] / 2, self.image_size[1] / 2))
 
 
 class LineConfig(_Model):
@@ -195,10 +203,11 @@ class _OpenVisit:
 
 
 class _TrackState:
-    __slots__ = ("last_seen", "pos", "d", "side", "cross_ok", "visits", "covered")
+    __slots__ = ("last_seen", "seen_frame", "pos", "d", "side", "cross_ok", "visits", "covered")
 
-    def __init__(self, ts: float, pos: FloatArray, d: list[float]) -> None:
+    def __init__(self, ts: float, pos: FloatArray, d: list[float], frame: int) -> None:
         self.last_seen = ts
+        self.seen_frame = frame
         # Whether another person's box covered part of this one at the last sighting: the evidence that a
         # track lost now went behind someone (and may come back under a new id) rather than out of view.
         self.covered = False
@@ -233,7 +242,7 @@ class _Bucket:
 COUNTERS = (
     "frames", "late_frames", "tracks", "dropped_invalid", "dropped_duplicate", "dropped_conf",
     "dropped_small", "dropped_masked", "dropped_horizon", "visits", "short_visits", "entries", "exits",
-    "heat_off_grid", "reattached",
+    "heat_off_grid", "heat_filled_frames", "reattached",
 )
 
 
@@ -246,6 +255,7 @@ class TrafficAnalytics:
     def __init__(self, config: TrafficAnalyticsConfig) -> None:
         self.config = config
         self.homography = config.homography.build()
+        self._vanishing_point = config.homography.vanishing_point()
         self._zone_names = list(config.zones)
         self._zones = [Polygon.of(p) for p in config.zones.values()]
         self._masks = [Polygon.of(p) for p in config.ignore_masks]
@@ -290,6 +300,7 @@ class TrafficAnalytics:
             return
         c["frames"] += 1
         dt = 0.0 if self._last_ts is None else min(ts - self._last_ts, self.config.max_frame_gap_s)
+        frame = c["frames"]
         self._last_ts = ts
         self._expire(ts)
 
@@ -324,11 +335,14 @@ class TrafficAnalytics:
             d = d_list[k]
             st = self._tracks.get(tid) or self._reattach(tid, p, ts, ids)
             if st is None:
-                st = self._tracks[tid] = _TrackState(ts, p, d)
+                st = self._tracks[tid] = _TrackState(ts, p, d, frame)
             else:
                 if self._line_names:
                     self._step_lines(st, p, d, ts, tid, bucket)
+                if frame - st.seen_frame > 1 and self._heat_cols:
+                    self._paint_hidden(st, p, ts - dt, frame - st.seen_frame - 1, bucket)
                 st.last_seen = ts
+                st.seen_frame = frame
                 st.pos = p
                 st.d = d
             st.covered = covered[k]
@@ -383,7 +397,7 @@ class TrafficAnalytics:
         if not ids:
             return ids, np.zeros((0, 2)), np.zeros((0, 4))
         box_arr = np.array(boxes, dtype=np.float64)
-        feet = foot_points(box_arr)
+        feet = foot_points(box_arr, self._vanishing_point)
         keep = np.ones(len(ids), dtype=bool)
         for m in self._masks:
             keep &= ~m.contains(feet)
@@ -395,6 +409,22 @@ class TrafficAnalytics:
         if keep.all():
             return ids, floor, box_arr
         return [i for i, k in zip(ids, keep.tolist(), strict=True) if k], floor[keep], box_arr[keep]
+
+    def _paint_hidden(self, st: _TrackState, p: FloatArray, until: float, missed: int, now: _Bucket) -> None:
+        """Paint the frames a track was not seen in, now that it is back: a person hidden behind another
+        (or missed by the detector) for a moment was still on the floor, on the way from where they were
+        last seen to where they are now. Frames are only filled in for a track that came back (within
+        the grace), never for one that is gone; time without frames (a camera gap) is not filled in."""
+        hidden = min(until - st.last_seen, missed * self.config.max_frame_gap_s)
+        if hidden <= 0:
+            return
+        f = (np.arange(1, missed + 1) / (missed + 1))[:, None]
+        self.counters["heat_filled_frames"] += missed
+        when = st.last_seen + hidden / 2
+        bs = self.config.bucket_s
+        # Into the bucket of the hidden time, unless that one has been shipped already.
+        bucket = now if math.floor(when / bs) * bs + bs <= self._watermark else self._bucket(when)
+        self._paint(bucket, st.pos + f * (p - st.pos), hidden / missed)
 
     def _paint(self, bucket: _Bucket, floor: FloatArray, dt: float) -> None:
         hm = self.config.heatmap

@@ -2,7 +2,8 @@
 
 Any model ultralytics can load runs here: a ``.pt`` file (PyTorch), an ``.onnx`` file (ONNX Runtime)
 or an OpenVINO export folder (``*_openvino_model/``); OpenVINO is the fastest on the 2-core x86-64 box
-(about 21-25 ms a frame at 320 px against 40-48 ms for ONNX and 70 ms for PyTorch). With no model
+(about 21-25 ms a frame at 320 px against 40-48 ms for ONNX and 70 ms for PyTorch). Exports have a
+dynamic input shape, so each frame is letterboxed to its own aspect at ``imgsz`` on its long side. With no model
 configured, the one provisioned by ``python models/provision.py`` is used (``models/cache``).
 
 Nothing is downloaded, ever: the model must be a local path, and this module sets, before ultralytics
@@ -71,7 +72,7 @@ def default_model_path(imgsz: int, cache: str | Path | None = None) -> Path:
     order = [stamp.get("preferred")] + [b for b in _BACKEND_ORDER if b != stamp.get("preferred")]
     for fmt in order:
         e = exports.get(fmt) if fmt else None
-        if e and e.get("imgsz") == imgsz and (cache / e["path"]).exists():
+        if e and (e.get("dynamic") or e.get("imgsz") == imgsz) and (cache / e["path"]).exists():
             return cache / e["path"]
     if exports:
         log.warning("no export at imgsz %d in %s (have %s): run `python models/provision.py --imgsz %d`",
@@ -131,7 +132,7 @@ class PersonDetector:
     def __init__(
         self,
         model_path: str | Path | None,
-        imgsz: int = 320,
+        imgsz: int = 480,
         conf: float = 0.25,
         device: str = "cpu",
         *,

@@ -150,10 +150,55 @@ class Homography:
         return out
 
 
-def foot_points(boxes: ArrayLike) -> FloatArray:
-    """Bottom-centre of (N, 4) boxes x1, y1, x2, y2: where a standing person touches the floor."""
+    def vertical_vanishing_point(self, principal_point: ArrayLike) -> FloatArray | None:
+        """Image point where the images of vertical lines meet, or None if they stay parallel.
+
+        A floor homography is K [r1 r2 t] up to scale. For a camera with square pixels, no skew and a
+        known principal point (the image centre, for nearly every camera), r1 . r2 = 0 and |r1| = |r2|
+        are two linear equations in 1 / f^2 (either alone is singular for some poses: the first when
+        the camera's view is square to the floor's axes), and then r3 = r1 x r2 is the vertical,
+        imaged at K r3. A camera that looks down through a wide lens images upright people leaning
+        away from the image centre, towards this point. None also when the calibration fits no such
+        camera (|r1| and |r2| still disagree): then nothing is assumed."""
+        c = np.asarray(principal_point, dtype=np.float64).reshape(2)
+        g = np.array([[1.0, 0.0, -c[0]], [0.0, 1.0, -c[1]], [0.0, 0.0, 1.0]]) @ self.inverse
+        h1, h2 = g[:, 0] / np.linalg.norm(g), g[:, 1] / np.linalg.norm(g)
+        a1, a0 = h1[0] * h2[0] + h1[1] * h2[1], h1[2] * h2[2]
+        b1, b0 = h1[0] ** 2 + h1[1] ** 2 - h2[0] ** 2 - h2[1] ** 2, h1[2] ** 2 - h2[2] ** 2
+        if a1 * a1 + b1 * b1 < 1e-18:
+            return None
+        w = -(a1 * a0 + b1 * b0) / (a1 * a1 + b1 * b1)  # 1 / f^2, least squares
+        if not w > 0:
+            return None  # verticals stay parallel (a level camera), or no camera fits
+        f2 = 1.0 / w
+        kinv = np.diag([1.0 / np.sqrt(f2), 1.0 / np.sqrt(f2), 1.0])
+        r1, r2 = kinv @ h1, kinv @ h2
+        n1, n2 = np.linalg.norm(r1), np.linalg.norm(r2)
+        if abs(n1 - n2) > 0.1 * max(n1, n2):
+            return None
+        r3 = np.cross(r1 / n1, r2 / n2)
+        if abs(r3[2]) < 1e-9:
+            return None  # the vertical is parallel to the image plane
+        return np.array([np.sqrt(f2) * r3[0] / r3[2] + c[0], np.sqrt(f2) * r3[1] / r3[2] + c[1]])
+
+
+def foot_points(boxes: ArrayLike, vanishing_point: ArrayLike | None = None) -> FloatArray:
+    """Where the people in (N, 4) boxes x1, y1, x2, y2 stand: the bottom-centre of each box.
+
+    With the vertical vanishing point of the camera (``Homography.vertical_vanishing_point``), a box
+    of a person leaning in the image is followed along their axis instead: from the box centre towards
+    the vanishing point down to the box's bottom edge, so a person near the image edge of a
+    downward-looking camera is not placed half a body-lean to the side."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return np.stack([(b[:, 0] + b[:, 2]) * 0.5, b[:, 3]], axis=1)
+    x = (b[:, 0] + b[:, 2]) * 0.5
+    if vanishing_point is not None and len(b):
+        vx, vy = np.asarray(vanishing_point, dtype=np.float64).reshape(2)
+        my = (b[:, 1] + b[:, 3]) * 0.5
+        below = vy > b[:, 3]  # a camera looking down: the point lies below the feet
+        with np.errstate(divide="ignore", invalid="ignore"):
+            axis = x + (vx - x) * (b[:, 3] - my) / (vy - my)
+        x = np.where(below, np.clip(axis, b[:, 0], b[:, 2]), x)
+    return np.stack([x, b[:, 3]], axis=1)
 
 
 # ---------------------------------------------------------------- polygons
