@@ -279,16 +279,22 @@ class CameraScene:
         x_out = float(r.uniform(c.door_x[0] + 0.3, c.door_x[1] - 0.3))
         y_door, y_hall = c.floor_d_m, c.door_line_y - 0.9
         # Strangers do not stand on each other's toes: redraw the stop points until nobody already
-        # planned stands within personal_space_m of one of them at the same time.
-        for _ in range(100):
+        # planned stands within personal_space_m of one of them at the same time (or, in a zone too
+        # crowded for that, take the draw that leaves the most room).
+        best: tuple[float, _Person] | None = None
+        for _ in range(200):
             stops = [self._zone_point(z) for z in chosen]
             route = ([((x_in, y_door), 0.0, None), ((x_in, y_hall), 0.0, None)]
                      + [(p, w, z) for p, w, z in zip(stops, dwell, chosen, strict=True)]
                      + [((x_out, y_hall), 0.0, None), ((x_out, y_door), 0.0, None)])
             person = self._schedule(pid, sprite, height, speed, earliest, route)
-            if not self._crowds(person):
+            room = self._room(person)
+            if best is None or room > best[0]:
+                best = (room, person)
+            if room >= c.personal_space_m:
                 break
-        return person
+        assert best is not None
+        return best[1]
 
     def _schedule(self, pid: int, sprite: int, height: float, speed: float, earliest: float,
                   route: list[tuple[tuple[float, float], float, str | None]]) -> _Person:
@@ -318,10 +324,12 @@ class CameraScene:
                 kp.append(q)
         return _Person(pid, sprite, height, speed, t0, np.array(kt), np.array(kp, dtype=np.float64), st)
 
-    def _crowds(self, person: _Person) -> bool:
-        return any(math.dist(s["point"], o["point"]) < self.cfg.personal_space_m
-                   and s["arrive_s"] < o["leave_s"] and o["arrive_s"] < s["leave_s"]
-                   for s in person.stops for other in self.people for o in other.stops)
+    def _room(self, person: _Person) -> float:
+        """Metres to the nearest other person standing still at the same time as one of these stops."""
+        return min((math.dist(s["point"], o["point"]) for s in person.stops for other in self.people
+                    if other.pid != person.pid for o in other.stops
+                    if s["arrive_s"] < o["leave_s"] and o["arrive_s"] < s["leave_s"]),
+                   default=math.inf)
 
     # ------------------------------------------------------------ rendering
 

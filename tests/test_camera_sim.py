@@ -69,6 +69,14 @@ def test_truth_is_consistent_with_the_script() -> None:
     TrafficAnalyticsConfig(**scene.analytics_config())
 
 
+def test_people_standing_at_once_keep_their_distance() -> None:
+    for seed in range(1, 7):
+        scene = CameraScene(SceneConfig(seed=seed, n_people=6, duration_s=60.0))
+        # personal_space_m where the zone has room for it; in a crowded zone the roomiest draw, never a
+        # stranger standing on someone's toes (two people drawn 0.1 m apart are one box to any detector)
+        assert min(scene._room(p) for p in scene.people) >= 0.45
+
+
 def test_write_video(tmp_path) -> None:
     import cv2
 
