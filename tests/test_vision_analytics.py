@@ -475,6 +475,47 @@ def test_visit_continues_across_an_id_switch() -> None:
     assert [(v.track_id, v.seconds) for v in an.pop_visits()] == [(9, 10.0)]
 
 
+def _hidden_behind_someone(hold: float) -> TrafficAnalytics:
+    """Track 1 stands at (4.3, 3.8) in the shelf zone; from 3 s track 50 stands just in front of it (nearer
+    the camera, its box over two thirds of track 1's); track 1 is not detected from 5 s until 50 walks
+    off at 15 s, and is found again at 15.5 s as track 7 where it stood, until 20 s."""
+    an = TrafficAnalytics(config(occlusion_hold_s=hold))
+    for i in range(41):
+        ts = T0 + 0.5 * i
+        tracks = []
+        if ts < T0 + 5:
+            tracks.append(person(1, 4.3, 3.8))
+        elif ts >= T0 + 15.5:
+            tracks.append(person(7, 4.3, 3.8))
+        if T0 + 3 <= ts <= T0 + 15:
+            tracks.append(person(50, 4.3, 4.4))
+        an.update(ts, tracks)
+    return an
+
+
+def test_a_person_standing_hidden_behind_another_stays_in_the_visit_and_on_the_heatmap() -> None:
+    an = _hidden_behind_someone(hold=30.0)
+    _, heat = an.flush(T0 + 100)
+    assert sorted((v.track_id, v.seconds) for v in an.pop_visits()) == [(7, 20.0), (50, 12.0)]
+    cells = np.sum([h["cells"] for h in heat], axis=0)
+    assert cells[3 * 20 + 4] == pytest.approx(20.0)  # track 1's cell, the whole 20 s
+    assert an.counters["held_hidden"] == 20  # 5.5 .. 15 s
+    # Without the hold the visit ends when it was last seen and the rest is too short to count.
+    an = _hidden_behind_someone(hold=0.0)
+    an.flush(T0 + 100)
+    assert sorted((v.track_id, v.seconds) for v in an.pop_visits()) == [(1, 4.5), (50, 12.0)]
+
+
+def test_a_walker_going_behind_someone_is_not_held() -> None:
+    an = TrafficAnalytics(config())
+    # Track 2 walks 1.5 m/s across behind track 50 (standing at (10, 9)) and is lost there: it may have
+    # walked on out of view, so it is kept only for the grace, not held.
+    frames = [(T0 + 0.1 * i, [person(50, 10.0, 9.0)] + ([person(2, 8.0 + 0.15 * i, 8.6)] if i <= 14 else []))
+              for i in range(60)]
+    run(an, frames)
+    assert an.counters["held_hidden"] == 0
+
+
 def test_jittering_walker_on_the_line_counts_once() -> None:
     an = TrafficAnalytics(config())
     rng = random.Random(3)
@@ -592,7 +633,7 @@ def test_heatmap_person_seconds_equal_visible_and_hidden_time(seed: int) -> None
     """Every frame credits each person in it; a track that comes back within the grace is also credited
     the frames it was missing from (the person was hidden, not gone), never more than 1 s a frame."""
     rng = random.Random(seed)
-    an = TrafficAnalytics(config(reattach_speed_mps=0))
+    an = TrafficAnalytics(config(reattach_speed_mps=0, occlusion_hold_s=0))
     grace = an.config.track_grace_s
     ts = T0 + rng.uniform(0, 30)
     expected = 0.0

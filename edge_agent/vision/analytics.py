@@ -145,6 +145,11 @@ class TrafficAnalyticsConfig(_Model):
     # who vanishes uncovered left the view; who appears there next is someone else. 0 disables it.
     reattach_speed_mps: float = Field(2.0, ge=0)
     reattach_radius_m: float = Field(1.0, ge=0)
+    # A lost track whose last box is still mostly behind a nearer person's box (standing in line at a
+    # checkout, or behind someone at a shelf) is presumed to be there, hidden, for up to this long since
+    # it was last seen: it stays on the heatmap and in occupancy, its zone visits go on, and it is kept
+    # for reattachment. 0 disables it (a lost track then lasts track_grace_s).
+    occlusion_hold_s: float = Field(30.0, ge=0)
     # Time credited to one frame (heatmap, time-weighted occupancy) is capped at this, so a stalled
     # stream does not paint whoever was last seen for the whole outage.
     max_frame_gap_s: float = Field(1.0, gt=0)
@@ -206,11 +211,15 @@ class _OpenVisit:
 
 
 class _TrackState:
-    __slots__ = ("last_seen", "seen_frame", "pos", "d", "side", "cross_ok", "visits", "covered")
+    __slots__ = ("last_seen", "seen_frame", "painted_ts", "hidden_ts", "box", "pos", "d", "side", "cross_ok",
+                 "visits", "covered", "trail")
 
-    def __init__(self, ts: float, pos: FloatArray, d: list[float], frame: int) -> None:
+    def __init__(self, ts: float, pos: FloatArray, d: list[float], frame: int, box: FloatArray) -> None:
         self.last_seen = ts
-        self.seen_frame = frame
+        self.seen_frame = frame  # the last frame that painted this track on the heatmap
+        self.painted_ts = ts
+        self.hidden_ts = -math.inf  # the last frame this track was held as hidden behind someone
+        self.box = box  # at the last sighting, image pixels
         # Whether another person's box covered part of this one at the last sighting: the evidence that a
         # track lost now went behind someone (and may come back under a new id) rather than out of view.
         self.covered = False
@@ -222,6 +231,13 @@ class _TrackState:
         # Whether the latest sign change of d happened inside the line's segment (the doorway).
         self.cross_ok = [False] * len(d)
         self.visits: dict[int, _OpenVisit] = {}
+        self.trail: deque[tuple[float, FloatArray]] = deque([(ts, pos)], maxlen=TRAIL_LEN)
+
+    def speed(self) -> float:
+        """Floor speed over the last second or so of sightings (m/s); single frames jitter too much."""
+        t0, p0 = self.trail[0]
+        t1, p1 = self.trail[-1]
+        return math.hypot(float(p1[0] - p0[0]), float(p1[1] - p0[1])) / (t1 - t0) if t1 > t0 else 0.0
 
 
 class _Bucket:
@@ -242,10 +258,14 @@ class _Bucket:
         self.heat = np.zeros(n_cells)
 
 
+HIDDEN_SHARE = 0.5  # of a lost track's last box inside a nearer person's box: still behind them
+HOLD_MAX_SPEED_MPS = 0.4  # faster at the last sighting: walking on, not standing behind someone
+TRAIL_LEN = 12  # sightings kept for a track's speed: about a second at 10 analysed frames/s
+
 COUNTERS = (
     "frames", "late_frames", "tracks", "dropped_invalid", "dropped_duplicate", "dropped_conf",
     "dropped_small", "dropped_masked", "dropped_horizon", "visits", "short_visits", "entries", "exits",
-    "heat_off_grid", "heat_filled_frames", "reattached",
+    "heat_off_grid", "heat_filled_frames", "held_hidden", "reattached",
 )
 
 
@@ -311,6 +331,14 @@ class TrafficAnalytics:
         n = len(ids)
         covered = _covered(boxes).tolist()
         c["tracks"] += n
+        hidden = self._hidden(ids, boxes, ts)
+        if hidden:
+            # Counted as present where they were last seen (occupancy, zones, heatmap).
+            ids = ids + [tid for tid, _ in hidden]
+            floor = np.concatenate([floor, np.array([st.pos for _, st in hidden])])
+            n_seen, n = n, n + len(hidden)
+        else:
+            n_seen = n
 
         bucket = self._bucket(ts)
         bucket.frames += 1
@@ -336,20 +364,53 @@ class TrafficAnalytics:
         for k, tid in enumerate(ids):
             p = floor[k]
             d = d_list[k]
-            st = self._tracks.get(tid) or self._reattach(tid, p, ts, ids)
+            if k >= n_seen:
+                st = self._tracks.get(tid)
+                if st is not None:  # else found again under a new id in this frame
+                    st.seen_frame, st.painted_ts = frame, ts
+                    self._step_zones(st, inside_list[k], ts, tid)
+                continue
+            st = self._tracks.get(tid) or self._reattach(tid, p, ts, ids[:n_seen])
             if st is None:
-                st = self._tracks[tid] = _TrackState(ts, p, d, frame)
+                st = self._tracks[tid] = _TrackState(ts, p, d, frame, boxes[k])
             else:
                 if self._line_names:
                     self._step_lines(st, p, d, ts, tid, bucket)
                 if frame - st.seen_frame > 1 and self._heat_cols:
                     self._paint_hidden(st, p, ts - dt, frame - st.seen_frame - 1, bucket)
                 st.last_seen = ts
-                st.seen_frame = frame
+                st.seen_frame, st.painted_ts = frame, ts
                 st.pos = p
+                st.box = boxes[k]
                 st.d = d
+            st.trail.append((ts, p))
             st.covered = covered[k]
             self._step_zones(st, inside_list[k], ts, tid)
+
+    def _hidden(self, ids: list[int], boxes: FloatArray, ts: float) -> list[tuple[int, _TrackState]]:
+        """Lost tracks presumed standing hidden behind someone: last seen standing still (not walking
+        out of view), at most occlusion_hold_s ago, and their last box still at least HIDDEN_SHARE
+        inside the box of a person nearer the camera (lower bottom edge) in this frame."""
+        hold = self.config.occlusion_hold_s
+        if hold <= 0 or not len(boxes):
+            return []
+        seen = set(ids)
+        out = []
+        for tid, st in self._tracks.items():
+            if tid in seen or st.last_seen >= ts or ts - st.last_seen > hold or st.speed() > HOLD_MAX_SPEED_MPS:
+                continue
+            b = st.box
+            area = (b[2] - b[0]) * (b[3] - b[1])
+            nearer = boxes[boxes[:, 3] > b[3]]
+            if area <= 0 or not len(nearer):
+                continue
+            w = np.clip(np.minimum(nearer[:, 2], b[2]) - np.maximum(nearer[:, 0], b[0]), 0, None)
+            h = np.clip(np.minimum(nearer[:, 3], b[3]) - np.maximum(nearer[:, 1], b[1]), 0, None)
+            if (w * h >= HIDDEN_SHARE * area).any():
+                st.hidden_ts = ts
+                out.append((tid, st))
+        self.counters["held_hidden"] += len(out)
+        return out
 
     def _reattach(self, tid: int, p: FloatArray, ts: float, present: list[int]) -> _TrackState | None:
         """The state of the nearest lost track that could have walked to ``p`` by ``ts``, re-keyed to ``tid``."""
@@ -358,9 +419,9 @@ class TrafficAnalytics:
             return None
         best: tuple[float, int] | None = None
         for old, st in self._tracks.items():
-            gap = ts - st.last_seen
-            if gap <= 0 or old in present or not st.covered:
+            if st.last_seen >= ts or old in present or not st.covered:
                 continue  # seen in this frame, or it was not going behind anyone: not hidden, gone
+            gap = ts - max(st.last_seen, st.hidden_ts)  # a track held as hidden is where it was
             dist = math.hypot(float(p[0] - st.pos[0]), float(p[1] - st.pos[1]))
             if dist <= cfg.reattach_radius_m + cfg.reattach_speed_mps * gap and (best is None or dist < best[0]):
                 best = (dist, old)
@@ -418,7 +479,7 @@ class TrafficAnalytics:
         (or missed by the detector) for a moment was still on the floor, on the way from where they were
         last seen to where they are now. Frames are only filled in for a track that came back (within
         the grace), never for one that is gone; time without frames (a camera gap) is not filled in."""
-        hidden = min(until - st.last_seen, missed * self.config.max_frame_gap_s)
+        hidden = min(until - st.painted_ts, missed * self.config.max_frame_gap_s)
         if hidden <= 0:
             return
         f = (np.arange(1, missed + 1) / (missed + 1))[:, None]
@@ -502,7 +563,7 @@ class TrafficAnalytics:
 
     def _expire(self, now: float) -> None:
         grace = self.config.track_grace_s
-        gone = [tid for tid, st in self._tracks.items() if now - st.last_seen > grace]
+        gone = [tid for tid, st in self._tracks.items() if now - max(st.last_seen, st.hidden_ts) > grace]
         for tid in gone:
             st = self._tracks.pop(tid)
             for zi, v in sorted(st.visits.items()):
