@@ -517,6 +517,18 @@ def test_a_walker_going_behind_someone_is_not_held() -> None:
     assert an.counters["held_hidden"] == 0
 
 
+def test_a_crossing_undone_within_the_confirmation_time_counts_nothing() -> None:
+    an = TrafficAnalytics(config())
+    # Someone standing in the doorway (y = 10.1, outside) whose foot point jumps 0.6 m inside for two
+    # frames (their box cut by a person in front): nothing. Then they walk in and stay: one entry. Then
+    # out and, 3 s later, back in: an exit and an entry.
+    ys = [10.1] * 4 + [9.5] * 2 + [10.1] * 4 + [10.4, 10.0, 9.5, 9.0] + [9.0] * 10 + [10.5] * 6 + [9.0] * 10
+    run(an, frames_from(walk(1, [(10.0, y) for y in ys], T0, 0.5)))
+    entries, exits = line_totals(an.flush(T0 + 600)[0])
+    assert [c.direction for c in an.pop_crossings()] == ["in", "out", "in"]
+    assert (entries, exits) == (2, 1) and an.counters["crossings_undone"] == 1
+
+
 def test_jittering_walker_on_the_line_counts_once() -> None:
     an = TrafficAnalytics(config())
     rng = random.Random(3)
@@ -562,7 +574,8 @@ def _reference_crossings(ds: list[float], band: float) -> list[int]:
 )
 def test_random_walks_never_double_count(walks: list[list[float]], y0: float, band: float) -> None:
     # A door as wide as the floor, so every crossing of y = 10 is through it.
-    cfg = config(lines={"door": {"a": [-100, 10], "b": [100, 10], "inside": [0, 0]}}, line_hysteresis_m=band)
+    cfg = config(lines={"door": {"a": [-100, 10], "b": [100, 10], "inside": [0, 0]}}, line_hysteresis_m=band,
+                 line_confirm_s=0)
     an = TrafficAnalytics(cfg)
     paths = []
     for steps in walks:

@@ -137,6 +137,9 @@ class TrafficAnalyticsConfig(_Model):
     # by 0.2-0.3 m; at 0.15 m those jumps counted in-out pairs (synthetic scenes: 6 wrong of 36 doors
     # on three seeds against 4). Anyone walking through a door goes well past 0.3 m.
     line_hysteresis_m: float = Field(0.3, ge=0)
+    # A crossing is counted once the track has not crossed back for this long (or has gone), so a foot
+    # point jumping to and fro across the line counts nothing; counts and buckets wait that much longer.
+    line_confirm_s: float = Field(1.0, ge=0)
     # A new track that starts where a track lost within track_grace_s could have walked to (at this
     # speed, plus reattach_radius_m for the foot point's error, which reaches 0.8 m at the far end of a
     # simulated 6 m floor) continues that track, if the lost one was last seen partly covered by another
@@ -212,7 +215,7 @@ class _OpenVisit:
 
 class _TrackState:
     __slots__ = ("last_seen", "seen_frame", "painted_ts", "hidden_ts", "box", "pos", "d", "side", "cross_ok",
-                 "visits", "covered", "trail")
+                 "pending", "visits", "covered", "trail")
 
     def __init__(self, ts: float, pos: FloatArray, d: list[float], frame: int, box: FloatArray) -> None:
         self.last_seen = ts
@@ -230,6 +233,8 @@ class _TrackState:
         self.side = [(x > 0) - (x < 0) for x in d]
         # Whether the latest sign change of d happened inside the line's segment (the doorway).
         self.cross_ok = [False] * len(d)
+        # Per line, a crossing not counted yet: it is undone if the track crosses back within line_confirm_s.
+        self.pending: list[Crossing | None] = [None] * len(d)
         self.visits: dict[int, _OpenVisit] = {}
         self.trail: deque[tuple[float, FloatArray]] = deque([(ts, pos)], maxlen=TRAIL_LEN)
 
@@ -265,7 +270,7 @@ TRAIL_LEN = 12  # sightings kept for a track's speed: about a second at 10 analy
 COUNTERS = (
     "frames", "late_frames", "tracks", "dropped_invalid", "dropped_duplicate", "dropped_conf",
     "dropped_small", "dropped_masked", "dropped_horizon", "visits", "short_visits", "entries", "exits",
-    "heat_off_grid", "heat_filled_frames", "held_hidden", "reattached",
+    "heat_off_grid", "heat_filled_frames", "held_hidden", "reattached", "crossings_undone",
 )
 
 
@@ -375,7 +380,7 @@ class TrafficAnalytics:
                 st = self._tracks[tid] = _TrackState(ts, p, d, frame, boxes[k])
             else:
                 if self._line_names:
-                    self._step_lines(st, p, d, ts, tid, bucket)
+                    self._step_lines(st, p, d, ts, tid)
                 if frame - st.seen_frame > 1 and self._heat_cols:
                     self._paint_hidden(st, p, ts - dt, frame - st.seen_frame - 1, bucket)
                 st.last_seen = ts
@@ -499,8 +504,7 @@ class TrafficAnalytics:
         self.counters["heat_off_grid"] += int((~on).sum())
         np.add.at(bucket.heat, row[on] * self._heat_cols + col[on], dt)
 
-    def _step_lines(self, st: _TrackState, p1: FloatArray, d1s: list[float], ts: float, tid: int,
-                    bucket: _Bucket) -> None:
+    def _step_lines(self, st: _TrackState, p1: FloatArray, d1s: list[float], ts: float, tid: int) -> None:
         band = self._band
         p0 = st.pos
         for li, d1 in enumerate(d1s):
@@ -523,14 +527,34 @@ class TrafficAnalytics:
                 st.side[li] = -side
                 if st.cross_ok[li]:
                     direction: Literal["in", "out"] = "in" if side < 0 else "out"
-                    if direction == "in":
-                        bucket.entries += 1
-                        self.counters["entries"] += 1
+                    before = st.pending[li]
+                    if before is not None and ts - before.ts <= self.config.line_confirm_s:
+                        # Back across within the confirmation time: the foot point of someone standing
+                        # in the doorway jumped (a box cut by someone in front), nobody went through.
+                        st.pending[li] = None
+                        self.counters["crossings_undone"] += 1
                     else:
-                        bucket.exits += 1
-                        self.counters["exits"] += 1
-                    self._crossing_log.append(Crossing(ts, tid, self._line_names[li], direction))
+                        if before is not None:
+                            self._count(before)
+                        st.pending[li] = Crossing(ts, tid, self._line_names[li], direction)
                 st.cross_ok[li] = False
+
+    def _settle(self, st: _TrackState, now: float) -> None:
+        """Count the track's pending crossings that can no longer be undone by ``now``."""
+        for li, c in enumerate(st.pending):
+            if c is not None and now - c.ts > self.config.line_confirm_s:
+                st.pending[li] = None
+                self._count(c)
+
+    def _count(self, c: Crossing) -> None:
+        bucket = self._bucket(c.ts)
+        if c.direction == "in":
+            bucket.entries += 1
+            self.counters["entries"] += 1
+        else:
+            bucket.exits += 1
+            self.counters["exits"] += 1
+        self._crossing_log.append(c)
 
     def _step_zones(self, st: _TrackState, inside: list[bool], ts: float, tid: int) -> None:
         visits = st.visits
@@ -564,8 +588,11 @@ class TrafficAnalytics:
     def _expire(self, now: float) -> None:
         grace = self.config.track_grace_s
         gone = [tid for tid, st in self._tracks.items() if now - max(st.last_seen, st.hidden_ts) > grace]
+        for st in self._tracks.values():
+            self._settle(st, now)
         for tid in gone:
             st = self._tracks.pop(tid)
+            self._settle(st, math.inf)  # it went through and out of view: nothing can undo it now
             for zi, v in sorted(st.visits.items()):
                 self._close(tid, zi, v)
 
@@ -596,6 +623,7 @@ class TrafficAnalytics:
         hold = min(
             (v.last_inside for st in self._tracks.values() for v in st.visits.values()), default=math.inf
         )
+        hold = min(hold, min((c.ts for st in self._tracks.values() for c in st.pending if c), default=math.inf))
         stats: list[dict[str, Any]] = []
         heat: list[dict[str, Any]] = []
         bs = self.config.bucket_s
