@@ -23,7 +23,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from ..clock import rfc3339
 from ..contract import Name
-from .floor import FloatArray, Homography, Polygon, check_simple_polygon, foot_points
+from .floor import (
+    FloatArray,
+    Homography,
+    Polygon,
+    Uprights,
+    check_simple_polygon,
+    feet_hidden,
+    foot_points,
+    head_points,
+)
 
 
 def _finite(v: tuple[float, float]) -> tuple[float, float]:
@@ -65,10 +74,10 @@ class HomographyConfig(_Model):
     def build(self) -> Homography:
         return Homography.from_points(self.image, self.floor)
 
-    def vanishing_point(self) -> FloatArray | None:
+    def uprights(self) -> Uprights | None:
         if self.image_size is None:
             return None
-        return self.build().vertical_vanishing_point((self.image_size[0] / 2, self.image_size[1] / 2))
+        return self.build().uprights((self.image_size[0] / 2, self.image_size[1] / 2))
 
 
 class LineConfig(_Model):
@@ -140,6 +149,9 @@ class TrafficAnalyticsConfig(_Model):
     # A crossing is counted once the track has not crossed back for this long (or has gone), so a foot
     # point jumping to and fro across the line counts nothing; counts and buckets wait that much longer.
     line_confirm_s: float = Field(1.0, ge=0)
+    # Height assumed for a person whose feet are hidden before their own height is known (needs
+    # homography.image_size; see TrafficAnalytics._place_hidden_feet).
+    person_height_m: float = Field(1.7, ge=1.0, le=2.3)
     # A new track that starts where a track lost within track_grace_s could have walked to (at this
     # speed, plus reattach_radius_m for the foot point's error, which reaches 0.8 m at the far end of a
     # simulated 6 m floor) continues that track, if the lost one was last seen partly covered by another
@@ -215,7 +227,7 @@ class _OpenVisit:
 
 class _TrackState:
     __slots__ = ("last_seen", "seen_frame", "painted_ts", "hidden_ts", "box", "pos", "d", "side", "cross_ok",
-                 "pending", "visits", "covered", "trail")
+                 "pending", "visits", "covered", "trail", "height")
 
     def __init__(self, ts: float, pos: FloatArray, d: list[float], frame: int, box: FloatArray) -> None:
         self.last_seen = ts
@@ -237,6 +249,7 @@ class _TrackState:
         self.pending: list[Crossing | None] = [None] * len(d)
         self.visits: dict[int, _OpenVisit] = {}
         self.trail: deque[tuple[float, FloatArray]] = deque([(ts, pos)], maxlen=TRAIL_LEN)
+        self.height: float | None = None  # metres, learnt while the feet are in view (image_size given)
 
     def speed(self) -> float:
         """Floor speed over the last second or so of sightings (m/s); single frames jitter too much."""
@@ -263,6 +276,7 @@ class _Bucket:
         self.heat = np.zeros(n_cells)
 
 
+HEIGHT_RANGE_M = (1.0, 2.3)  # a height estimate outside it is a bad box (bent over, cut), not a person
 HIDDEN_SHARE = 0.5  # of a lost track's last box inside a nearer person's box: still behind them
 HOLD_MAX_SPEED_MPS = 0.4  # faster at the last sighting: walking on, not standing behind someone
 TRAIL_LEN = 12  # sightings kept for a track's speed: about a second at 10 analysed frames/s
@@ -270,7 +284,7 @@ TRAIL_LEN = 12  # sightings kept for a track's speed: about a second at 10 analy
 COUNTERS = (
     "frames", "late_frames", "tracks", "dropped_invalid", "dropped_duplicate", "dropped_conf",
     "dropped_small", "dropped_masked", "dropped_horizon", "visits", "short_visits", "entries", "exits",
-    "heat_off_grid", "heat_filled_frames", "held_hidden", "reattached", "crossings_undone",
+    "heat_off_grid", "heat_filled_frames", "held_hidden", "reattached", "crossings_undone", "feet_from_head",
 )
 
 
@@ -283,7 +297,8 @@ class TrafficAnalytics:
     def __init__(self, config: TrafficAnalyticsConfig) -> None:
         self.config = config
         self.homography = config.homography.build()
-        self._vanishing_point = config.homography.vanishing_point()
+        self._uprights = config.homography.uprights()
+        self._vanishing_point = None if self._uprights is None else self._uprights.vanishing_point
         self._zone_names = list(config.zones)
         self._zones = [Polygon.of(p) for p in config.zones.values()]
         self._masks = [Polygon.of(p) for p in config.ignore_masks]
@@ -334,6 +349,8 @@ class TrafficAnalytics:
 
         ids, floor, boxes = self._accept(tracks)
         n = len(ids)
+        if self._uprights is not None and n:
+            self._place_hidden_feet(ids, floor, boxes)
         covered = _covered(boxes).tolist()
         c["tracks"] += n
         hidden = self._hidden(ids, boxes, ts)
@@ -391,6 +408,29 @@ class TrafficAnalytics:
             st.trail.append((ts, p))
             st.covered = covered[k]
             self._step_zones(st, inside_list[k], ts, tid)
+
+    def _place_hidden_feet(self, ids: list[int], floor: FloatArray, boxes: FloatArray) -> None:
+        """In place: the floor point of a person whose feet are hidden (behind someone nearer, or below
+        the frame) from the top of their head and their height, which is learnt from the frames their
+        feet were seen (person_height_m until then). The bottom of such a box is the top of whoever is
+        in front, and taken as the feet it would put the person a metre or more too far away."""
+        up = self._uprights
+        assert up is not None
+        size = self.config.homography.image_size
+        heads = head_points(boxes, self._vanishing_point)
+        hidden = feet_hidden(boxes, foot_points(boxes, self._vanishing_point), size[1] if size else None)
+        for k, tid in enumerate(ids):
+            st = self._tracks.get(tid)
+            if hidden[k]:
+                h = st.height if st is not None and st.height is not None else self.config.person_height_m
+                q = up.foot_of(heads[k], h)[0]
+                if np.isfinite(q).all():
+                    floor[k] = q
+                    self.counters["feet_from_head"] += 1
+            elif st is not None:
+                est = float(up.height_of(floor[k], heads[k])[0])
+                if HEIGHT_RANGE_M[0] <= est <= HEIGHT_RANGE_M[1]:
+                    st.height = est if st.height is None else st.height + 0.2 * (est - st.height)
 
     def _hidden(self, ids: list[int], boxes: FloatArray, ts: float) -> list[tuple[int, _TrackState]]:
         """Lost tracks presumed standing hidden behind someone: last seen standing still (not walking

@@ -150,55 +150,140 @@ class Homography:
         return out
 
 
-    def vertical_vanishing_point(self, principal_point: ArrayLike) -> FloatArray | None:
-        """Image point where the images of vertical lines meet, or None if they stay parallel.
+    def uprights(self, principal_point: ArrayLike) -> Uprights | None:
+        """The camera's view of upright things (people) standing on this floor, or None.
 
         A floor homography is K [r1 r2 t] up to scale. For a camera with square pixels, no skew and a
         known principal point (the image centre, for nearly every camera), r1 . r2 = 0 and |r1| = |r2|
         are two linear equations in 1 / f^2 (either alone is singular for some poses: the first when
-        the camera's view is square to the floor's axes), and then r3 = r1 x r2 is the vertical,
-        imaged at K r3. A camera that looks down through a wide lens images upright people leaning
-        away from the image centre, towards this point. None also when the calibration fits no such
-        camera (|r1| and |r2| still disagree): then nothing is assumed."""
+        the camera's view is square to the floor's axes); then r3 = r1 x r2 is the vertical, and a
+        point h metres above floor point (x, y) is imaged at G (x, y, 1) + h K r3. None when no such
+        camera fits the calibration (|r1| and |r2| still disagree): then nothing is assumed."""
         c = np.asarray(principal_point, dtype=np.float64).reshape(2)
-        g = np.array([[1.0, 0.0, -c[0]], [0.0, 1.0, -c[1]], [0.0, 0.0, 1.0]]) @ self.inverse
-        h1, h2 = g[:, 0] / np.linalg.norm(g), g[:, 1] / np.linalg.norm(g)
+        t = np.array([[1.0, 0.0, -c[0]], [0.0, 1.0, -c[1]], [0.0, 0.0, 1.0]])
+        g = t @ (self.inverse / np.linalg.norm(self.inverse))
+        h1, h2 = g[:, 0], g[:, 1]
         a1, a0 = h1[0] * h2[0] + h1[1] * h2[1], h1[2] * h2[2]
         b1, b0 = h1[0] ** 2 + h1[1] ** 2 - h2[0] ** 2 - h2[1] ** 2, h1[2] ** 2 - h2[2] ** 2
         if a1 * a1 + b1 * b1 < 1e-18:
             return None
         w = -(a1 * a0 + b1 * b0) / (a1 * a1 + b1 * b1)  # 1 / f^2, least squares
         if not w > 0:
-            return None  # verticals stay parallel (a level camera), or no camera fits
-        f2 = 1.0 / w
-        kinv = np.diag([1.0 / np.sqrt(f2), 1.0 / np.sqrt(f2), 1.0])
+            return None
+        f = 1.0 / np.sqrt(w)
+        k, kinv = np.diag([f, f, 1.0]), np.diag([1.0 / f, 1.0 / f, 1.0])
         r1, r2 = kinv @ h1, kinv @ h2
         n1, n2 = np.linalg.norm(r1), np.linalg.norm(r2)
         if abs(n1 - n2) > 0.1 * max(n1, n2):
             return None
-        r3 = np.cross(r1 / n1, r2 / n2)
-        if abs(r3[2]) < 1e-9:
-            return None  # the vertical is parallel to the image plane
-        return np.array([np.sqrt(f2) * r3[0] / r3[2] + c[0], np.sqrt(f2) * r3[1] / r3[2] + c[1]])
+        lam = 0.5 * (n1 + n2)
+        r3 = np.cross(r1, r2) / (lam * lam)
+        # Signs: a floor point the camera sees has positive depth (the third coordinate); then the
+        # camera centre, -R^T t, must be above the floor, else the floor's axes are mirrored and the
+        # vertical as computed points down.
+        seen = next((q for q in self.to_floor([c, (c[0], 1.5 * c[1]), (c[0], 2.0 * c[1] - 1.0)])
+                     if np.isfinite(q).all()), None)
+        if seen is None:
+            return None
+        sign = 1.0 if (g @ np.array([seen[0], seen[1], 1.0]))[2] > 0 else -1.0
+        r3 = r3 * (1.0 if -(r3 @ (kinv @ (sign * g[:, 2]) / lam)) > 0 else -1.0)
+        # Image pixels, homogeneous, in the scale of floor_to_image (the sign-corrected, normalised G).
+        floor_to_image = sign * np.asarray(self.inverse, dtype=np.float64) / np.linalg.norm(self.inverse)
+        up = np.linalg.inv(t) @ k @ (r3 * lam)
+        return Uprights(floor_to_image, up)
+
+    def vertical_vanishing_point(self, principal_point: ArrayLike) -> FloatArray | None:
+        """Image point where the images of vertical lines meet, or None if they stay parallel (or no
+        camera fits). A camera that looks down through a wide lens images upright people leaning away
+        from the image centre, towards this point."""
+        u = self.uprights(principal_point)
+        return None if u is None else u.vanishing_point
+
+
+@dataclass(frozen=True)
+class Uprights:
+    """Where a point ``h`` metres above floor point (x, y) appears: ``floor_to_image @ (x, y, 1) + h * up``
+    (homogeneous image pixels). From ``Homography.uprights``."""
+
+    floor_to_image: FloatArray
+    up: FloatArray
+
+    @property
+    def vanishing_point(self) -> FloatArray | None:
+        if abs(self.up[2]) < 1e-12 * np.linalg.norm(self.up):
+            return None  # the vertical is parallel to the image plane: verticals stay parallel
+        return self.up[:2] / self.up[2]
+
+    def height_of(self, floor: ArrayLike, head: ArrayLike) -> FloatArray:
+        """Height (m) of the point imaged at ``head`` (N, 2) straight above floor points (N, 2)."""
+        f = np.asarray(floor, dtype=np.float64).reshape(-1, 2)
+        v = np.asarray(head, dtype=np.float64).reshape(-1, 2)[:, 1]
+        a = np.c_[f, np.ones(len(f))] @ self.floor_to_image.T
+        b = self.up
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (v * a[:, 2] - a[:, 1]) / (b[1] - v * b[2])
+
+    def foot_of(self, head: ArrayLike, height_m: ArrayLike) -> FloatArray:
+        """Floor points (N, 2) under image points ``head`` (N, 2) that are ``height_m`` above the floor."""
+        hp = np.asarray(head, dtype=np.float64).reshape(-1, 2)
+        hs = np.broadcast_to(np.asarray(height_m, dtype=np.float64), (len(hp),))
+        out = np.full((len(hp), 2), np.nan)
+        for i, ((u, v), h) in enumerate(zip(hp, hs, strict=True)):
+            m = self.floor_to_image.copy()
+            m[:, 2] += h * self.up
+            try:
+                q = np.linalg.solve(m, np.array([u, v, 1.0]))
+            except np.linalg.LinAlgError:
+                continue
+            if abs(q[2]) > 1e-12:
+                out[i] = q[:2] / q[2]
+        return out
+
+
+def _on_axis(b: FloatArray, y: FloatArray, vanishing_point: ArrayLike | None) -> FloatArray:
+    """x where the axis of each box (through its centre, towards the vertical vanishing point when
+    that lies below the box) meets height y; the box's centre line without one."""
+    x = (b[:, 0] + b[:, 2]) * 0.5
+    if vanishing_point is None or not len(b):
+        return x
+    vx, vy = np.asarray(vanishing_point, dtype=np.float64).reshape(2)
+    my = (b[:, 1] + b[:, 3]) * 0.5
+    below = vy > b[:, 3]  # a camera looking down: the point lies below the feet
+    with np.errstate(divide="ignore", invalid="ignore"):
+        axis = x + (vx - x) * (y - my) / (vy - my)
+    return np.where(below, np.clip(axis, b[:, 0], b[:, 2]), x)
 
 
 def foot_points(boxes: ArrayLike, vanishing_point: ArrayLike | None = None) -> FloatArray:
     """Where the people in (N, 4) boxes x1, y1, x2, y2 stand: the bottom-centre of each box.
 
-    With the vertical vanishing point of the camera (``Homography.vertical_vanishing_point``), a box
-    of a person leaning in the image is followed along their axis instead: from the box centre towards
-    the vanishing point down to the box's bottom edge, so a person near the image edge of a
+    With the vertical vanishing point of the camera (``Uprights.vanishing_point``), a box of a person
+    leaning in the image is followed along their axis instead: from the box centre towards the
+    vanishing point down to the box's bottom edge, so a person near the image edge of a
     downward-looking camera is not placed half a body-lean to the side."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    x = (b[:, 0] + b[:, 2]) * 0.5
-    if vanishing_point is not None and len(b):
-        vx, vy = np.asarray(vanishing_point, dtype=np.float64).reshape(2)
-        my = (b[:, 1] + b[:, 3]) * 0.5
-        below = vy > b[:, 3]  # a camera looking down: the point lies below the feet
-        with np.errstate(divide="ignore", invalid="ignore"):
-            axis = x + (vx - x) * (b[:, 3] - my) / (vy - my)
-        x = np.where(below, np.clip(axis, b[:, 0], b[:, 2]), x)
-    return np.stack([x, b[:, 3]], axis=1)
+    return np.stack([_on_axis(b, b[:, 3], vanishing_point), b[:, 3]], axis=1)
+
+
+def head_points(boxes: ArrayLike, vanishing_point: ArrayLike | None = None) -> FloatArray:
+    """The top of each person's axis (see foot_points): the top of the head."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.stack([_on_axis(b, b[:, 1], vanishing_point), b[:, 1]], axis=1)
+
+
+def feet_hidden(boxes: ArrayLike, feet: ArrayLike, image_height: float | None = None) -> NDArray[np.bool_]:
+    """For each box (N, 4), whether its bottom edge is not the person's feet: another person stands
+    nearer the camera (their box's bottom lower) with their box over this one's foot point, or the
+    box reaches the bottom of the frame."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    fx = np.asarray(feet, dtype=np.float64).reshape(-1, 2)[:, 0]
+    x1, y1, x2, y2 = (b[:, i] for i in range(4))
+    hides = ((y2[None, :] > y2[:, None] + 1.0) & (x1[None, :] <= fx[:, None]) & (fx[:, None] <= x2[None, :])
+             & (y1[None, :] < y2[:, None]))
+    out = hides.any(axis=1)
+    if image_height is not None:
+        out |= y2 >= image_height - 1.0
+    return out
 
 
 # ---------------------------------------------------------------- polygons
