@@ -62,8 +62,9 @@ class HomographyConfig(_Model):
 
     image: list[Point] = Field(min_length=4)
     floor: list[Point] = Field(min_length=4)
-    # The camera's frame size (width, height) the image points are in. Optional; with it the foot point
-    # of a person follows their lean towards the camera's vertical vanishing point (see foot_points).
+    # The camera's frame size (width, height) the image points are in. Optional; with it the analytics
+    # knows how the camera sees upright people (floor.Uprights): a foot point follows a person's lean
+    # towards the vertical vanishing point, and a person whose feet are hidden is placed from their head.
     image_size: tuple[int, int] | None = None
 
     @model_validator(mode="after")
