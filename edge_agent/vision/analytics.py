@@ -277,6 +277,7 @@ class _Bucket:
         self.heat = np.zeros(n_cells)
 
 
+HEAD_PLACEMENT_M_PER_DM = 0.5  # floor metres per 10 cm of height error beyond which heads place nobody
 HEIGHT_RANGE_M = (1.0, 2.3)  # a height estimate outside it is a bad box (bent over, cut), not a person
 HIDDEN_SHARE = 0.5  # of a lost track's last box inside a nearer person's box: still behind them
 HOLD_MAX_SPEED_MPS = 0.4  # faster at the last sighting: walking on, not standing behind someone
@@ -424,8 +425,11 @@ class TrafficAnalytics:
             st = self._tracks.get(tid)
             if hidden[k]:
                 h = st.height if st is not None and st.height is not None else self.config.person_height_m
-                q = up.foot_of(heads[k], h)[0]
-                if np.isfinite(q).all():
+                q, q_taller = up.foot_of(np.repeat(heads[k:k + 1], 2, axis=0), [h, h + 0.1])
+                # Only where the camera looks down steeply enough for it: seen from low down, 10 cm of
+                # height moves the head's floor point by more than HEAD_PLACEMENT_M_PER_DM, worse than
+                # the cut box it would replace.
+                if np.isfinite(q).all() and np.hypot(*(q_taller - q)) <= HEAD_PLACEMENT_M_PER_DM:
                     floor[k] = q
                     self.counters["feet_from_head"] += 1
             elif st is not None:
