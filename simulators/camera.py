@@ -1,12 +1,13 @@
 """Synthetic store-camera scenes with exact ground truth, deterministic with a seed.
 
-A store floor (tiled, seen in perspective through a homography from floor metres to image pixels, with
-walls, a wall shelf and a door) and people cut out of the real photographs that ship inside the
-ultralytics package (``ultralytics/assets/bus.jpg``). Each person walks a scripted path on the floor:
-in through the door (crossing the door line inwards), to one or more zones where they stand for a known
-time, and back out through the door (crossing it outwards). People are scaled by perspective (their
-height in metres at their foot point, through the homography) and drawn back to front, so nearer people
-occlude farther ones; the truth records how much of each one is visible.
+A store floor (tiled, with walls, a wall shelf and a door) and people cut out of the real photographs
+that ship inside the ultralytics package (``ultralytics/assets/bus.jpg``), all drawn through a pinhole
+camera (``POSES``: hung from the ceiling, the default, or low on a wall far back). Each person walks a
+scripted path on the floor: in through the door (crossing the door line inwards), to one or more zones
+where they stand for a known time, and back out through the door (crossing it outwards). People are
+drawn from their feet to the projection of their head (leaning as uprights do in a pitched wide-angle
+view) and back to front, so nearer people occlude farther ones; the truth records how much of each one
+is visible.
 
 Ground truth (``CameraScene.truth()``, JSON-ready, no image data):
 
@@ -646,8 +647,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--people", type=int, default=6)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--format", choices=("mp4", "avi"), default="mp4")
+    ap.add_argument("--pose", choices=sorted(POSES), default=SceneConfig.pose, help="where the camera hangs")
     args = ap.parse_args(argv)
-    scene = CameraScene(SceneConfig(seed=args.seed, duration_s=args.seconds, fps=args.fps, n_people=args.people))
+    scene = CameraScene(SceneConfig(seed=args.seed, duration_s=args.seconds, fps=args.fps, n_people=args.people,
+                                    pose=args.pose))
     video = scene.write_video(args.out / f"scene.{args.format}")
     (args.out / "analytics.json").write_text(json.dumps(scene.analytics_config(), indent=1))
     t = scene.truth()
