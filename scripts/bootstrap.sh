@@ -50,8 +50,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   pip_ --no-deps -r requirements-vision.txt
   echo "$want" > "$stamp"
 fi
-# The people model: verified against the manifest and exported to OpenVINO/ONNX once (offline).
-if [ ! -f models/cache/provisioned.json ]; then
+# The people model: verified against the manifest and exported to OpenVINO/ONNX once (offline); again
+# when the exports predate dynamic input shapes (a fixed square input would pin every camera to it).
+if ! grep -q '"dynamic": true' models/cache/provisioned.json 2>/dev/null; then
   echo "bootstrap: provisioning the people model (models/provision.py)" >&2
   YOLO_OFFLINE=1 .venv/bin/python models/provision.py >&2
 fi
