@@ -566,6 +566,8 @@ class CameraScene:
                     if a[0] <= x <= b[0]:
                         crossings.append({"ts": round(float(c.start_ts + t0 + f * (t1 - t0)), 6), "person": p.pid,
                                           "line": c.line_name, "direction": "in" if d0 > 0 else "out"})
+        # Only what the video shows: a person scripted to leave after its last frame has not crossed yet.
+        crossings = [x for x in crossings if x["ts"] <= ts_all[-1] + 1e-6]
         crossings.sort(key=lambda x: (x["ts"], x["person"]))
         # Heatmap: each frame after the first credits 1/fps to every person's cell.
         hm = self.heatmap_config()

@@ -77,6 +77,14 @@ def test_people_standing_at_once_keep_their_distance() -> None:
         assert min(scene._room(p) for p in scene.people) >= 0.45
 
 
+def test_truth_holds_only_the_crossings_the_video_shows() -> None:
+    # Four people in 20 s: the last one is scripted to leave after the video ends.
+    scene = CameraScene(SceneConfig(seed=1, n_people=4, duration_s=20.0, fps=10.0))
+    t = scene.truth()
+    assert all(c["ts"] <= t["frames"][-1]["ts"] for c in t["crossings"])
+    assert (t["entries"], t["exits"]) == (4, 3)
+
+
 def test_write_video(tmp_path) -> None:
     import cv2
 
