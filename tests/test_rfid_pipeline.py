@@ -233,6 +233,9 @@ def test_http_intake_over_real_http(tmp_path: Path) -> None:
         events = [{"timestamp": "2026-01-01T00:00:00.000Z", "hostname": "r1", "eventType": "tagInventory",
                    "tagInventoryEvent": {"epcHex": EPCS[0], "antennaPort": 1, "peakRssiCdbm": -5500}}]
         assert post(json.dumps(events).encode()) == 202
+        # The intake thread reads the clock when it takes a batch: the first must be in before the
+        # clock moves, or both reads land at one instant (what a loaded CI box once made of it).
+        wait_for(lambda: pipe.engine.reads_seen >= 1, 10, "the first POST taken in")
         clock.advance(1)
         assert post(json.dumps(events).encode()) == 202
         assert post(b"{not json") == 202  # accepted, then quarantined with its reason
