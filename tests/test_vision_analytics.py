@@ -166,7 +166,9 @@ def test_vertical_vanishing_point_of_a_pinhole_camera(yaw: float, pitch: float, 
     project = _camera(yaw, pitch, height, focal)
     floor = np.array([[0, 2], [4, 2], [4, 8], [0, 8], [2, 5]], dtype=np.float64)
     h = Homography.from_points(project(np.c_[floor, np.zeros(len(floor))]), floor)
-    vp = h.vertical_vanishing_point((320, 180))
+    up = h.uprights((320, 180))
+    assert up is not None
+    vp = up.vanishing_point
     assert vp is not None
     true = project(np.array([[2.0, 5.0, -1e7]]))[0]
     assert np.hypot(*(vp - true)) < 1e-3 * max(1.0, np.hypot(*(true - (320, 180))))
@@ -228,7 +230,8 @@ def test_level_camera_has_no_vertical_vanishing_point() -> None:
     project = _camera(0.0, 0.0, 3.0, 500.0)
     floor = np.array([[0, 2], [4, 2], [4, 8], [0, 8]], dtype=np.float64)
     h = Homography.from_points(project(np.c_[floor, np.zeros(4)]), floor)
-    assert h.vertical_vanishing_point((320, 180)) is None
+    up = h.uprights((320, 180))
+    assert up is None or up.vanishing_point is None
 
 
 def test_foot_point_of_a_person_leaning_towards_the_vanishing_point() -> None:
@@ -237,7 +240,9 @@ def test_foot_point_of_a_person_leaning_towards_the_vanishing_point() -> None:
     project = _camera(0.0, 35.0, 3.5, 420.0)
     floor = np.array([[0, 2], [4, 2], [4, 8], [0, 8]], dtype=np.float64)
     h = Homography.from_points(project(np.c_[floor, np.zeros(4)]), floor)
-    vp = h.vertical_vanishing_point((320, 180))
+    up = h.uprights((320, 180))
+    assert up is not None
+    vp = up.vanishing_point
     for x, y in ((0.3, 3.0), (3.8, 3.5), (2.0, 6.0)):
         # The person as a 0.5 m wide, 1.8 m tall slab facing the camera.
         corners = project(np.array([[x - 0.25, y, 0], [x + 0.25, y, 0], [x - 0.25, y, 1.8], [x + 0.25, y, 1.8]]))

@@ -419,8 +419,9 @@ class TrafficAnalytics:
         up = self._uprights
         assert up is not None
         size = self.config.homography.image_size
+        assert size is not None  # uprights come only with it
         heads = head_points(boxes, self._vanishing_point)
-        hidden = feet_hidden(boxes, foot_points(boxes, self._vanishing_point), size[1] if size else None)
+        hidden = feet_hidden(boxes, foot_points(boxes, self._vanishing_point), size[1])
         for k, tid in enumerate(ids):
             st = self._tracks.get(tid)
             if hidden[k]:
@@ -449,14 +450,12 @@ class TrafficAnalytics:
         for tid, st in self._tracks.items():
             if tid in seen or st.last_seen >= ts or ts - st.last_seen > hold or st.speed() > HOLD_MAX_SPEED_MPS:
                 continue
-            b = st.box
-            area = (b[2] - b[0]) * (b[3] - b[1])
-            nearer = boxes[boxes[:, 3] > b[3]]
+            b = st.box[None, :]
+            area = _area(b)[0]
+            nearer = boxes[boxes[:, 3] > b[0, 3]]
             if area <= 0 or not len(nearer):
                 continue
-            w = np.clip(np.minimum(nearer[:, 2], b[2]) - np.maximum(nearer[:, 0], b[0]), 0, None)
-            h = np.clip(np.minimum(nearer[:, 3], b[3]) - np.maximum(nearer[:, 1], b[1]), 0, None)
-            if (w * h >= HIDDEN_SHARE * area).any():
+            if (_intersections(b, nearer) >= HIDDEN_SHARE * area).any():
                 st.hidden_ts = ts
                 out.append((tid, st))
         self.counters["held_hidden"] += len(out)
@@ -740,17 +739,25 @@ class TrafficAnalytics:
 COVERED_SHARE = 0.1  # of a box's area under another box: the start of an occlusion
 
 
+def _intersections(a: FloatArray, b: FloatArray) -> FloatArray:
+    """(len(a), len(b)) areas of overlap of boxes a (N, 4) with boxes b (M, 4), x1, y1, x2, y2."""
+    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    return w * h
+
+
+def _area(boxes: FloatArray) -> FloatArray:
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
 def _covered(boxes: FloatArray) -> NDArray[np.bool_]:
     """For each box (N, 4), whether other boxes cover at least COVERED_SHARE of its area."""
     n = len(boxes)
     if n < 2:
         return np.zeros(n, dtype=bool)
-    x1, y1, x2, y2 = (boxes[:, i] for i in range(4))
-    w = np.clip(np.minimum(x2[:, None], x2[None, :]) - np.maximum(x1[:, None], x1[None, :]), 0, None)
-    h = np.clip(np.minimum(y2[:, None], y2[None, :]) - np.maximum(y1[:, None], y1[None, :]), 0, None)
-    inter = w * h
+    inter = _intersections(boxes, boxes)
     np.fill_diagonal(inter, 0.0)
-    return inter.max(axis=1) >= COVERED_SHARE * (x2 - x1) * (y2 - y1)
+    return inter.max(axis=1) >= COVERED_SHARE * _area(boxes)
 
 
 def _histogram(edges: FloatArray, values: Iterable[float]) -> list[int]:

@@ -161,7 +161,8 @@ class Homography:
         camera fits the calibration (|r1| and |r2| still disagree): then nothing is assumed."""
         c = np.asarray(principal_point, dtype=np.float64).reshape(2)
         t = np.array([[1.0, 0.0, -c[0]], [0.0, 1.0, -c[1]], [0.0, 0.0, 1.0]])
-        g = t @ (self.inverse / np.linalg.norm(self.inverse))
+        g0 = np.asarray(self.inverse, dtype=np.float64) / np.linalg.norm(self.inverse)  # floor -> image
+        g = t @ g0
         h1, h2 = g[:, 0], g[:, 1]
         a1, a0 = h1[0] * h2[0] + h1[1] * h2[1], h1[2] * h2[2]
         b1, b0 = h1[0] ** 2 + h1[1] ** 2 - h2[0] ** 2 - h2[1] ** 2, h1[2] ** 2 - h2[2] ** 2
@@ -188,16 +189,7 @@ class Homography:
         sign = 1.0 if (g @ np.array([seen[0], seen[1], 1.0]))[2] > 0 else -1.0
         r3 = r3 * (1.0 if -(r3 @ (kinv @ (sign * g[:, 2]) / lam)) > 0 else -1.0)
         # Image pixels, homogeneous, in the scale of floor_to_image (the sign-corrected, normalised G).
-        floor_to_image = sign * np.asarray(self.inverse, dtype=np.float64) / np.linalg.norm(self.inverse)
-        up = np.linalg.inv(t) @ k @ (r3 * lam)
-        return Uprights(floor_to_image, up)
-
-    def vertical_vanishing_point(self, principal_point: ArrayLike) -> FloatArray | None:
-        """Image point where the images of vertical lines meet, or None if they stay parallel (or no
-        camera fits). A camera that looks down through a wide lens images upright people leaning away
-        from the image centre, towards this point."""
-        u = self.uprights(principal_point)
-        return None if u is None else u.vanishing_point
+        return Uprights(sign * g0, np.linalg.inv(t) @ k @ (r3 * lam))
 
 
 @dataclass(frozen=True)
@@ -210,6 +202,9 @@ class Uprights:
 
     @property
     def vanishing_point(self) -> FloatArray | None:
+        """Image point where the images of vertical lines meet, or None if they stay parallel. A camera
+        that looks down through a wide lens images upright people leaning away from the image centre,
+        towards this point."""
         if abs(self.up[2]) < 1e-12 * np.linalg.norm(self.up):
             return None  # the vertical is parallel to the image plane: verticals stay parallel
         return self.up[:2] / self.up[2]
