@@ -533,7 +533,7 @@ class TrafficAnalytics:
             return
         f = (np.arange(1, missed + 1) / (missed + 1))[:, None]
         self.counters["heat_filled_frames"] += missed
-        when = st.last_seen + hidden / 2
+        when = st.painted_ts + hidden / 2  # the unpainted time runs from painted_ts to until
         bs = self.config.bucket_s
         # Into the bucket of the hidden time, unless that one has been shipped already.
         bucket = now if math.floor(when / bs) * bs + bs <= self._watermark else self._bucket(when)
