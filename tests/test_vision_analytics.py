@@ -511,6 +511,43 @@ def test_reattach_off_or_out_of_reach_loses_the_hidden_crossing() -> None:
     assert alone.counters["reattached"] == 0
 
 
+def test_an_id_that_jumps_to_someone_else_leaves_its_person_to_be_found_again() -> None:
+    # A walks in (id 1) and is about to cross when, passing B head-on, the tracker moves id 1 onto B
+    # 2.9 m away (nobody moves that far in 0.1 s) and picks A up again just inside under id 7.
+    an = TrafficAnalytics(config())
+    b_out = [person(2, 10.3, 11.5 + 0.1 * i) for i in range(15)]  # B walking out, just beside A
+    run(an, [(T0 + 0.1 * i, [person(1, 10, 12 - 0.1 * i), b_out[i]]) for i in range(15)])
+    run(an, [(T0 + 1.5 + 0.1 * i, [person(1, 10.3, 13.5 + 0.1 * i), person(7, 10, 9.7 - 0.1 * i)])
+             for i in range(15)])
+    assert an.counters["identity_jumps"] == 1
+    assert an.counters["reattached"] == 1
+    assert line_totals(an.flush(T0 + 60)[0]) == (1, 0)
+    assert [(c.track_id, c.direction) for c in an.pop_crossings()] == [(7, "in")]
+
+
+def test_a_runner_keeps_their_id() -> None:
+    # 4 m/s is a run, not a jump: the same id crosses and nothing is split off.
+    an = TrafficAnalytics(config())
+    run(an, [(T0 + 0.1 * i, [person(1, 10, 14 - 0.4 * i)]) for i in range(20)])
+    assert an.counters["identity_jumps"] == 0
+    an.flush(T0 + 60)
+    assert [(c.track_id, c.direction) for c in an.pop_crossings()] == [(1, "in")]
+
+
+def test_hidden_walker_is_found_where_their_pace_took_them() -> None:
+    # At 3 m/s, hidden 1.5 s behind a stander at the door: 4.5 m on, more than the 1 m + 2 m/s x 1.5 s
+    # anyone could cover from a standstill, but just where they were heading.
+    stander = person(50, 10.2, 10.6)
+    seen = [(T0 + 0.1 * i, [person(1, 10, 12.5 - 0.3 * i), stander]) for i in range(6)]  # to y 11.0
+    hidden = [(T0 + 0.6 + 0.1 * i, [stander]) for i in range(15)]
+    later = [(T0 + 2.1 + 0.1 * i, [person(7, 10, 6.5 - 0.3 * i), stander]) for i in range(5)]
+    an = TrafficAnalytics(config())
+    run(an, seen + hidden + later)
+    an.flush(T0 + 60)
+    assert an.counters["reattached"] == 1
+    assert [(c.track_id, c.direction) for c in an.pop_crossings()] == [(7, "in")]
+
+
 def test_reattach_never_takes_a_track_seen_in_the_same_frame() -> None:
     an = TrafficAnalytics(config())
     # Two people side by side; a third appears next to them: both are still seen, so it is new.

@@ -252,11 +252,14 @@ class _TrackState:
         self.trail: deque[tuple[float, FloatArray]] = deque([(ts, pos)], maxlen=TRAIL_LEN)
         self.height: float | None = None  # metres, learnt while the feet are in view (image_size given)
 
-    def speed(self) -> float:
-        """Floor speed over the last second or so of sightings (m/s); single frames jitter too much."""
+    def velocity(self) -> FloatArray:
+        """Floor velocity over the last second or so of sightings (m/s); single frames jitter too much."""
         t0, p0 = self.trail[0]
         t1, p1 = self.trail[-1]
-        return math.hypot(float(p1[0] - p0[0]), float(p1[1] - p0[1])) / (t1 - t0) if t1 > t0 else 0.0
+        return (p1 - p0) / (t1 - t0) if t1 > t0 else np.zeros(2)
+
+    def speed(self) -> float:
+        return float(np.hypot(*self.velocity()))
 
 
 class _Bucket:
@@ -281,12 +284,14 @@ HEAD_PLACEMENT_M_PER_DM = 0.5  # floor metres per 10 cm of height error beyond w
 HEIGHT_RANGE_M = (1.0, 2.3)  # a height estimate outside it is a bad box (bent over, cut), not a person
 HIDDEN_SHARE = 0.5  # of a lost track's last box inside a nearer person's box: still behind them
 HOLD_MAX_SPEED_MPS = 0.4  # faster at the last sighting: walking on, not standing behind someone
+JUMP_SPEED_MPS = 5.0  # faster than anyone runs in a shop: a track that moved so far is someone else
 TRAIL_LEN = 12  # sightings kept for a track's speed: about a second at 10 analysed frames/s
 
 COUNTERS = (
     "frames", "late_frames", "tracks", "dropped_invalid", "dropped_duplicate", "dropped_conf",
     "dropped_small", "dropped_masked", "dropped_horizon", "visits", "short_visits", "entries", "exits",
     "heat_off_grid", "heat_filled_frames", "held_hidden", "reattached", "crossings_undone", "feet_from_head",
+    "identity_jumps",
 )
 
 
@@ -324,6 +329,7 @@ class TrafficAnalytics:
         self._edges = np.asarray(config.dwell_edges_s, dtype=np.float64)
 
         self._tracks: dict[int, _TrackState] = {}
+        self._orphans = 0  # the last negative id given to the state of a person a tracker id jumped away from
         self._buckets: dict[int, _Bucket] = {}
         self._last_ts: float | None = None
         self._watermark = -math.inf  # frames before this are late: their buckets may be gone
@@ -394,7 +400,11 @@ class TrafficAnalytics:
                     st.seen_frame, st.painted_ts = frame, ts
                     self._step_zones(st, inside_list[k], ts, tid)
                 continue
-            st = self._tracks.get(tid) or self._reattach(tid, p, ts, ids[:n_seen])
+            st = self._tracks.get(tid)
+            if st is not None and self._jumped(st, p, ts):
+                self._orphan(tid)
+                st = None
+            st = st or self._reattach(tid, p, ts, ids[:n_seen])
             if st is None:
                 st = self._tracks[tid] = _TrackState(ts, p, d, frame, boxes[k])
             else:
@@ -461,6 +471,32 @@ class TrafficAnalytics:
         self.counters["held_hidden"] += len(out)
         return out
 
+    def _reachable(self, st: _TrackState, p: FloatArray, ts: float, speed: float) -> float | None:
+        """How far ``p`` is from where the person of ``st`` would be by ``ts`` on their way, if they could
+        have got there (within ``speed`` m/s of a change of pace or course, plus reattach_radius_m for
+        the foot point's error); else None."""
+        if st.hidden_ts > st.last_seen:  # held as hidden: standing where it was
+            gap, there = ts - st.hidden_ts, st.pos
+        else:  # walking on at the pace it had, most likely
+            gap = ts - st.last_seen
+            there = st.pos + st.velocity() * gap
+        dist = math.hypot(float(p[0] - there[0]), float(p[1] - there[1]))
+        return dist if dist <= self.config.reattach_radius_m + speed * gap else None
+
+    def _jumped(self, st: _TrackState, p: FloatArray, ts: float) -> bool:
+        """Whether the tracker's id went over to someone else: its foot point moved further than anyone
+        moves in a store. Two people passing each other head-on in a doorway, one behind the other as
+        the camera sees them, swap ids this way; whoever the id jumped from is lost at that point."""
+        return self.config.reattach_speed_mps > 0 and self._reachable(st, p, ts, JUMP_SPEED_MPS) is None
+
+    def _orphan(self, tid: int) -> None:
+        """Re-key the state of ``tid`` to a fresh negative id (the tracker's are positive): the person it
+        described is lost where last seen, open to reattachment, and ``tid`` starts over."""
+        self._orphans -= 1
+        st = self._tracks[self._orphans] = self._tracks.pop(tid)
+        st.covered = True  # the id went to someone next to them: they are somewhere behind
+        self.counters["identity_jumps"] += 1
+
     def _reattach(self, tid: int, p: FloatArray, ts: float, present: list[int]) -> _TrackState | None:
         """The state of the nearest lost track that could have walked to ``p`` by ``ts``, re-keyed to ``tid``."""
         cfg = self.config
@@ -470,9 +506,8 @@ class TrafficAnalytics:
         for old, st in self._tracks.items():
             if st.last_seen >= ts or old in present or not st.covered:
                 continue  # seen in this frame, or it was not going behind anyone: not hidden, gone
-            gap = ts - max(st.last_seen, st.hidden_ts)  # a track held as hidden is where it was
-            dist = math.hypot(float(p[0] - st.pos[0]), float(p[1] - st.pos[1]))
-            if dist <= cfg.reattach_radius_m + cfg.reattach_speed_mps * gap and (best is None or dist < best[0]):
+            dist = self._reachable(st, p, ts, cfg.reattach_speed_mps)
+            if dist is not None and (best is None or dist < best[0]):
                 best = (dist, old)
         if best is None:
             return None
