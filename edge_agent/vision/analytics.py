@@ -153,12 +153,13 @@ class TrafficAnalyticsConfig(_Model):
     # Height assumed for a person whose feet are hidden before their own height is known (needs
     # homography.image_size; see TrafficAnalytics._place_hidden_feet).
     person_height_m: float = Field(1.7, ge=1.0, le=2.3)
-    # A new track that starts where a track lost within track_grace_s could have walked to (at this
-    # speed, plus reattach_radius_m for the foot point's error, which reaches 0.8 m at the far end of a
-    # simulated 6 m floor) continues that track, if the lost one was last seen partly covered by another
-    # person's box: the tracker lost someone behind another person and found them again under a new id,
-    # and a door crossing or a zone visit made while hidden must not be lost with the old id. Someone
-    # who vanishes uncovered left the view; who appears there next is someone else. 0 disables it.
+    # A new track that starts where a track lost within track_grace_s could have got to (on at its pace,
+    # give or take this speed, plus reattach_radius_m for the foot point's error, which reaches 0.8 m at
+    # the far end of a simulated 6 m floor) continues that track, if the lost one was last seen partly
+    # covered by another person's box: the tracker lost someone behind another person and found them
+    # again under a new id, and a door crossing or a zone visit made while hidden must not be lost with
+    # the old id. Someone who vanishes uncovered left the view; who appears there next is someone else.
+    # 0 disables it, and with it the split of a track whose id jumps to someone else (JUMP_SPEED_MPS).
     reattach_speed_mps: float = Field(2.0, ge=0)
     reattach_radius_m: float = Field(1.0, ge=0)
     # A lost track whose last box is still mostly behind a nearer person's box (standing in line at a
