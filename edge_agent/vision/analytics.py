@@ -28,6 +28,8 @@ from .floor import (
     Homography,
     Polygon,
     Uprights,
+    box_areas,
+    box_intersections,
     check_simple_polygon,
     feet_hidden,
     foot_points,
@@ -356,10 +358,10 @@ class TrafficAnalytics:
         self._last_ts = ts
         self._expire(ts)
 
-        ids, floor, boxes = self._accept(tracks)
+        ids, feet, floor, boxes = self._accept(tracks)
         n = len(ids)
         if self._uprights is not None and n:
-            self._place_hidden_feet(ids, floor, boxes)
+            self._place_hidden_feet(ids, feet, floor, boxes)
         covered = _covered(boxes).tolist()
         c["tracks"] += n
         hidden = self._hidden(ids, boxes, ts)
@@ -422,7 +424,7 @@ class TrafficAnalytics:
             st.covered = covered[k]
             self._step_zones(st, inside_list[k], ts, tid)
 
-    def _place_hidden_feet(self, ids: list[int], floor: FloatArray, boxes: FloatArray) -> None:
+    def _place_hidden_feet(self, ids: list[int], feet: FloatArray, floor: FloatArray, boxes: FloatArray) -> None:
         """In place: the floor point of a person whose feet are hidden (behind someone nearer, or below
         the frame) from the top of their head and their height, which is learnt from the frames their
         feet were seen (person_height_m until then). The bottom of such a box is the top of whoever is
@@ -432,7 +434,7 @@ class TrafficAnalytics:
         size = self.config.homography.image_size
         assert size is not None  # uprights come only with it
         heads = head_points(boxes, self._vanishing_point)
-        hidden = feet_hidden(boxes, foot_points(boxes, self._vanishing_point), size[1])
+        hidden = feet_hidden(boxes, feet, size[1])
         for k, tid in enumerate(ids):
             st = self._tracks.get(tid)
             if hidden[k]:
@@ -462,11 +464,11 @@ class TrafficAnalytics:
             if tid in seen or st.last_seen >= ts or ts - st.last_seen > hold or st.speed() > HOLD_MAX_SPEED_MPS:
                 continue
             b = st.box[None, :]
-            area = _area(b)[0]
+            area = box_areas(b)[0]
             nearer = boxes[boxes[:, 3] > b[0, 3]]
             if area <= 0 or not len(nearer):
                 continue
-            if (_intersections(b, nearer) >= HIDDEN_SHARE * area).any():
+            if (box_intersections(b, nearer) >= HIDDEN_SHARE * area).any():
                 st.hidden_ts = ts
                 out.append((tid, st))
         self.counters["held_hidden"] += len(out)
@@ -516,8 +518,9 @@ class TrafficAnalytics:
         st = self._tracks[tid] = self._tracks.pop(best[1])
         return st
 
-    def _accept(self, tracks: Sequence[Track]) -> tuple[list[int], FloatArray, FloatArray]:
-        """Filter one frame's tracks; returns their ids (ascending), floor points (N, 2) and boxes (N, 4)."""
+    def _accept(self, tracks: Sequence[Track]) -> tuple[list[int], FloatArray, FloatArray, FloatArray]:
+        """Filter one frame's tracks; returns their ids (ascending), foot points in the image (N, 2), floor
+        points (N, 2) and boxes (N, 4)."""
         c = self.counters
         cfg = self.config
         # Sorted by id (then best confidence first) so the output never depends on list order.
@@ -544,7 +547,7 @@ class TrafficAnalytics:
             ids.append(t.track_id)
             boxes.append((x1, y1, x2, y2))
         if not ids:
-            return ids, np.zeros((0, 2)), np.zeros((0, 4))
+            return ids, np.zeros((0, 2)), np.zeros((0, 2)), np.zeros((0, 4))
         box_arr = np.array(boxes, dtype=np.float64)
         feet = foot_points(box_arr, self._vanishing_point)
         keep = np.ones(len(ids), dtype=bool)
@@ -556,8 +559,8 @@ class TrafficAnalytics:
         c["dropped_horizon"] += int((keep & ~visible).sum())
         keep &= visible
         if keep.all():
-            return ids, floor, box_arr
-        return [i for i, k in zip(ids, keep.tolist(), strict=True) if k], floor[keep], box_arr[keep]
+            return ids, feet, floor, box_arr
+        return [i for i, k in zip(ids, keep.tolist(), strict=True) if k], feet[keep], floor[keep], box_arr[keep]
 
     def _paint_hidden(self, st: _TrackState, p: FloatArray, until: float, missed: int, now: _Bucket) -> None:
         """Paint the frames a track was not seen in, now that it is back: a person hidden behind another
@@ -775,25 +778,14 @@ class TrafficAnalytics:
 COVERED_SHARE = 0.1  # of a box's area under another box: the start of an occlusion
 
 
-def _intersections(a: FloatArray, b: FloatArray) -> FloatArray:
-    """(len(a), len(b)) areas of overlap of boxes a (N, 4) with boxes b (M, 4), x1, y1, x2, y2."""
-    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    return w * h
-
-
-def _area(boxes: FloatArray) -> FloatArray:
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-
-
 def _covered(boxes: FloatArray) -> NDArray[np.bool_]:
     """For each box (N, 4), whether other boxes cover at least COVERED_SHARE of its area."""
     n = len(boxes)
     if n < 2:
         return np.zeros(n, dtype=bool)
-    inter = _intersections(boxes, boxes)
+    inter = box_intersections(boxes, boxes)
     np.fill_diagonal(inter, 0.0)
-    return inter.max(axis=1) >= COVERED_SHARE * _area(boxes)
+    return inter.max(axis=1) >= COVERED_SHARE * box_areas(boxes)
 
 
 def _histogram(edges: FloatArray, values: Iterable[float]) -> list[int]:

@@ -266,6 +266,20 @@ def head_points(boxes: ArrayLike, vanishing_point: ArrayLike | None = None) -> F
     return np.stack([_on_axis(b, b[:, 1], vanishing_point), b[:, 1]], axis=1)
 
 
+def box_intersections(a: ArrayLike, b: ArrayLike) -> FloatArray:
+    """(N, M) areas of overlap of boxes a (N, 4) with boxes b (M, 4), x1, y1, x2, y2."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    return w * h
+
+
+def box_areas(boxes: ArrayLike) -> FloatArray:
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+
+
 def feet_hidden(boxes: ArrayLike, feet: ArrayLike, image_height: float | None = None) -> NDArray[np.bool_]:
     """For each box (N, 4), whether its bottom edge is not the person's feet: another person stands
     nearer the camera (their box's bottom lower) with their box over this one's foot point, or the
