@@ -93,13 +93,14 @@ class HqStore:
     def traffic(self, store: str, messages: int = 200) -> dict:
         """The newest traffic/stats items (oldest first) and the floor heatmap summed over the newest
         heatmap messages: store-wide ("*") cells where a store sends them, else its first camera's."""
-        stats = [it for (b,) in reversed(self.read(
-            "SELECT body FROM messages WHERE store = ? AND stream = 'traffic/stats' ORDER BY seq DESC LIMIT ?",
-            (store, messages))) for it in json.loads(b)["items"]]
-        stats.sort(key=lambda it: it["bucket_start"])
-        heat = [it for (b,) in self.read(
-            "SELECT body FROM messages WHERE store = ? AND stream = 'traffic/heatmap' ORDER BY seq DESC LIMIT ?",
-            (store, messages)) for it in json.loads(b)["items"]]
+        def newest(stream: str) -> list[list[dict]]:  # the items of each message, newest message first
+            return [json.loads(b)["items"] for (b,) in self.read(
+                "SELECT body FROM messages WHERE store = ? AND stream = ? ORDER BY seq DESC LIMIT ?",
+                (store, stream, messages))]
+
+        stats = sorted((it for items in reversed(newest("traffic/stats")) for it in items),
+                       key=lambda it: it["bucket_start"])
+        heat = [it for items in newest("traffic/heatmap") for it in items]
         wide = [h for h in heat if h["camera"] == "*"] or [h for h in heat if h["camera"] == heat[0]["camera"]]
         grid = None
         for h in wide:
