@@ -52,8 +52,8 @@ from _common import emit, header, note
 from edge_agent.config import VisionConfig
 from edge_agent.vision.analytics import Crossing, TrafficAnalytics, TrafficAnalyticsConfig, Visit
 from edge_agent.vision.detector import PersonDetector
-from edge_agent.vision.floor import foot_points
-from simulators.camera import POSES, CameraScene, SceneConfig
+from edge_agent.vision.floor import box_areas, box_intersections, foot_points
+from simulators.camera import POSES, CameraScene, SceneConfig, paint_heatmap
 
 MATCH_S = 2.0  # a counted crossing this close in time to a truth crossing (same line, direction) is that one
 JITTER_DRAWS = 10
@@ -98,36 +98,30 @@ def match_visits(truth: list[dict[str, Any]], got: list[Visit]) -> tuple[list[fl
 def jittered_heatmap_corr(truth: dict[str, Any], sigma: float, rng: np.random.Generator) -> float:
     """Correlation with the truth heatmap of the truth painted with a fixed offset (normal, ``sigma``
     metres per axis) per person and stretch of their visit; see the module's docstring."""
-    hm = truth["heatmap"]
-    rows, cols, cell = hm["rows"], hm["cols"], hm["cell_m"]
-    painted = np.zeros(rows * cols)
     offsets: dict[tuple[int, tuple[str, ...]], np.ndarray] = {}
-    dt = 1.0 / truth["config"]["fps"]
-    for f in truth["frames"][1:]:  # as the simulator paints its truth: each frame after the first
-        for q in f["people"]:
-            off = offsets.setdefault((q["id"], tuple(q["zones"])), rng.normal(0.0, sigma, 2))
-            col, row = np.floor((np.asarray(q["floor"]) + off - hm["origin"]) / cell).astype(int)
-            if 0 <= col < cols and 0 <= row < rows:
-                painted[row * cols + col] += dt
+
+    def shift(q: dict[str, Any]) -> np.ndarray:
+        return offsets.setdefault((q["id"], tuple(q["zones"])), rng.normal(0.0, sigma, 2))
+
+    hm = truth["heatmap"]
+    painted = paint_heatmap(truth["frames"], hm, truth["config"]["fps"], shift)
     return float(np.corrcoef(painted, hm["cells"])[0, 1])
 
 
 def floor_errors(truth_frames: list[dict[str, Any]], seen: list[list[tuple[tuple[float, ...], np.ndarray]]]) -> list[float]:
     """Distances (m) from the truth of each person in full view to the floor point of the detector box
-    that matches theirs at IoU >= 0.6; ``seen`` holds per frame the (box, floor point) of each track."""
+    that matches theirs at IoU >= 0.6; ``seen`` holds per frame the (box, floor point) of each track,
+    the floor point mapped from the box's foot point as the analytics maps that of a person in view."""
     out = []
     for f, tracks in zip(truth_frames, seen, strict=True):
         for q in f["people"]:
             if q["visible"] < 0.99 or not tracks:
                 continue
-            tb = np.asarray(q["box"], dtype=np.float64)
             boxes = np.array([b for b, _ in tracks])
-            iw = np.clip(np.minimum(boxes[:, 2], tb[2]) - np.maximum(boxes[:, 0], tb[0]), 0, None)
-            ih = np.clip(np.minimum(boxes[:, 3], tb[3]) - np.maximum(boxes[:, 1], tb[1]), 0, None)
-            inter = iw * ih
-            union = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) + (tb[2] - tb[0]) * (tb[3] - tb[1]) - inter
-            k = int(np.argmax(inter / union))
-            if inter[k] / union[k] >= 0.6:
+            inter = box_intersections(boxes, q["box"])[:, 0]
+            iou = inter / (box_areas(boxes) + box_areas(q["box"]) - inter)
+            k = int(np.argmax(iou))
+            if iou[k] >= 0.6:
                 out.append(float(np.hypot(*(tracks[k][1] - np.asarray(q["floor"])))))
     return out
 

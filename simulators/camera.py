@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -184,6 +184,22 @@ POSES: dict[str, CameraPose] = {
 
 
 # ---------------------------------------------------------------- config
+
+
+def paint_heatmap(frames: list[dict[str, Any]], grid: dict[str, Any], fps: float,
+                  shift: Callable[[dict[str, Any]], Any] | None = None) -> np.ndarray:
+    """Person-seconds per cell of ``grid`` (origin, cell_m, rows, cols): each frame after the first
+    credits 1 / fps to the cell of every person's floor point in it (moved by ``shift(person)`` metres)."""
+    cols, rows, cell = grid["cols"], grid["rows"], grid["cell_m"]
+    cells = np.zeros(rows * cols)
+    for f in frames[1:]:
+        for q in f["people"]:
+            x, y = np.asarray(q["floor"], dtype=np.float64) + (0.0 if shift is None else shift(q))
+            col = math.floor((x - grid["origin"][0]) / cell)
+            row = math.floor((y - grid["origin"][1]) / cell)
+            if 0 <= col < cols and 0 <= row < rows:
+                cells[row * cols + col] += 1.0 / fps
+    return cells
 
 
 def _default_zones() -> dict[str, list[tuple[float, float]]]:
@@ -569,17 +585,11 @@ class CameraScene:
         # Only what the video shows: a person scripted to leave after its last frame has not crossed yet.
         crossings = [x for x in crossings if x["ts"] <= ts_all[-1] + 1e-6]
         crossings.sort(key=lambda x: (x["ts"], x["person"]))
-        # Heatmap: each frame after the first credits 1/fps to every person's cell.
         hm = self.heatmap_config()
         cols = max(1, math.ceil(hm["width_m"] / hm["cell_m"] - 1e-9))
         rows = max(1, math.ceil(hm["height_m"] / hm["cell_m"] - 1e-9))
-        cells = np.zeros(rows * cols)
-        for f in frames[1:]:
-            for q in f["people"]:
-                col = math.floor((q["floor"][0] - hm["origin"][0]) / hm["cell_m"])
-                row = math.floor((q["floor"][1] - hm["origin"][1]) / hm["cell_m"])
-                if 0 <= col < cols and 0 <= row < rows:
-                    cells[row * cols + col] += 1.0 / c.fps
+        hm_grid = {**hm, "rows": rows, "cols": cols}
+        cells = paint_heatmap(frames, hm_grid, c.fps)
         people = [{
             "id": p.pid, "sprite": self.sprites[p.sprite].name, "height_m": round(p.height_m, 3),
             "speed_mps": round(p.speed, 3), "start_ts": round(c.start_ts + p.t0, 6),
@@ -597,7 +607,7 @@ class CameraScene:
             "crossings": crossings,
             "entries": sum(x["direction"] == "in" for x in crossings),
             "exits": sum(x["direction"] == "out" for x in crossings),
-            "heatmap": {**hm, "rows": rows, "cols": cols, "cells": np.round(cells, 6).tolist()},
+            "heatmap": {**hm_grid, "cells": np.round(cells, 6).tolist()},
         }
         return self._truth
 
