@@ -210,20 +210,47 @@ def test_a_person_whose_feet_are_hidden_is_placed_from_their_head(far_y: float, 
                  heatmap={"origin": [0, 0], "width_m": 4, "height_m": 8, "cell_m": 0.25}, zones={}, lines={})
     an = TrafficAnalytics(cfg)
     far = box(2.1, far_y, 1.82)
-    for i in range(5):  # alone: feet in view
+    for i in range(6):  # alone: feet in view
         an.update(T0 + 0.1 * i, [Track(2, far, 0.9)])
     near = box(2.2, near_y, 1.75)
     cut = (far[0], far[1], far[2], near[1] + 4.0)  # the visible part ends just below track 1's head top
-    for i in range(5, 25):
+    for i in range(6, 26):
         an.update(T0 + 0.1 * i, [Track(1, near, 0.9), Track(2, cut, 0.9)])
     _, heat = an.flush(T0 + 600)
     cells = np.sum([h["cells"] for h in heat], axis=0).reshape(32, 16)
     assert an.counters["feet_from_head"] == (20 if placed else 0)
     if placed:  # every frame of track 2 after the first, in its cell
-        assert cells[int(far_y / 0.25), 8] == pytest.approx(2.4)
+        assert cells[int(far_y / 0.25), 8] == pytest.approx(2.5)
     # What the cut box's bottom edge alone says: well over a metre farther off.
     naive = an.homography.to_floor(foot_points([cut]))[0]
     assert naive[1] - far_y > 1.0
+
+
+def test_one_bad_box_is_not_taken_for_a_persons_height() -> None:
+    """Track 2 is first seen in a doorway, its box cut at the knees (the sill): taken as feet, that box
+    makes them 0.5 m shorter than they are. Then track 1 steps in front and hides their feet. Placed
+    from their head with the height of that one box they would land about a metre off; until a few
+    frames agree on a height the configured person_height_m places them, within a cell of the truth."""
+    project = _camera(0.0, 35.0, 3.5, 420.0)
+    floor = np.array([[0, 0], [4, 0], [4, 8], [0, 8]], dtype=np.float64)
+    img = project(np.c_[floor, np.zeros(4)])
+
+    def box(x: float, y: float, tall: float, cut: float = 0.0) -> tuple[float, float, float, float]:
+        c = project(np.array([[x - 0.25, y, cut], [x + 0.25, y, cut], [x - 0.25, y, tall], [x + 0.25, y, tall]]))
+        return c[:, 0].min(), c[:, 1].min(), c[:, 0].max(), c[:, 1].max()
+
+    cfg = config(homography={"image": img.tolist(), "floor": floor.tolist(), "image_size": [640, 360]},
+                 heatmap={"origin": [0, 0], "width_m": 4, "height_m": 8, "cell_m": 0.25}, zones={}, lines={},
+                 person_height_m=1.7)
+    an = TrafficAnalytics(cfg)
+    for i in range(3):
+        an.update(T0 + 0.1 * i, [Track(2, box(2.1, 4.6, 1.7, cut=0.5), 0.9)])
+    near = box(2.2, 3.3, 1.75)
+    cut = (*box(2.1, 4.6, 1.7)[:3], near[1] + 4.0)
+    for i in range(3, 23):
+        an.update(T0 + 0.1 * i, [Track(1, near, 0.9), Track(2, cut, 0.9)])
+    assert an.counters["feet_from_head"] == 20
+    assert an._tracks[2].pos[1] == pytest.approx(4.6, abs=0.1)
 
 
 def test_level_camera_has_no_vertical_vanishing_point() -> None:

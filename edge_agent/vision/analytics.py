@@ -231,7 +231,7 @@ class _OpenVisit:
 
 class _TrackState:
     __slots__ = ("last_seen", "seen_frame", "painted_ts", "hidden_ts", "box", "pos", "d", "side", "cross_ok",
-                 "pending", "visits", "covered", "trail", "height")
+                 "pending", "visits", "covered", "trail", "heights")
 
     def __init__(self, ts: float, pos: FloatArray, d: list[float], frame: int, box: FloatArray) -> None:
         self.last_seen = ts
@@ -253,7 +253,8 @@ class _TrackState:
         self.pending: list[Crossing | None] = [None] * len(d)
         self.visits: dict[int, _OpenVisit] = {}
         self.trail: deque[tuple[float, FloatArray]] = deque([(ts, pos)], maxlen=TRAIL_LEN)
-        self.height: float | None = None  # metres, learnt while the feet are in view (image_size given)
+        # Metres, estimated in the frames the feet were in view (image_size given); see height.
+        self.heights: deque[float] = deque(maxlen=HEIGHTS_KEPT)
 
     def velocity(self) -> FloatArray:
         """Floor velocity over the last second or so of sightings (m/s); single frames jitter too much."""
@@ -263,6 +264,12 @@ class _TrackState:
 
     def speed(self) -> float:
         return float(np.hypot(*self.velocity()))
+
+    def height(self, default: float) -> float:
+        """The person's height: the median of their estimates once there are HEIGHTS_TRUSTED of them. A
+        single box can be far off (a person half through a doorway, a detection cut at the knees), and
+        one such frame taken as their height misplaced them by a metre for as long as they were hidden."""
+        return statistics.median(self.heights) if len(self.heights) >= HEIGHTS_TRUSTED else default
 
 
 class _Bucket:
@@ -284,6 +291,8 @@ class _Bucket:
 
 
 HEAD_PLACEMENT_M_PER_DM = 0.5  # floor metres per 10 cm of height error beyond which heads place nobody
+HEIGHTS_KEPT = 31  # a person's latest height estimates, about three seconds of frames
+HEIGHTS_TRUSTED = 5  # estimates it takes to trust their median over person_height_m
 HEIGHT_RANGE_M = (1.0, 2.3)  # a height estimate outside it is a bad box (bent over, cut), not a person
 HIDDEN_SHARE = 0.5  # of a lost track's last box inside a nearer person's box: still behind them
 HOLD_MAX_SPEED_MPS = 0.4  # faster at the last sighting: walking on, not standing behind someone
@@ -427,7 +436,7 @@ class TrafficAnalytics:
     def _place_hidden_feet(self, ids: list[int], feet: FloatArray, floor: FloatArray, boxes: FloatArray) -> None:
         """In place: the floor point of a person whose feet are hidden (behind someone nearer, or below
         the frame) from the top of their head and their height, which is learnt from the frames their
-        feet were seen (person_height_m until then). The bottom of such a box is the top of whoever is
+        feet were seen (person_height_m until a few frames agree, see _TrackState.height). The bottom of such a box is the top of whoever is
         in front, and taken as the feet it would put the person a metre or more too far away."""
         up = self._uprights
         assert up is not None
@@ -438,7 +447,7 @@ class TrafficAnalytics:
         for k, tid in enumerate(ids):
             st = self._tracks.get(tid)
             if hidden[k]:
-                h = st.height if st is not None and st.height is not None else self.config.person_height_m
+                h = self.config.person_height_m if st is None else st.height(self.config.person_height_m)
                 q, q_taller = up.foot_of(np.repeat(heads[k:k + 1], 2, axis=0), [h, h + 0.1])
                 # Only where the camera looks down steeply enough for it: seen from low down, 10 cm of
                 # height moves the head's floor point by more than HEAD_PLACEMENT_M_PER_DM, worse than
@@ -449,7 +458,7 @@ class TrafficAnalytics:
             elif st is not None:
                 est = float(up.height_of(floor[k], heads[k])[0])
                 if HEIGHT_RANGE_M[0] <= est <= HEIGHT_RANGE_M[1]:
-                    st.height = est if st.height is None else st.height + 0.2 * (est - st.height)
+                    st.heights.append(est)
 
     def _hidden(self, ids: list[int], boxes: FloatArray, ts: float) -> list[tuple[int, _TrackState]]:
         """Lost tracks presumed standing hidden behind someone: last seen standing still (not walking
