@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--pose", choices=sorted(POSES), default=SceneConfig.pose, help="the simulated camera's mount")
     ap.add_argument("--imgsz", type=int, default=None, help="default: VisionConfig's")
     ap.add_argument("--conf", type=float, default=None, help="default: VisionConfig's")
+    ap.add_argument("--iou", type=float, default=None, help="NMS overlap (default: the detector's)")
     a = ap.parse_args()
     vcfg = VisionConfig()
     imgsz = a.imgsz or vcfg.imgsz
@@ -164,7 +165,9 @@ def main() -> None:
         cam = TrafficAnalyticsConfig.model_validate(scene.analytics_config())
         overrides = {"track_buffer": max(1, round(cam.track_grace_s * a.fps))}
         if det is None:
-            det = PersonDetector(vcfg.model, imgsz=imgsz, conf=conf, tracker=vcfg.tracker, tracker_overrides=overrides)
+            nms = {"iou": a.iou} if a.iou is not None else {}
+            det = PersonDetector(vcfg.model, imgsz=imgsz, conf=conf, tracker=vcfg.tracker, tracker_overrides=overrides,
+                                 **nms)
             note(repr(det))
         det.reset()
         analytics = TrafficAnalytics(cam)
