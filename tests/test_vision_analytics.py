@@ -160,6 +160,24 @@ def _camera(yaw_deg: float, pitch_deg: float, height: float, focal: float, size=
     return project
 
 
+def _person_box(project, x: float, y: float, tall: float, cut: float = 0.0) -> tuple[float, float, float, float]:
+    """The image box of a person as a 0.5 m wide slab facing the camera, from ``cut`` up to ``tall``."""
+    c = project(np.array([[x - 0.25, y, cut], [x + 0.25, y, cut], [x - 0.25, y, tall], [x + 0.25, y, tall]]))
+    return c[:, 0].min(), c[:, 1].min(), c[:, 0].max(), c[:, 1].max()
+
+
+def _steep_camera(**overrides):
+    """(project, analytics) for a camera 3.5 m up looking 35 degrees down over a 4 x 8 m floor, with its
+    frame size given (so feet hidden are placed from heads) and a 0.25 m heatmap grid."""
+    project = _camera(0.0, 35.0, 3.5, 420.0)
+    floor = np.array([[0, 0], [4, 0], [4, 8], [0, 8]], dtype=np.float64)
+    img = project(np.c_[floor, np.zeros(4)])
+    cfg = config(homography={"image": img.tolist(), "floor": floor.tolist(), "image_size": [640, 360]},
+                 heatmap={"origin": [0, 0], "width_m": 4, "height_m": 8, "cell_m": 0.25}, zones={}, lines={},
+                 **overrides)
+    return project, TrafficAnalytics(cfg)
+
+
 @settings(max_examples=60, deadline=None)
 @given(yaw=st.floats(-40, 40), pitch=st.floats(10, 80), height=st.floats(2.5, 6), focal=st.floats(250, 1200))
 def test_vertical_vanishing_point_of_a_pinhole_camera(yaw: float, pitch: float, height: float, focal: float) -> None:
@@ -198,21 +216,11 @@ def test_a_person_whose_feet_are_hidden_is_placed_from_their_head(far_y: float, 
     first frames, feet in view) they are placed where they are. Not so far off, though, where the
     camera looks too flat for it (10 cm of height would move them more than half a metre): there the
     box is taken as it is."""
-    project = _camera(0.0, 35.0, 3.5, 420.0)
-    floor = np.array([[0, 0], [4, 0], [4, 8], [0, 8]], dtype=np.float64)
-    img = project(np.c_[floor, np.zeros(4)])
-
-    def box(x: float, y: float, tall: float) -> tuple[float, float, float, float]:
-        c = project(np.array([[x - 0.25, y, 0], [x + 0.25, y, 0], [x - 0.25, y, tall], [x + 0.25, y, tall]]))
-        return c[:, 0].min(), c[:, 1].min(), c[:, 0].max(), c[:, 1].max()
-
-    cfg = config(homography={"image": img.tolist(), "floor": floor.tolist(), "image_size": [640, 360]},
-                 heatmap={"origin": [0, 0], "width_m": 4, "height_m": 8, "cell_m": 0.25}, zones={}, lines={})
-    an = TrafficAnalytics(cfg)
-    far = box(2.1, far_y, 1.82)
+    project, an = _steep_camera()
+    far = _person_box(project, 2.1, far_y, 1.82)
     for i in range(6):  # alone: feet in view
         an.update(T0 + 0.1 * i, [Track(2, far, 0.9)])
-    near = box(2.2, near_y, 1.75)
+    near = _person_box(project, 2.2, near_y, 1.75)
     cut = (far[0], far[1], far[2], near[1] + 4.0)  # the visible part ends just below track 1's head top
     for i in range(6, 26):
         an.update(T0 + 0.1 * i, [Track(1, near, 0.9), Track(2, cut, 0.9)])
@@ -231,22 +239,11 @@ def test_one_bad_box_is_not_taken_for_a_persons_height() -> None:
     makes them 0.5 m shorter than they are. Then track 1 steps in front and hides their feet. Placed
     from their head with the height of that one box they would land about a metre off; until a few
     frames agree on a height the configured person_height_m places them, within a cell of the truth."""
-    project = _camera(0.0, 35.0, 3.5, 420.0)
-    floor = np.array([[0, 0], [4, 0], [4, 8], [0, 8]], dtype=np.float64)
-    img = project(np.c_[floor, np.zeros(4)])
-
-    def box(x: float, y: float, tall: float, cut: float = 0.0) -> tuple[float, float, float, float]:
-        c = project(np.array([[x - 0.25, y, cut], [x + 0.25, y, cut], [x - 0.25, y, tall], [x + 0.25, y, tall]]))
-        return c[:, 0].min(), c[:, 1].min(), c[:, 0].max(), c[:, 1].max()
-
-    cfg = config(homography={"image": img.tolist(), "floor": floor.tolist(), "image_size": [640, 360]},
-                 heatmap={"origin": [0, 0], "width_m": 4, "height_m": 8, "cell_m": 0.25}, zones={}, lines={},
-                 person_height_m=1.7)
-    an = TrafficAnalytics(cfg)
+    project, an = _steep_camera(person_height_m=1.7)
     for i in range(3):
-        an.update(T0 + 0.1 * i, [Track(2, box(2.1, 4.6, 1.7, cut=0.5), 0.9)])
-    near = box(2.2, 3.3, 1.75)
-    cut = (*box(2.1, 4.6, 1.7)[:3], near[1] + 4.0)
+        an.update(T0 + 0.1 * i, [Track(2, _person_box(project, 2.1, 4.6, 1.7, cut=0.5), 0.9)])
+    near = _person_box(project, 2.2, 3.3, 1.75)
+    cut = (*_person_box(project, 2.1, 4.6, 1.7)[:3], near[1] + 4.0)
     for i in range(3, 23):
         an.update(T0 + 0.1 * i, [Track(1, near, 0.9), Track(2, cut, 0.9)])
     assert an.counters["feet_from_head"] == 20
@@ -271,9 +268,7 @@ def test_foot_point_of_a_person_leaning_towards_the_vanishing_point() -> None:
     assert up is not None
     vp = up.vanishing_point
     for x, y in ((0.3, 3.0), (3.8, 3.5), (2.0, 6.0)):
-        # The person as a 0.5 m wide, 1.8 m tall slab facing the camera.
-        corners = project(np.array([[x - 0.25, y, 0], [x + 0.25, y, 0], [x - 0.25, y, 1.8], [x + 0.25, y, 1.8]]))
-        box = [[corners[:, 0].min(), corners[:, 1].min(), corners[:, 0].max(), corners[:, 1].max()]]
+        box = [_person_box(project, x, y, 1.8)]
         naive = h.to_floor(foot_points(box))[0]
         followed = h.to_floor(foot_points(box, vp))[0]
         assert np.hypot(followed[0] - x, followed[1] - y) < 0.03
