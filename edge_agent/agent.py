@@ -15,7 +15,7 @@ from .clock import Clock, RealClock
 from .config import AgentConfig
 from .contract import Command, CycleCountArgs, InventoryResyncArgs
 from .health import HealthReporter
-from .inventory.book import InventoryBook
+from .inventory.book import DELTA_STREAM, InventoryBook
 from .sources.simulated_inventory import SimulatedInventorySource
 from .sync.downlink import CommandRejected, Downlink
 from .sync.outbox import Outbox
@@ -53,12 +53,14 @@ class Agent:
             cfg.store.id,
             self.outbox,
             self.clock,
-            inflight_window=cfg.outbox.inflight_window,
+            windows=cfg.outbox,
             boot_id=self.boot_id,
             agent_version=__version__,
+            on_rewind=self._on_rewind,
         )
         self.downlink = Downlink(cfg.store.id, cfg.mqtt.topic_prefix, self.outbox, self.clock)
         self.downlink.register("inventory.resync", self._resync)
+        self.downlink.register("replay", lambda _cmd, args: self.uplink.replay(args.stream, args.from_seq))
         self.uplink.subscribe(self.downlink.topic, self.downlink.on_message)
         self.health = HealthReporter(
             self.outbox,
@@ -129,12 +131,7 @@ class Agent:
         return {"count_id": c.count_id, "zone": c.zone, "book_before": len(c.book_before), "ends": c.ends}
 
     def _figures(self) -> dict[str, float]:
-        figures: dict[str, float] = {
-            "published_messages": self.uplink.published_messages,
-            "acked_messages": self.uplink.acked_messages,
-            "failed_acks": self.uplink.failed_acks,
-            "mqtt_connect_attempts": self.uplink.conn.attempts,
-        }
+        figures = self.uplink.figures()
         if self.vision is not None:
             figures.update(self.vision.figures)
         if self.esl is not None:
@@ -149,6 +146,12 @@ class Agent:
         log.info("inventory resync %s: snapshot %s as of seq %d in %d parts", cmd.id, info.snapshot_id,
                  info.as_of_seq, info.parts)
         return {"snapshot_id": info.snapshot_id, "as_of_seq": info.as_of_seq, "parts": info.parts, "keys": info.keys}
+
+    def _on_rewind(self, stream: str) -> None:
+        """HQ applied inventory this outbox no longer has (see Outbox._rewind): send HQ the whole book."""
+        if stream == DELTA_STREAM:
+            info = self.book.snapshot(reason="rewind: HQ is ahead of this outbox")
+            log.warning("outbox went back in time; snapshot %s as of seq %d sent", info.snapshot_id, info.as_of_seq)
 
     def _housekeep(self) -> None:
         interval = self.cfg.outbox.cap_check_interval_s

@@ -65,6 +65,13 @@ class OutboxConfig(Section):
     cap_bytes: int = Field(256 * 1024 * 1024, ge=256 * 1024)
     max_message_bytes: int = Field(128 * 1024, ge=4096, le=256 * 1024 * 1024)
     inflight_window: int = Field(32, ge=1, le=65535)
+    # Sealed messages per stream that may wait for HQ's ack; past it, new facts stay pending (compactable).
+    ack_window: int = Field(128, ge=1, le=65535)
+    # No ack progress for this long: publish a stream's unacknowledged messages again (doubling up to the max).
+    resend_after_s: float = Field(3.0, gt=0)
+    resend_max_s: float = Field(60.0, gt=0)
+    # Unacknowledged messages older than this raise an uplink.hq_silent alert (once per episode).
+    hq_silent_alert_s: float = Field(600.0, gt=0)
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     cap_check_interval_s: float = Field(0.5, gt=0)
     quarantine_keep: int = Field(10_000, ge=10)
@@ -167,6 +174,11 @@ class HqConfig(Section):
     client_id: str = "edge-hq"
     reorder_window_s: float = Field(2.0, ge=0)
     resync_retry_s: float = Field(15.0, gt=0)
+    # A seq further than this past the last applied (or a store's announced seq floor) is refused as
+    # implausible: a store seals at most ``outbox.ack_window`` messages ahead of HQ's ack.
+    max_seq_jump: int = Field(100_000, ge=1)
+    # Acks to a store are coalesced: at most one per store per this many seconds.
+    ack_interval_s: float = Field(0.05, ge=0)
     http_host: str = "127.0.0.1"
     http_port: int = Field(8780, ge=0, le=65535)
     print_applied: bool = True

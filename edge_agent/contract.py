@@ -194,6 +194,16 @@ class Alert(Strict):
     message: str
 
 
+Ulid = Annotated[str, StringConstraints(pattern=r"^[0-9A-HJKMNP-TV-Z]{26}$")]
+
+
+class Mark(Strict):
+    """A position in one stream: a seq and the id of the message that holds it."""
+
+    seq: int = Field(ge=0)
+    id: Ulid | Literal[""] = ""
+
+
 class HealthBody(Strict):
     uptime_s: float
     connected: bool
@@ -207,6 +217,8 @@ class HealthBody(Strict):
     quarantined: dict[str, int]
     counters: dict[str, float] = Field(default_factory=dict)
     alerts: list[Alert] = Field(default_factory=list)
+    # Per stream, the last sealed message (the high-water mark): HQ asks for a replay when it holds less.
+    hwm: dict[str, Mark] = Field(default_factory=dict)
 
 
 class StatusBody(Strict):
@@ -217,6 +229,8 @@ class StatusBody(Strict):
     # Per stream, the first seq of an outbox rebuilt after corruption: numbers below it were never sent
     # by this outbox, so a gap up to it is a restart (resync inventory), not messages lost in transit.
     seq_floor: dict[str, int] = Field(default_factory=dict)
+    hwm: dict[str, Mark] = Field(default_factory=dict)  # as in health, at the moment of connecting
+    instance: str = ""  # the outbox's own id, made once when its file is created: a copy carries it along
 
 
 # ---------------------------------------------------------------- streams
@@ -276,6 +290,10 @@ class Envelope(BaseModel):
     ts: datetime
     sent: datetime
     historical: bool
+    # The id of the message before this one in the stream ("" for the first, or when it is unknown):
+    # a chain that makes a store that went back in time visible at the first message past HQ's position.
+    prev: Ulid | Literal[""] = ""
+    sig: str | None = None  # Ed25519 over the fields that matter (edge_agent.signing), when the store signs
     body: dict[str, Any]
 
 
@@ -354,6 +372,34 @@ class Command(BaseModel):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
+class ReplayArgs(Strict):
+    """Publish again, from ``from_seq`` on, the sealed messages of ``stream`` HQ has not applied."""
+
+    stream: str
+    from_seq: int = Field(ge=1)
+
+
+ACK_TOPIC = "ack"
+
+
+class Ack(BaseModel):
+    """HQ's word to a store on ``{prefix}/{store}/ack``: per stream, the last message it has applied
+    (seq and id). Sent after HQ's commit, so the store may then forget everything up to it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    v: Literal[1] = 1
+    type: Literal["ack"] = "ack"
+    store: StoreId
+    ts: datetime
+    streams: dict[str, Mark]
+    sig: str | None = None
+
+
+def ack_topic(prefix: str, store: str) -> str:
+    return f"{prefix}/{store}/{ACK_TOPIC}"
+
+
 class InventoryResyncArgs(Strict):
     reason: str = "requested"
 
@@ -412,6 +458,7 @@ class EslFlashArgs(Strict):
 
 COMMAND_ARGS: dict[str, type[BaseModel]] = {
     "inventory.resync": InventoryResyncArgs,
+    "replay": ReplayArgs,
     "rfid.cycle_count": CycleCountArgs,
     "price.set": PriceSetArgs,
     "esl.bind": EslBindArgs,
@@ -428,6 +475,7 @@ def write_schemas(out: Path) -> list[Path]:
     written = []
     targets: dict[str, type[BaseModel]] = {f"{t}.message": m for t, m in MESSAGE_MODELS.items()}
     targets["command"] = Command
+    targets["ack"] = Ack
     targets.update({f"cmd.{n}.args": m for n, m in COMMAND_ARGS.items()})
     for name, model in sorted(targets.items()):
         path = out / f"{name}.schema.json"

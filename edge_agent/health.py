@@ -45,6 +45,7 @@ class HealthReporter:
             "quarantined": {k[len("quarantined."):]: v for k, v in counters.items() if k.startswith("quarantined.")},
             "counters": extra,
             "alerts": [{"ts": rfc3339(ts), "kind": k, "message": m} for ts, k, m in alerts],
+            "hwm": self.outbox.high_water(),
         }
 
     def tick(self, force: bool = False) -> bool:

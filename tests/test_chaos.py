@@ -461,7 +461,7 @@ def test_network_cut_loses_nothing_in_flight(tmp_path: Path, broker: Mosquitto) 
     """Messages the broker never acknowledged (lost on a dead link) are resent, not forgotten."""
     total = 20_000
     link = CuttableLink(broker.port)
-    cfg = agent_config(tmp_path, link.port, sim=sim(43, total, 4_000, 40), outbox={"inflight_window": 8})
+    cfg = agent_config(tmp_path, link.port, sim=sim(43, total, 4_000, 40), outbox={"inflight_window": 8, "ack_window": 8})
     outbox = tmp_path / "outbox-S001.db"
     hq = start_hq(tmp_path, broker.port)
     wait_for(lambda: hq.conn.connected.is_set(), 10, "HQ to connect")
@@ -472,12 +472,15 @@ def test_network_cut_loses_nothing_in_flight(tmp_path: Path, broker: Mosquitto) 
         assert link.cut() == 1
         made_at_cut = feed_position(outbox)
         # The agent does not notice: it fills its in-flight window with messages that go nowhere.
-        wait_for(lambda: read_db(outbox, "SELECT count(*) FROM sealed")[0][0] >= 8, 10,
-                 "the in-flight window to fill up on the dead link")
+        def sealed_deltas() -> int:
+            return read_db(outbox, "SELECT count(*) FROM sealed WHERE stream = ?", (DELTA,))[0][0]
+
+        wait_for(lambda: sealed_deltas() >= 8, 10, "the window to fill up on the dead link")
         time.sleep(1.0)
-        sealed = read_db(outbox, "SELECT count(*) FROM sealed")[0][0]
+        sealed = sealed_deltas()
         pending = read_db(outbox, "SELECT count(*) FROM pending")[0][0]
-        # Only the window is sealed while the link is dead; the rest stays pending (compactable).
+        # Only the window (messages HQ has not acknowledged) is sealed while the link is dead; the rest
+        # stays pending (compactable).
         assert sealed <= 8, sealed
         assert pending > 0 and feed_position(outbox) > made_at_cut, (pending, made_at_cut)
         link.drop()

@@ -85,7 +85,8 @@ SAMPLE_FACTS: dict[str, list[dict[str, Any]]] = {
     ],
 }
 STATUS_BODY = {"state": "online", "agent_version": "0.1.0", "boot_id": ULID_, "connection": 1,
-               "seq_floor": {"inventory/delta": 1795586360000}}
+               "seq_floor": {"inventory/delta": 1795586360000},
+               "hwm": {"inventory/delta": {"seq": 1795586360004, "id": ULID_}}, "instance": ULID_}
 
 
 def _dumps(obj: Any) -> str:
@@ -231,7 +232,7 @@ def test_topic_round_trip_property(store: str, rest: str) -> None:
 
 
 def expected_schema_files() -> set[str]:
-    names = {f"{t}.message.schema.json" for t in MESSAGE_MODELS} | {"command.schema.json"}
+    names = {f"{t}.message.schema.json" for t in MESSAGE_MODELS} | {"command.schema.json", "ack.schema.json"}
     return names | {f"cmd.{n}.args.schema.json" for n in COMMAND_ARGS}
 
 
@@ -399,6 +400,9 @@ def parses(doc: Any, is_command: bool) -> bool:
     return True
 
 
+ENVELOPE_OPTIONAL = {"prev", "sig"}
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), kind=mutation, is_command=st.booleans())
 def test_parsers_survive_mutated_envelopes(data: st.DataObject, kind: str, is_command: bool) -> None:
@@ -413,8 +417,8 @@ def test_parsers_survive_mutated_envelopes(data: st.DataObject, kind: str, is_co
     elif kind == "delete":
         path = data.draw(st.sampled_from(paths[1:]))
         doc = _delete(doc, path)
-        # every envelope key is required; a command needs all but v and args
-        must_fail = len(path) == 1 and (path[0] in COMMAND_REQUIRED if is_command else True)
+        # every envelope key is required but the optional chain and signature; a command needs all but v and args
+        must_fail = len(path) == 1 and (path[0] in COMMAND_REQUIRED if is_command else path[0] not in ENVELOPE_OPTIONAL)
     elif kind == "extra":
         dicts = [p for p in paths if isinstance(_get(doc, p), dict) and not (p and p[-1] in FREE_DICTS)]
         path = data.draw(st.sampled_from(dicts))

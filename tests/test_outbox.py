@@ -33,7 +33,7 @@ from edge_agent.hq.applier import HqApplier
 from edge_agent.hq.store import HqStore
 from edge_agent.inventory.book import Delta, InventoryBook
 from edge_agent.sync import compaction
-from edge_agent.sync.outbox import Fact, FactTooLarge, Outbox, SealedMessage
+from edge_agent.sync.outbox import AckResult, Fact, FactTooLarge, Outbox, SealedMessage
 
 from .helpers import REPO
 
@@ -89,12 +89,13 @@ def test_seq_starts_at_one_has_no_gaps_and_survives_reopening(tmp_path: Path) ->
     path = tmp_path / "outbox.db"
     ob = new_outbox(path)
     assert ob.last_seq("inventory/delta") == 0
-    seqs = []
+    seqs, msgs = [], []
     for i in range(5):
         ob.enqueue("inventory/delta", [delta_fact(i)])
-        seqs.append(ob.seal("inventory/delta").seq)  # type: ignore[union-attr]
+        msgs.append(ob.seal("inventory/delta"))
+        seqs.append(msgs[-1].seq)  # type: ignore[union-attr]
     assert seqs == [1, 2, 3, 4, 5]
-    ob.ack([("inventory/delta", s) for s in seqs])  # even with no sealed message left ...
+    assert ob.ack_through("inventory/delta", 5, msgs[-1].id).deleted == 5  # even with no sealed message left ...
     ob.enqueue("cmd-result", [Fact(T0, _dumps({"ts": rfc3339(T0), "cmd_id": "c", "name": "n", "status": "ok"}))])
     assert ob.seal("cmd-result").seq == 1  # type: ignore[union-attr]  # each stream counts on its own
     ob.close()
@@ -230,27 +231,110 @@ def test_fact_larger_than_a_message_is_refused(tmp_path: Path) -> None:
     ob.close()
 
 
-def test_ack_deletes_only_the_acked_message(tmp_path: Path) -> None:
+def alert_fact(i: int) -> Fact:
+    return Fact(T0, _dumps({"ts": rfc3339(T0), "label": f"L{i}", "kind": "low_battery"}))
+
+
+def test_hq_ack_forgets_what_it_covers_and_nothing_else(tmp_path: Path) -> None:
     ob = new_outbox(tmp_path / "outbox.db")
-    for stream in ("inventory/delta", "esl/alert"):
-        for i in range(3):
-            if stream == "inventory/delta":
-                ob.enqueue(stream, [delta_fact(i)])
-            else:
-                ob.enqueue(stream, [Fact(T0, _dumps({"ts": rfc3339(T0), "label": f"L{i}", "kind": "low_battery"}))])
-            ob.seal(stream)
+    sealed: dict[str, list[SealedMessage]] = {"inventory/delta": [], "esl/alert": []}
+    for i in range(3):
+        ob.enqueue("inventory/delta", [delta_fact(i)])
+        ob.enqueue("esl/alert", [alert_fact(i)])
+        for stream in sealed:
+            sealed[stream].append(ob.seal(stream))  # type: ignore[arg-type]
+    # Each message names the one before it: the chain HQ checks.
+    assert [m.prev for m in sealed["inventory/delta"]] == ["", sealed["inventory/delta"][0].id, sealed["inventory/delta"][1].id]
     ob.enqueue("inventory/delta", [delta_fact(9)])  # a pending fact is not touched by acks either
-    ob.ack([("inventory/delta", 2)])
-    rows = ob.read("SELECT stream, seq FROM sealed ORDER BY stream, seq")
-    assert rows == [("esl/alert", 1), ("esl/alert", 2), ("esl/alert", 3), ("inventory/delta", 1), ("inventory/delta", 3)]
-    ob.ack([("inventory/delta", 2), ("inventory/delta", 77), ("nope", 1)])  # repeated and unknown acks are harmless
-    assert ob.sealed_count() == 5
+    assert ob.unacked() == 6
+    r = ob.ack_through("inventory/delta", 2, sealed["inventory/delta"][1].id)
+    assert (r.deleted, r.rewind) == (2, False)
+    assert ob.read("SELECT stream, seq FROM sealed ORDER BY stream, seq") == [
+        ("esl/alert", 1), ("esl/alert", 2), ("esl/alert", 3), ("inventory/delta", 3)]
+    # A late or repeated ack, and an ack of nothing, are harmless.
+    assert ob.ack_through("inventory/delta", 2, sealed["inventory/delta"][1].id) == AckResult()
+    assert ob.ack_through("inventory/delta", 1, sealed["inventory/delta"][0].id) == AckResult()
+    assert ob.ack_through("esl/alert", 0, "") == AckResult()
+    assert ob.unacked("inventory/delta") == 1 and ob.unacked() == 4
     assert ob.pending_count() == 1
-    ob.ack([])
-    ob.ack([("esl/alert", 1), ("esl/alert", 3)])
-    assert [m.seq for m in ob.sealed_after("esl/alert", 0, 10)] == [2]
-    assert [m.seq for m in ob.sealed_after("inventory/delta", 1, 10)] == [3]
+    assert ob.high_water() == {"inventory/delta": {"seq": 3, "id": sealed["inventory/delta"][2].id},
+                               "esl/alert": {"seq": 3, "id": sealed["esl/alert"][2].id}}
     ob.close()
+
+
+def test_an_ack_from_hq_that_is_ahead_puts_unacknowledged_messages_back_to_pending(tmp_path: Path) -> None:
+    """HQ applied seq 5 (id X) while this outbox (restored from an older copy) holds only up to 3: the
+    unacknowledged messages go back to pending, numbering continues after HQ's, chained on to X."""
+    ob = new_outbox(tmp_path / "outbox.db")
+    for i in range(3):
+        ob.enqueue("inventory/delta", [delta_fact(i, delta=i + 1)])
+        ob.seal("inventory/delta")
+    ob.enqueue("inventory/delta", [delta_fact(7, delta=7)])
+    facts_before = sorted(json.loads(b)["delta"] for (b,) in ob.read("SELECT body FROM pending")) + [1, 2, 3]
+    hq_id = "01JDZZZZZZZZZZZZZZZZZZZZZZ"
+    r = ob.ack_through("inventory/delta", 5, hq_id)
+    assert r.rewind and r.repended == 3 and r.deleted == 0
+    assert ob.sealed_count() == 0 and ob.unacked() == 0
+    # Nothing lost: every fact is pending again, the put-back ones first, in their order.
+    bodies = [json.loads(b) for _, b in pending(ob, "inventory/delta")]
+    assert [b["delta"] for b in bodies] == [1, 2, 3, 7]
+    assert sorted(b["delta"] for b in bodies) == sorted(facts_before)
+    m = ob.seal("inventory/delta")
+    assert m is not None and (m.seq, m.prev, m.facts) == (6, hq_id, 4)
+    assert [k for _, k, _ in ob.read("SELECT ts, kind, message FROM alerts")] == ["outbox.rewind"]
+    assert ob.counters()["rewinds"] == 1
+    ob.close()
+
+
+def test_an_ack_naming_another_id_at_a_held_seq_is_a_rewind(tmp_path: Path) -> None:
+    ob = new_outbox(tmp_path / "outbox.db")
+    for i in range(4):
+        ob.enqueue("esl/alert", [alert_fact(i)])
+        ob.seal("esl/alert")
+    r = ob.ack_through("esl/alert", 2, "01JDZZZZZZZZZZZZZZZZZZZZZZ")
+    assert r.rewind and r.repended == 4
+    m = ob.seal("esl/alert")
+    assert m is not None and m.seq == 3 and m.prev == "01JDZZZZZZZZZZZZZZZZZZZZZZ"
+    # An ack that does not know the id (HQ installed a snapshot there) is taken at its word.
+    ob.enqueue("esl/alert", [alert_fact(9)])
+    ob.seal("esl/alert")
+    assert ob.ack_through("esl/alert", 3, "") == AckResult(deleted=1)
+    ob.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["enq", "seal", "ack", "stale", "rewind"]), st.integers(0, 6)),
+                    max_size=40))
+def test_acks_and_rewinds_never_lose_a_fact_or_reuse_a_seq(ops: list[tuple[str, int]]) -> None:
+    """Whatever HQ acks (in order, late, or from a timeline this outbox lost), every fact enqueued is
+    either covered by an ack of the message holding it or still held, and seqs only ever grow."""
+    with scratch_outbox() as ob:
+        stream = "inventory/delta"
+        made = acked_facts = top = 0
+        sent: dict[int, SealedMessage] = {}
+        ids: dict[int, str] = {}  # what HQ would name each seq
+        for op, n in ops:
+            if op == "enq":
+                ob.enqueue(stream, [delta_fact(made + i) for i in range(n + 1)])
+                made += n + 1
+            elif op == "seal" and (m := ob.seal(stream)) is not None:
+                assert m.seq > top, "a seq sealed twice"
+                top = m.seq
+                sent[m.seq], ids[m.seq] = m, m.id
+            elif op in ("ack", "stale"):
+                held = sorted(r[0] for r in ob.read("SELECT seq FROM sealed"))
+                if held:
+                    seq = held[min(n, len(held) - 1)] if op == "ack" else held[0] - 1
+                    if op == "ack":
+                        acked_facts += sum(sent[s].facts for s in held if s <= seq)
+                    assert not ob.ack_through(stream, seq, ids.get(seq, "")).rewind
+            elif op == "rewind":
+                hq_seq = ob.last_seq(stream) + n + 1
+                ids[hq_seq] = "01JDZZZZZZZZZZZZZZZZZZZZ" + "ABCDEFG"[n]
+                assert ob.ack_through(stream, hq_seq, ids[hq_seq]).rewind
+                top = hq_seq
+        held = ob.read("SELECT coalesce(sum(facts), 0) FROM sealed")[0][0] + ob.pending_count()
+        assert acked_facts + held == made
 
 
 # ---------------------------------------------------------------- disk cap

@@ -1,9 +1,27 @@
 """The HQ apply engine: exactly-once per (store, stream) from at-least-once delivery.
 
-A message is applied only if ``seq == last + 1``; ``seq <= last`` is a duplicate and ignored; a
-message from the future is stashed (durably) while a reorder window runs. If the gap has not closed
-when the window ends, the inventory stream asks the store for ``inventory.resync`` and rebuilds from
-the snapshot; other streams skip ahead and count what was lost.
+Rules, per (store, stream):
+- A message is applied only if ``seq == last + 1`` and it chains on to what was applied (its ``prev``
+  is the id of message ``last``); ``seq <= last`` is a duplicate and ignored. State, ``last`` and its
+  id change in one transaction, and HQ's ack (what it applied: seq and id) goes out after the commit.
+- A message from the future is stashed (durably). So is a gap announced by the store's high-water
+  mark (health and status carry its last sealed seq per stream): a tail lost on the way shows within
+  one health interval. When the reorder window runs out, HQ asks the store to ``replay`` from
+  ``last + 1`` (the store keeps every message until HQ's ack covers it). Only if the store answers
+  that it no longer holds them (or never sent them: a rebuilt outbox's seq floor) does HQ give up:
+  inventory asks for ``inventory.resync`` and installs the snapshot, other streams skip ahead and
+  count what was lost.
+- A store that went back in time (a lost WAL, a restored backup, a copied box) shows as a message at
+  HQ's last seq with another id, a message whose ``prev`` is not HQ's last id, or a birth whose
+  high-water mark is below what HQ applied. Nothing of it is applied; HQ counts a rewind, raises an
+  alert and acks its own position, from which the store renumbers past it and sends a snapshot.
+- Sanity before anything is applied: a seq more than ``max_seq_jump`` past the last (or the store's
+  announced floor) is refused; a snapshot is installed only once HQ knows the store sealed its
+  ``as_of_seq``; a snapshot that is older than what HQ applied is brought forward with the journal of
+  the deltas applied since (kept for the last ``JOURNAL_KEEP`` messages), so a resync never races the
+  live stream.
+
+Timers (reorder window, retries) run on an injected monotonic clock; the wall clock only stamps.
 """
 
 from __future__ import annotations
@@ -11,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +39,17 @@ from pydantic import ValidationError
 from ulid import ULID
 
 from ..clock import Clock, rfc3339
-from ..contract import MESSAGE_MODELS, STATUS_STREAM, Command, Envelope, command_topic, split_topic
+from ..contract import (
+    MESSAGE_MODELS,
+    STATUS_STREAM,
+    Ack,
+    Command,
+    Envelope,
+    Mark,
+    ack_topic,
+    command_topic,
+    split_topic,
+)
 from ..sync.outbox import insert_rows
 from .store import HqStore
 
@@ -29,7 +58,14 @@ log = logging.getLogger(__name__)
 DELTA = "inventory/delta"
 SNAPSHOT = "inventory/snapshot"
 LABELS = "esl/state"
+HEALTH = "health"
+CMD_RESULT = "cmd-result"
 MAX_PAYLOAD = 16 * 1024 * 1024
+JOURNAL_KEEP = 4096
+
+
+class Implausible(ValueError):
+    """A well-formed message that cannot be true of the store (a forged or corrupted number)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +92,16 @@ class Figures:
     by_stream: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
 
 
+@dataclass
+class Gap:
+    """An open gap in one stream: since when (monotonic), and the replays asked so far."""
+
+    since: float
+    replays: int = 0
+    asked_at: float | None = None
+    unavailable_to: int = 0  # the store said it no longer holds seqs up to here
+
+
 class HqApplier:
     def __init__(
         self,
@@ -65,27 +111,40 @@ class HqApplier:
         prefix: str,
         reorder_window_s: float = 2.0,
         resync_retry_s: float = 15.0,
+        max_seq_jump: int = 100_000,
         on_applied: Callable[[Applied], None] | None = None,
+        verify: Callable[[str, bytes], str | None] | None = None,
+        sign: Callable[[dict[str, Any]], bytes] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db = store
         self.clock = clock
         self.prefix = prefix
         self.reorder_window_s = reorder_window_s
         self.resync_retry_s = resync_retry_s
+        self.max_seq_jump = max_seq_jump
         self.on_applied = on_applied
+        self._verify = verify  # (store, payload) -> None if authentic, else the reason
+        self._sign = sign  # dict -> signed JSON bytes, for commands and acks
+        self._mono = monotonic
         self.figures = Figures()
-        self._gap_since: dict[tuple[str, str], float] = {}
+        self.ack_due: set[str] = set()  # stores whose ack should go out (after the commit that moved them)
+        self._gaps: dict[tuple[str, str], Gap] = {}
         self._resync_sent: dict[str, float] = {}
-        now = clock.now()
-        for st, stream in store.read("SELECT DISTINCT store, stream FROM stash"):
-            self._gap_since[(st, stream)] = now
+        self._rewinding: set[tuple[str, str]] = set()  # one rewind counted per episode
+        now = self._mono()
+        for st, stream in store.read(
+            "SELECT DISTINCT store, stream FROM stash UNION SELECT store, stream FROM streams WHERE hwm > last_seq"
+        ):
+            self._gaps[(st, stream)] = Gap(now)
+        self._waiting_snapshots = {r[0] for r in store.read("SELECT DISTINCT store FROM snapshot_parts")}
 
     # ------------------------------------------------------------ intake
 
-    def receive(self, topic: str, payload: bytes) -> list[Outgoing]:
+    def receive(self, topic: str, payload: bytes, retained: bool = False) -> list[Outgoing]:
         parts = split_topic(self.prefix, topic)
-        if parts is not None and parts.stream == "cmd":
-            return []
+        if parts is not None and parts.stream in ("cmd", "ack"):
+            return []  # HQ's own downlink, seen through its wildcard subscription
         try:
             if parts is None:
                 raise ValueError(f"not a {self.prefix}/<store>/<stream> topic")
@@ -99,16 +158,20 @@ class HqApplier:
             env = model.model_validate_json(payload)
             if env.store != parts.store or env.stream != parts.stream:
                 raise ValueError(f"envelope says {env.store}/{env.stream}, topic says {parts.store}/{parts.stream}")
+            if self._verify is not None and (reason := self._verify(env.store, payload)):
+                raise ValueError(f"signature: {reason}")
         except (ValueError, ValidationError, UnicodeDecodeError, RecursionError) as e:
             self._reject(topic, str(e)[:500], payload)
             return []
         try:
             if env.stream == STATUS_STREAM:
-                self._status(env)
+                self._status(env, retained)
                 return []
-            if env.stream == SNAPSHOT:
-                return self._snapshot(env)
+            if env.stream == HEALTH:
+                self._note_hwm(env.store, env.body.hwm)  # type: ignore[attr-defined]
             self._sequenced(env, payload)
+        except Implausible as e:
+            self._reject(topic, f"implausible: {e}", payload)
         except OverflowError as e:
             # A number beyond SQLite's 64-bit integers (seq, qty, ...): its transaction rolled back, nothing applied.
             self._reject(topic, f"number out of range: {e}", payload)
@@ -123,45 +186,111 @@ class HqApplier:
                 (self.clock.now(), topic, reason, payload[:65536]),
             )
 
-    def _status(self, env: Envelope) -> None:
-        b = env.body
+    def _alert(self, c: sqlite3.Connection, store: str, kind: str, message: str) -> None:
+        c.execute("INSERT INTO alerts(at, store, kind, message) VALUES (?,?,?,?)", (self.clock.now(), store, kind, message))
+        log.warning("alert %s for %s: %s", kind, store, message)
+
+    def _status(self, env: Envelope, retained: bool) -> None:
+        b: Any = env.body
         with self.db.tx() as c:
-            c.execute(
-                "INSERT INTO status(store, state, boot_id, connection, at) VALUES (?,?,?,?,?)"
-                " ON CONFLICT(store) DO UPDATE SET state=excluded.state, boot_id=excluded.boot_id,"
-                " connection=excluded.connection, at=excluded.at",
-                (env.store, b.state, b.boot_id, b.connection, self.clock.now()),  # type: ignore[attr-defined]
-            )
             c.executemany(
                 "INSERT INTO floors(store, stream, floor) VALUES (?,?,?)"
                 " ON CONFLICT(store, stream) DO UPDATE SET floor = max(floor, excluded.floor)",
-                [(env.store, s, f) for s, f in b.seq_floor.items()],  # type: ignore[attr-defined]
+                [(env.store, s, f) for s, f in b.seq_floor.items()],
             )
+            prev = c.execute("SELECT instance FROM status WHERE store = ?", (env.store,)).fetchone()
+            c.execute(
+                "INSERT INTO status(store, state, boot_id, connection, at, instance) VALUES (?,?,?,?,?,?)"
+                " ON CONFLICT(store) DO UPDATE SET state=excluded.state, boot_id=excluded.boot_id,"
+                " connection=excluded.connection, at=excluded.at, instance=excluded.instance",
+                (env.store, b.state, b.boot_id, b.connection, self.clock.now(), b.instance),
+            )
+            if b.state != "online" or retained:
+                # A retained birth is an old one replayed by the broker to a new subscription: its
+                # high-water mark may predate what HQ applied since, so it proves nothing.
+                return
+            if prev and prev[0] and b.instance and prev[0] != b.instance:
+                self._alert(c, env.store, "store.new_outbox",
+                            f"outbox instance {b.instance} replaces {prev[0]} (a new or rebuilt box)")
+            for stream, mark in b.hwm.items():
+                row = c.execute(
+                    "SELECT last_seq, last_id FROM streams WHERE store = ? AND stream = ?", (env.store, stream)
+                ).fetchone()
+                if row is None:
+                    continue
+                last, last_id = row
+                if mark.seq < last or (mark.seq == last and mark.id and last_id and mark.id != last_id):
+                    self._rewind(c, env.store, stream, f"the store's birth says it sealed up to {mark.seq}"
+                                 f" ({mark.id or '?'}), HQ applied {last} ({last_id or '?'})")
+        self.ack_due.add(env.store)
+        self._note_hwm(env.store, b.hwm)
+
+    def _rewind(self, c: sqlite3.Connection, store: str, stream: str, why: str) -> None:
+        """The store went back in time: apply nothing of it, count once per episode, alert, ack."""
+        self.ack_due.add(store)
+        if (store, stream) in self._rewinding:
+            return
+        self._rewinding.add((store, stream))
+        c.execute("UPDATE streams SET rewinds = rewinds + 1 WHERE store = ? AND stream = ?", (store, stream))
+        self._alert(c, store, "store.rewind", f"{stream}: {why}; the store went back in time (lost WAL, restored"
+                    " backup or copied box): nothing of it applied, HQ's position sent back")
+
+    def _note_hwm(self, store: str, hwm: dict[str, Mark]) -> None:
+        """The store has sealed up to these seqs: what HQ lacks of them is a gap, even with nothing stashed."""
+        if not hwm:
+            return
+        with self.db.tx() as c:
+            for stream, mark in hwm.items():
+                last = self._last(c, store, stream)[0]
+                if mark.seq > self._limit(c, store, stream, last):
+                    continue  # implausible: proves nothing, opens nothing
+                c.execute("UPDATE streams SET hwm = max(hwm, ?) WHERE store = ? AND stream = ?", (mark.seq, store, stream))
+                if mark.seq > last:
+                    self._gaps.setdefault((store, stream), Gap(self._mono()))
+        self._retry_snapshots(store)
 
     # ------------------------------------------------------------ sequenced streams
 
     @staticmethod
-    def _last(c: sqlite3.Connection, store: str, stream: str) -> int:
-        row = c.execute("SELECT last_seq FROM streams WHERE store = ? AND stream = ?", (store, stream)).fetchone()
+    def _last(c: sqlite3.Connection, store: str, stream: str) -> tuple[int, str]:
+        row = c.execute("SELECT last_seq, last_id FROM streams WHERE store = ? AND stream = ?", (store, stream)).fetchone()
         if row is None:
             c.execute("INSERT INTO streams(store, stream) VALUES (?, ?)", (store, stream))
-            return 0
-        return row[0]
+            return 0, ""
+        return row[0], row[1]
 
     @staticmethod
-    def _missing(c: sqlite3.Connection, store: str, stream: str, last: int, upto: int) -> int:
+    def _floor(c: sqlite3.Connection, store: str, stream: str) -> int:
+        row = c.execute("SELECT floor FROM floors WHERE store = ? AND stream = ?", (store, stream)).fetchone()
+        return row[0] if row else 0
+
+    def _limit(self, c: sqlite3.Connection, store: str, stream: str, last: int) -> int:
+        return max(last, self._floor(c, store, stream)) + self.max_seq_jump
+
+    def _missing(self, c: sqlite3.Connection, store: str, stream: str, last: int, upto: int) -> int:
         """How many numbers in (last, upto] the store sent that never arrived: those below its seq floor
         were never sent (its outbox was rebuilt from a corrupt file and started there)."""
-        floor = c.execute("SELECT floor FROM floors WHERE store = ? AND stream = ?", (store, stream)).fetchone()
-        return max(0, upto - (max(last, floor[0] - 1) if floor else last))
+        floor = self._floor(c, store, stream)
+        return max(0, upto - (max(last, floor - 1) if floor else last))
 
     def _sequenced(self, env: Envelope, payload: bytes) -> None:
         key = (env.store, env.stream)
         with self.db.tx() as c:
-            last = self._last(c, *key)
+            last, last_id = self._last(c, *key)
+            if env.seq > self._limit(c, *key, last):
+                raise Implausible(f"seq {env.seq} is more than {self.max_seq_jump} past {last}")
+            if env.stream == SNAPSHOT:
+                as_of, delta_last = env.body.as_of_seq, self._last(c, env.store, DELTA)[0]  # type: ignore[attr-defined]
+                if as_of > self._limit(c, env.store, DELTA, delta_last):
+                    raise Implausible(f"snapshot as of seq {as_of}, more than {self.max_seq_jump} past {delta_last}")
+            self.ack_due.add(env.store)
             if env.seq <= last:
-                c.execute("UPDATE streams SET duplicates = duplicates + 1 WHERE store = ? AND stream = ?", key)
+                if env.seq == last and last_id and env.id != last_id:
+                    self._rewind(c, *key, f"seq {last} arrived as {env.id}, HQ applied {last_id}")
+                else:
+                    c.execute("UPDATE streams SET duplicates = duplicates + 1 WHERE store = ? AND stream = ?", key)
                 return
+            c.execute("UPDATE streams SET hwm = max(hwm, ?) WHERE store = ? AND stream = ?", (env.seq, *key))
             if env.seq > last + 1:
                 cur = c.execute(
                     "INSERT OR IGNORE INTO stash(store, stream, seq, payload) VALUES (?,?,?,?)",
@@ -169,11 +298,16 @@ class HqApplier:
                 )
                 if not cur.rowcount:
                     c.execute("UPDATE streams SET duplicates = duplicates + 1 WHERE store = ? AND stream = ?", key)
-                self._gap_since.setdefault(key, self.clock.now())
+                self._gaps.setdefault(key, Gap(self._mono()))
                 return
-            applied = [self._apply(c, env)]
+            if env.prev and last_id and env.prev != last_id:
+                self._rewind(c, *key, f"seq {env.seq} follows {env.prev}, HQ applied {last_id} at {last}")
+                return
+            applied = self._apply(c, env)
             applied += self._drain_stash(c, env.store, env.stream, env.seq)
         self._notify(applied)
+        if env.stream in (DELTA, SNAPSHOT):
+            self._retry_snapshots(env.store)
 
     def _drain_stash(self, c: sqlite3.Connection, store: str, stream: str, last: int) -> list[Applied]:
         applied = []
@@ -185,17 +319,23 @@ class HqApplier:
             if row is None:
                 break
             env = MESSAGE_MODELS[json.loads(row[0])["type"]].model_validate_json(row[0])
-            applied.append(self._apply(c, env))
+            last_id = c.execute("SELECT last_id FROM streams WHERE store = ? AND stream = ?", (store, stream)).fetchone()[0]
             c.execute("DELETE FROM stash WHERE store = ? AND stream = ? AND seq = ?", (store, stream, env.seq))
+            if env.prev and last_id and env.prev != last_id:
+                self._rewind(c, store, stream, f"stashed seq {env.seq} follows {env.prev}, HQ applied {last_id}")
+                break
+            applied += self._apply(c, env)
             last = env.seq
-        if c.execute("SELECT 1 FROM stash WHERE store = ? AND stream = ? LIMIT 1", (store, stream)).fetchone():
-            self._gap_since.setdefault((store, stream), self.clock.now())
+        hwm = c.execute("SELECT hwm FROM streams WHERE store = ? AND stream = ?", (store, stream)).fetchone()[0]
+        if hwm > last or c.execute("SELECT 1 FROM stash WHERE store = ? AND stream = ? LIMIT 1", (store, stream)).fetchone():
+            self._gaps.setdefault((store, stream), Gap(self._mono()))
         else:
-            self._gap_since.pop((store, stream), None)
+            self._gaps.pop((store, stream), None)
         return applied
 
-    def _apply(self, c: sqlite3.Connection, env: Envelope) -> Applied:
+    def _apply(self, c: sqlite3.Connection, env: Envelope) -> list[Applied]:
         items = getattr(env.body, "items", None)
+        extra: list[Applied] = []
         if env.stream == DELTA:
             sums: dict[tuple[str, str], int] = defaultdict(int)
             for it in items or ():
@@ -207,6 +347,12 @@ class HqApplier:
                 [(env.store, z, g, q) for (z, g), q in sums.items()],
                 " ON CONFLICT(store, zone, gtin) DO UPDATE SET qty = qty + excluded.qty",
             )
+            # What this message changed, so a snapshot older than it can still be brought forward.
+            c.execute("INSERT OR REPLACE INTO inv_journal(store, seq, sums) VALUES (?,?,?)",
+                      (env.store, env.seq, json.dumps([[z, g, q] for (z, g), q in sums.items()])))
+            c.execute("DELETE FROM inv_journal WHERE store = ? AND seq <= ?", (env.store, env.seq - JOURNAL_KEEP))
+        elif env.stream == SNAPSHOT:
+            extra = self._snapshot_part(c, env)
         else:
             if env.stream == LABELS:  # keep the newest state per label: what HQ's price-integrity view reads
                 insert_rows(
@@ -215,6 +361,8 @@ class HqApplier:
                     " ON CONFLICT(store, label) DO UPDATE SET ts = excluded.ts, state = excluded.state"
                     " WHERE excluded.ts >= labels.ts",
                 )
+            elif env.stream == CMD_RESULT:
+                self._replay_answers(env.store, items or ())
             c.execute(
                 "INSERT OR REPLACE INTO messages(store, stream, seq, ts, historical, body) VALUES (?,?,?,?,?,?)",
                 (env.store, env.stream, env.seq, env.ts.timestamp(), int(env.historical),
@@ -223,12 +371,27 @@ class HqApplier:
         now = self.clock.now()
         facts = len(items) if items is not None else 1
         c.execute(
-            "UPDATE streams SET last_seq = ?, applied = applied + 1, facts = facts + ?, historical = historical + ?,"
-            " last_ts = ?, last_sent = ?, last_applied_at = ? WHERE store = ? AND stream = ?",
-            (env.seq, facts, int(env.historical), env.ts.timestamp(), env.sent.timestamp(), now, env.store, env.stream),
+            "UPDATE streams SET last_seq = ?, last_id = ?, applied = applied + 1, facts = facts + ?,"
+            " historical = historical + ?, last_ts = ?, last_sent = ?, last_applied_at = ? WHERE store = ? AND stream = ?",
+            (env.seq, env.id, facts, int(env.historical), env.ts.timestamp(), env.sent.timestamp(), now, env.store,
+             env.stream),
         )
-        return Applied(env.store, env.stream, env.seq, facts, env.historical, env.ts.timestamp(),
-                       env.sent.timestamp(), now)
+        self._rewinding.discard((env.store, env.stream))
+        return [Applied(env.store, env.stream, env.seq, facts, env.historical, env.ts.timestamp(),
+                        env.sent.timestamp(), now), *extra]
+
+    def _replay_answers(self, store: str, items: Any) -> None:
+        """A store's answer to ``replay``: seqs below what it still holds are gone for good."""
+        for it in items:
+            if it.name != "replay" or it.status != "ok":
+                continue
+            d = it.detail
+            stream, held_from, last_sealed = d.get("stream"), d.get("held_from"), d.get("last_sealed")
+            gap = self._gaps.get((store, stream)) if isinstance(stream, str) else None
+            if gap is None or not isinstance(last_sealed, int):
+                continue
+            gone_to = (held_from - 1) if isinstance(held_from, int) else last_sealed
+            gap.unavailable_to = max(gap.unavailable_to, gone_to)
 
     def _notify(self, applied: list[Applied]) -> None:
         for a in applied:
@@ -238,30 +401,43 @@ class HqApplier:
 
     # ------------------------------------------------------------ snapshots
 
-    def _snapshot(self, env: Envelope) -> list[Outgoing]:
+    def _snapshot_part(self, c: sqlite3.Connection, env: Envelope) -> list[Applied]:
         b: Any = env.body
-        with self.db.tx() as c:
-            self._last(c, env.store, SNAPSHOT)
-            c.execute(
-                "UPDATE streams SET last_seq = max(last_seq, ?), applied = applied + 1, last_ts = ?, last_sent = ?,"
-                " last_applied_at = ? WHERE store = ? AND stream = ?",
-                (env.seq, env.ts.timestamp(), env.sent.timestamp(), self.clock.now(), env.store, SNAPSHOT),
-            )
-            if c.execute("SELECT 1 FROM snapshots WHERE store = ? AND snapshot_id = ?", (env.store, b.snapshot_id)).fetchone():
-                return []
-            c.execute(
-                "INSERT OR IGNORE INTO snapshot_parts(store, snapshot_id, part, parts, as_of_seq, items) VALUES (?,?,?,?,?,?)",
-                (env.store, b.snapshot_id, b.part, b.parts, b.as_of_seq,
-                 json.dumps([[i.zone, i.gtin, i.qty] for i in b.items])),
-            )
-            have = c.execute(
-                "SELECT count(*) FROM snapshot_parts WHERE store = ? AND snapshot_id = ?", (env.store, b.snapshot_id)
-            ).fetchone()[0]
-            if have < b.parts:
-                return []
-            applied = self._install_snapshot(c, env.store, b.snapshot_id, b.as_of_seq)
-        self._notify(applied)
+        if c.execute("SELECT 1 FROM snapshots WHERE store = ? AND snapshot_id = ?", (env.store, b.snapshot_id)).fetchone():
+            return []
+        c.execute(
+            "INSERT OR IGNORE INTO snapshot_parts(store, snapshot_id, part, parts, as_of_seq, items) VALUES (?,?,?,?,?,?)",
+            (env.store, b.snapshot_id, b.part, b.parts, b.as_of_seq,
+             json.dumps([[i.zone, i.gtin, i.qty] for i in b.items])),
+        )
+        self._waiting_snapshots.add(env.store)
         return []
+
+    def _retry_snapshots(self, store: str) -> None:
+        """Install every complete snapshot of ``store`` whose as-of seq HQ knows the store has sealed."""
+        if store not in self._waiting_snapshots:
+            return
+        with self.db.tx() as c:
+            applied: list[Applied] = []
+            complete = c.execute(
+                "SELECT snapshot_id, max(parts), max(as_of_seq), count(*) FROM snapshot_parts WHERE store = ?"
+                " GROUP BY snapshot_id ORDER BY snapshot_id", (store,)
+            ).fetchall()
+            waiting = False
+            for sid, parts, as_of, have in complete:
+                if have < parts:
+                    waiting = True
+                    continue
+                last, hwm = c.execute(
+                    "SELECT last_seq, hwm FROM streams WHERE store = ? AND stream = ?", (store, DELTA)
+                ).fetchone() or (0, 0)
+                if as_of > max(last, hwm):
+                    waiting = True  # the deltas it speaks of have not been announced yet
+                    continue
+                applied += self._install_snapshot(c, store, sid, as_of)
+            if not waiting:
+                self._waiting_snapshots.discard(store)
+        self._notify(applied)
 
     def _install_snapshot(self, c: sqlite3.Connection, store: str, sid: str, as_of: int) -> list[Applied]:
         levels: dict[tuple[str, str], int] = {}
@@ -271,31 +447,48 @@ class HqApplier:
             for z, g, q in json.loads(items):
                 levels[(z, g)] = q
         c.execute("DELETE FROM snapshot_parts WHERE store = ? AND snapshot_id = ?", (store, sid))
-        last = self._last(c, store, DELTA)
+        last = self._last(c, store, DELTA)[0]
+        if as_of < last:
+            # Bring it forward with what HQ applied since, if the journal still covers that.
+            journal = c.execute(
+                "SELECT sums FROM inv_journal WHERE store = ? AND seq > ? AND seq <= ?", (store, as_of, last)
+            ).fetchall()
+            if len(journal) == last - as_of:
+                for (sums,) in journal:
+                    for z, g, q in json.loads(sums):
+                        levels[(z, g)] = levels.get((z, g), 0) + q
+                as_of_effective = last
+            else:
+                as_of_effective = -1
+        else:
+            as_of_effective = as_of
         current = {
             (z, g): q
             for z, g, q in c.execute("SELECT zone, gtin, qty FROM inventory WHERE store = ? AND qty != 0", (store,))
         }
+        levels = {k: v for k, v in levels.items() if v != 0}
         mismatches = sum(1 for k in set(levels) | set(current) if levels.get(k, 0) != current.get(k, 0))
         applied: list[Applied] = []
-        if as_of < last:
+        if as_of_effective < 0:
             outcome = "stale"
         else:
-            outcome = "installed" if as_of > last else ("verified" if not mismatches else "corrected")
+            outcome = "installed" if as_of_effective > last else ("verified" if not mismatches else "corrected")
             if outcome != "verified":
                 c.execute("DELETE FROM inventory WHERE store = ?", (store,))
                 c.executemany(
                     "INSERT INTO inventory(store, zone, gtin, qty) VALUES (?,?,?,?)",
                     [(store, z, g, q) for (z, g), q in levels.items()],
                 )
-                if as_of > last:
+                if as_of_effective > last:
+                    stashed = c.execute(
+                        "SELECT count(*) FROM stash WHERE store = ? AND stream = ? AND seq > ? AND seq <= ?",
+                        (store, DELTA, last, as_of_effective)).fetchone()[0]
                     c.execute(
-                        "UPDATE streams SET lost = lost + ?, gaps = gaps + 1, last_seq = ? WHERE store = ? AND stream = ?",
-                        (self._missing(c, store, DELTA, last, as_of) - c.execute(
-                            "SELECT count(*) FROM stash WHERE store = ? AND stream = ? AND seq > ? AND seq <= ?",
-                            (store, DELTA, last, as_of)).fetchone()[0], as_of, store, DELTA),
+                        "UPDATE streams SET lost = lost + ?, gaps = gaps + 1, last_seq = ?, last_id = '' WHERE store = ? AND stream = ?",
+                        (self._missing(c, store, DELTA, last, as_of_effective) - stashed, as_of_effective, store, DELTA),
                     )
-                applied = self._drain_stash(c, store, DELTA, as_of)
+                    self.ack_due.add(store)
+                applied = self._drain_stash(c, store, DELTA, as_of_effective)
             c.execute("UPDATE resyncs SET done_at = ? WHERE store = ? AND done_at IS NULL", (self.clock.now(), store))
             self._resync_sent.pop(store, None)
         c.execute(
@@ -306,53 +499,88 @@ class HqApplier:
                  outcome, mismatches)
         return applied
 
+    # ------------------------------------------------------------ acks
+
+    def acks(self) -> list[Outgoing]:
+        """HQ's position per stream for every store that moved (or needs telling), after the commit."""
+        out = []
+        due, self.ack_due = self.ack_due, set()
+        for store in sorted(due):
+            rows = self.db.read("SELECT stream, last_seq, last_id FROM streams WHERE store = ? AND last_seq > 0", (store,))
+            if not rows:
+                continue
+            ack = Ack(store=store, ts=rfc3339(self.clock.now()),  # type: ignore[arg-type]
+                      streams={s: Mark(seq=seq, id=i) for s, seq, i in rows})
+            out.append(Outgoing(ack_topic(self.prefix, store), self._encode(ack.model_dump(mode="json", exclude_none=True))))
+        return out
+
+    def _encode(self, obj: dict[str, Any]) -> bytes:
+        return self._sign(obj) if self._sign is not None else json.dumps(obj, separators=(",", ":")).encode()
+
     # ------------------------------------------------------------ timers
 
     def tick(self) -> list[Outgoing]:
-        """Close gaps whose reorder window has run out."""
-        now = self.clock.now()
+        """Act on gaps whose reorder window has run out: replay, and only then resync or skip."""
+        now = self._mono()
         out: list[Outgoing] = []
-        for (store, stream), since in list(self._gap_since.items()):
-            if now - since < self.reorder_window_s:
+        for (store, stream), gap in list(self._gaps.items()):
+            if now - gap.since < self.reorder_window_s:
                 continue
-            if stream == DELTA:
-                sent = self._resync_sent.get(store)
-                if sent is None or now - sent >= self.resync_retry_s:
-                    out.append(self._resync(store, now))
-                continue
-            applied: list[Applied] = []
             with self.db.tx() as c:
-                last = self._last(c, store, stream)
-                row = c.execute(
+                last = self._last(c, store, stream)[0]
+                hwm = c.execute("SELECT hwm FROM streams WHERE store = ? AND stream = ?", (store, stream)).fetchone()[0]
+                first_stashed = c.execute(
                     "SELECT min(seq) FROM stash WHERE store = ? AND stream = ? AND seq > ?", (store, stream, last)
-                ).fetchone()
-                if row[0] is None:
-                    self._gap_since.pop((store, stream), None)
+                ).fetchone()[0]
+                if first_stashed is None and hwm <= last:
+                    self._gaps.pop((store, stream), None)
                     continue
-                skip_to = row[0] - 1
+                floor = self._floor(c, store, stream)
+                gone_to = max(gap.unavailable_to, floor - 1)
+                if gone_to <= last:
+                    if gap.asked_at is None or now - gap.asked_at >= self.resync_retry_s:
+                        out.append(self._replay(c, store, stream, last + 1, gap, now))
+                    continue
+                if stream == DELTA:
+                    sent = self._resync_sent.get(store)
+                    if sent is None or now - sent >= self.resync_retry_s:
+                        out.append(self._resync(c, store, now))
+                    continue
+                # The store no longer holds (or never sent) seqs up to gone_to: skip them, counted.
+                skip_to = min(gone_to, first_stashed - 1) if first_stashed is not None else min(gone_to, hwm)
                 c.execute(
-                    "UPDATE streams SET last_seq = ?, gaps = gaps + 1, lost = lost + ? WHERE store = ? AND stream = ?",
+                    "UPDATE streams SET last_seq = ?, last_id = '', gaps = gaps + 1, lost = lost + ?"
+                    " WHERE store = ? AND stream = ?",
                     (skip_to, self._missing(c, store, stream, last, skip_to), store, stream),
                 )
-                log.warning("%s %s: seq %d..%d never arrived; skipping ahead", store, stream, last + 1, skip_to)
+                log.warning("%s %s: seq %d..%d are gone; skipping ahead", store, stream, last + 1, skip_to)
+                gap.unavailable_to = 0
                 applied = self._drain_stash(c, store, stream, skip_to)
+                self.ack_due.add(store)
             self._notify(applied)
+        for store in list(self._waiting_snapshots):
+            self._retry_snapshots(store)
         return out
 
-    def _resync(self, store: str, now: float) -> Outgoing:
-        cmd = Command(id=str(ULID()), name="inventory.resync", store=store, ts=rfc3339(now),  # type: ignore[arg-type]
-                      args={"reason": "gap in inventory/delta"})
+    def _replay(self, c: sqlite3.Connection, store: str, stream: str, from_seq: int, gap: Gap, now: float) -> Outgoing:
+        gap.replays += 1
+        gap.asked_at = now
+        c.execute("UPDATE streams SET replays = replays + 1 WHERE store = ? AND stream = ?", (store, stream))
+        log.info("%s %s: missing from seq %d; asking the store to replay", store, stream, from_seq)
+        return self.command(store, "replay", {"stream": stream, "from_seq": from_seq})
+
+    def _resync(self, c: sqlite3.Connection, store: str, now: float) -> Outgoing:
+        o = self.command(store, "inventory.resync", {"reason": "gap in inventory/delta"})
         self._resync_sent[store] = now
-        with self.db.tx() as c:
-            c.execute("INSERT INTO resyncs(store, cmd_id, requested_at) VALUES (?,?,?)", (store, cmd.id, now))
-        log.warning("%s: gap in %s; asking for inventory.resync (%s)", store, DELTA, cmd.id)
-        return Outgoing(command_topic(self.prefix, store, cmd.name), cmd.model_dump_json().encode())
+        c.execute("INSERT INTO resyncs(store, cmd_id, requested_at) VALUES (?,?,?)",
+                  (store, json.loads(o.payload)["id"], self.clock.now()))
+        log.warning("%s: gap in %s the store cannot replay; asking for inventory.resync", store, DELTA)
+        return o
 
     def command(self, store: str, name: str, args: dict[str, Any]) -> Outgoing:
         cmd = Command(id=str(ULID()), name=name, store=store, ts=rfc3339(self.clock.now()), args=args)  # type: ignore[arg-type]
-        return Outgoing(command_topic(self.prefix, store, name), cmd.model_dump_json().encode())
+        return Outgoing(command_topic(self.prefix, store, name), self._encode(cmd.model_dump(mode="json")))
 
 
 def lag_ms(a: Applied) -> float:
     return (a.at - a.ts) * 1000
-

@@ -45,8 +45,10 @@ class HqReceiver:
             prefix=cfg.mqtt.topic_prefix,
             reorder_window_s=cfg.hq.reorder_window_s,
             resync_retry_s=cfg.hq.resync_retry_s,
+            max_seq_jump=cfg.hq.max_seq_jump,
             on_applied=self._applied,
         )
+        self._acked_at = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.conn = Connection(
@@ -87,8 +89,15 @@ class HqReceiver:
         # Applied before paho sends the PUBACK (it acks after this callback returns), so a crash
         # here means redelivery, never loss.
         with self._lock:
-            out = self.applier.receive(msg.topic, bytes(msg.payload))
+            out = self.applier.receive(msg.topic, bytes(msg.payload), retained=bool(msg.retain))
+            if time.monotonic() - self._acked_at >= self.cfg.hq.ack_interval_s:
+                out += self._take_acks()
         self._send(out)
+
+    def _take_acks(self) -> list[Outgoing]:
+        """Acks for the stores whose position moved; called with the lock held, after their commits."""
+        self._acked_at = time.monotonic()
+        return self.applier.acks()
 
     def _send(self, out: list[Outgoing]) -> None:
         client = self.conn.client
@@ -109,6 +118,7 @@ class HqReceiver:
             try:
                 with self._lock:
                     out = self.applier.tick()
+                    out += self._take_acks()
                 self._send(out)
                 if self.cfg.hq.print_applied and time.monotonic() - last_print >= 1.0:
                     last_print = time.monotonic()
@@ -151,10 +161,13 @@ class HqReceiver:
                     "SELECT store, snapshot_id, as_of_seq, outcome, mismatches FROM snapshots ORDER BY applied_at"
                 )
             ]
+            alerts = self.db.alerts()
         for s in streams:
             s["lag_s"] = round(now - s["last_ts"], 3) if s["last_ts"] else None
+            s["behind"] = max(0, s["hwm"] - s["last_seq"])  # sealed at the store, not yet applied here
         return {"stores": stores, "status": status, "streams": streams, "snapshots": snapshots,
-                "rejected": self.applier.figures.rejected, "connected": self.conn.connected.is_set()}
+                "alerts": alerts, "rejected": self.applier.figures.rejected,
+                "connected": self.conn.connected.is_set()}
 
 
 def _handler(rx: HqReceiver) -> type[BaseHTTPRequestHandler]:

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..sync.outbox import add_missing_columns
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS streams(
   store TEXT NOT NULL, stream TEXT NOT NULL,
@@ -24,7 +26,15 @@ CREATE TABLE IF NOT EXISTS streams(
   gaps INTEGER NOT NULL DEFAULT 0,
   lost INTEGER NOT NULL DEFAULT 0,
   last_ts REAL, last_sent REAL, last_applied_at REAL,
+  last_id TEXT NOT NULL DEFAULT '',
+  hwm INTEGER NOT NULL DEFAULT 0,
+  rewinds INTEGER NOT NULL DEFAULT 0,
+  replays INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY(store, stream)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inv_journal(
+  store TEXT NOT NULL, seq INTEGER NOT NULL, sums TEXT NOT NULL, PRIMARY KEY(store, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alerts(
+  id INTEGER PRIMARY KEY, at REAL NOT NULL, store TEXT NOT NULL, kind TEXT NOT NULL, message TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS inventory(
   store TEXT NOT NULL, zone TEXT NOT NULL, gtin TEXT NOT NULL, qty INTEGER NOT NULL,
   PRIMARY KEY(store, zone, gtin)) WITHOUT ROWID;
@@ -42,7 +52,8 @@ CREATE TABLE IF NOT EXISTS messages(
   store TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL,
   historical INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY(store, stream, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS status(
-  store TEXT PRIMARY KEY, state TEXT NOT NULL, boot_id TEXT, connection INTEGER, at REAL NOT NULL);
+  store TEXT PRIMARY KEY, state TEXT NOT NULL, boot_id TEXT, connection INTEGER, at REAL NOT NULL,
+  instance TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS resyncs(
   store TEXT NOT NULL, cmd_id TEXT NOT NULL, requested_at REAL NOT NULL, done_at REAL,
   PRIMARY KEY(store, cmd_id)) WITHOUT ROWID;
@@ -54,6 +65,14 @@ CREATE TABLE IF NOT EXISTS labels(
 CREATE TABLE IF NOT EXISTS rejected(
   id INTEGER PRIMARY KEY, at REAL NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL, payload BLOB);
 """
+# Columns added since the first release, for HQ databases made before them.
+MIGRATIONS = (
+    ("streams", "last_id", "TEXT NOT NULL DEFAULT ''"),
+    ("streams", "hwm", "INTEGER NOT NULL DEFAULT 0"),
+    ("streams", "rewinds", "INTEGER NOT NULL DEFAULT 0"),
+    ("streams", "replays", "INTEGER NOT NULL DEFAULT 0"),
+    ("status", "instance", "TEXT NOT NULL DEFAULT ''"),
+)
 
 
 class HqStore:
@@ -63,6 +82,7 @@ class HqStore:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute(f"PRAGMA synchronous={synchronous}")
         self.conn.executescript(SCHEMA)
+        add_missing_columns(self.conn, MIGRATIONS)
         self.lock = threading.RLock()
 
     @contextmanager
@@ -111,9 +131,14 @@ class HqStore:
         return {"stats": stats, "heatmap": grid}
 
     def stream_stats(self) -> list[dict]:
-        cols = ("store", "stream", "last_seq", "applied", "facts", "historical", "duplicates", "gaps", "lost",
-                "last_ts", "last_sent", "last_applied_at")
+        cols = ("store", "stream", "last_seq", "hwm", "applied", "facts", "historical", "duplicates", "gaps", "lost",
+                "rewinds", "replays", "last_ts", "last_sent", "last_applied_at")
         return [dict(zip(cols, r, strict=True)) for r in self.read(f"SELECT {', '.join(cols)} FROM streams ORDER BY 1, 2")]
+
+    def alerts(self, limit: int = 100) -> list[dict]:
+        cols = ("at", "store", "kind", "message")
+        return [dict(zip(cols, r, strict=True)) for r in self.read(
+            f"SELECT {', '.join(cols)} FROM alerts ORDER BY id DESC LIMIT ?", (limit,))]
 
     def close(self) -> None:
         with self.lock:

@@ -109,6 +109,14 @@ def merge_heatmap(items: list[dict[str, Any]], level_s: int) -> dict[str, Any]:
 ANALYTICS_MERGE = {"traffic/stats": (stats_key, merge_stats), "traffic/heatmap": (heatmap_key, merge_heatmap)}
 
 
+def fact_key(stream: str, item: dict[str, Any]) -> str | None:
+    """The compaction key a pending fact of ``stream`` carries (None where facts are never merged)."""
+    if stream == "inventory/delta":
+        return inventory_key(item)
+    merge = ANALYTICS_MERGE.get(stream)
+    return merge[0](item) if merge else None
+
+
 def coarsen(stream: str, bodies: Iterable[str], level_s: int) -> list[dict[str, Any]]:
     """Group analytics items by key and coarse bucket and merge each group."""
     key_of, merge = ANALYTICS_MERGE[stream]

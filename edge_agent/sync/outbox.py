@@ -1,15 +1,22 @@
 """The SQLite outbox: the only path upstream.
 
 Two stages. Facts are enqueued as *pending* rows. The uplink *seals* pending facts into a message:
-one transaction takes them out of pending, assigns the stream's next ``seq`` and stores the sealed
-message, so seq has no gaps and survives restarts. Sealed messages are deleted only after PUBACK and
-are never altered. While offline only the in-flight window is sealed, so the backlog stays pending
-and the disk cap can still compact it, coarsen it, or (lowest classes only) drop it, counted.
+one transaction takes them out of pending, assigns the stream's next ``seq``, chains the message to
+the one before it (``prev``, the previous message's id) and stores the sealed message, so seq has no
+gaps and survives restarts. A sealed message is never altered and is deleted only when **HQ's ack**
+covers it: a PUBACK only says the broker has it, and a broker killed before it saved its store loses
+it. An ack names the seq *and the id* HQ applied; one that names another id at a seq this outbox
+holds, or a seq beyond the last it sealed, means this outbox went back in time (a lost WAL, a
+restored backup, a copied box): its unacknowledged messages go back to pending, its numbering moves
+past HQ's, and nothing is ever sent under a seq HQ already applied. Only a window of messages per
+stream is sealed and unacknowledged at a time, so while offline the backlog stays pending and the
+disk cap can still compact it, coarsen it, or (lowest classes only) drop it, counted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -50,8 +57,10 @@ CREATE TABLE IF NOT EXISTS sealed(
   oldest_created REAL NOT NULL,
   facts INTEGER NOT NULL,
   body TEXT NOT NULL,
+  prev TEXT NOT NULL DEFAULT '',
+  sig TEXT,
   PRIMARY KEY(stream, seq)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS seqs(stream TEXT PRIMARY KEY, last INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS seqs(stream TEXT PRIMARY KEY, last INTEGER NOT NULL, last_id TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS alerts(
   id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, message TEXT NOT NULL,
@@ -62,6 +71,13 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 QUARANTINE_RAW_MAX = 64 * 1024
+# Columns added since the first release, for outboxes created before them: (table, column, definition).
+MIGRATIONS = (
+    ("sealed", "prev", "TEXT NOT NULL DEFAULT ''"),
+    ("sealed", "sig", "TEXT"),
+    ("seqs", "last_id", "TEXT NOT NULL DEFAULT ''"),
+)
+SEALED_COLS = "stream, seq, id, type, ts, oldest_created, facts, body, prev, sig"
 
 
 def utf8_len(s: str) -> int:
@@ -109,15 +125,29 @@ class SealedMessage:
     oldest_created: float
     facts: int
     body: str
+    prev: str = ""
+    sig: str | None = None
 
     def payload(self, store: str, sent: float, historical: bool) -> bytes:
-        # Composed as text so the stored body is never re-parsed on the hot path.
+        # Composed as text so the stored body is never re-parsed on the hot path; "body" comes last, so
+        # a verifier finds the signed body bytes as they are (edge_agent.signing.split_uplink).
+        sig = f'"sig":"{self.sig}",' if self.sig else ""
         return (
             f'{{"v":{CONTRACT_VERSION},"type":"{self.type}","store":{json.dumps(store)},'
-            f'"stream":"{self.stream}","seq":{self.seq},"id":"{self.id}","ts":"{rfc3339(self.ts)}",'
-            f'"sent":"{rfc3339(sent)}","historical":{"true" if historical else "false"},'
-            f'"body":{self.body}}}'
+            f'"stream":"{self.stream}","seq":{self.seq},"id":"{self.id}","prev":"{self.prev}",'
+            f'"ts":"{rfc3339(self.ts)}","sent":"{rfc3339(sent)}","historical":{"true" if historical else "false"},'
+            f'{sig}"body":{self.body}}}'
         ).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class AckResult:
+    """What an ack from HQ did: ``deleted`` messages forgotten; ``rewound`` messages put back to
+    pending because HQ's position shows this outbox went back in time (0 and False otherwise)."""
+
+    deleted: int = 0
+    rewind: bool = False
+    repended: int = 0
 
 
 @dataclass
@@ -175,6 +205,7 @@ class Outbox:
         max_message_bytes: int = 128 * 1024,
         synchronous: str = "FULL",
         quarantine_keep: int = 10_000,
+        sign: Callable[[SealedMessage], str] | None = None,
     ) -> None:
         self.path = Path(path)
         self.clock = clock
@@ -187,8 +218,12 @@ class Outbox:
         self._listeners: list[Callable[[], None]] = []
         self._cap_alerted = False
         self._dirty: set[str] = set()  # streams enqueued to since the uplink last looked
+        self._sign = sign
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = self._open_checked()
+        self.instance = self._instance_id()
+        # Sealed messages HQ has not acknowledged, per stream: the window the uplink seals up to.
+        self._unacked: dict[str, int] = dict(self.conn.execute("SELECT stream, count(*) FROM sealed GROUP BY stream"))
 
     # ------------------------------------------------------------ opening and corruption
 
@@ -209,6 +244,7 @@ class Outbox:
             if row is None or row[0] != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {row[0] if row else 'no answer'}")
             conn.executescript(SCHEMA)
+            _migrate(conn)
             return conn
         except sqlite3.DatabaseError as e:
             with contextlib.suppress(Exception):
@@ -269,6 +305,13 @@ class Outbox:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+
+    def _instance_id(self) -> str:
+        """This outbox file's own id, made when it is first opened: a copy of the file (a restored backup,
+        a cloned box) carries the same id, which is how HQ tells a copy from a new box."""
+        with self.transaction() as tx:
+            tx.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('instance', ?)", (str(ULID()),))
+            return tx.conn.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()[0]
 
     def close(self) -> None:
         with self._lock:
@@ -352,7 +395,7 @@ class Outbox:
         with self._lock:
             return [r[0] for r in self.conn.execute("SELECT DISTINCT stream FROM pending")]
 
-    def seal(self, stream: str, *, after_id: int = 0, up_to_id: int | None = None) -> SealedMessage | None:
+    def seal(self, stream: str, *, after_id: int = -(2**62), up_to_id: int | None = None) -> SealedMessage | None:
         """Seal the oldest pending facts of ``stream`` with ``after_id < id <= up_to_id`` into one message."""
         spec = STREAMS[stream]
         hi = up_to_id if up_to_id is not None else 2**62
@@ -383,23 +426,31 @@ class Outbox:
                     body = '{"items":[' + ",".join(r[3] for r in rows) + "]}"
                 else:
                     body = rows[0][3]
-                seq = self.conn.execute(
-                    "INSERT INTO seqs(stream, last) VALUES (?, 1) ON CONFLICT(stream) DO UPDATE SET last = last + 1 RETURNING last",
-                    (stream,),
-                ).fetchone()[0]
+                msg_id = str(ULID())
+                last, prev = self.conn.execute(
+                    "SELECT last, last_id FROM seqs WHERE stream = ?", (stream,)
+                ).fetchone() or (0, "")
+                seq = last + 1
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO seqs(stream, last, last_id) VALUES (?,?,?)", (stream, seq, msg_id)
+                )
                 msg = SealedMessage(
                     stream=stream,
                     seq=seq,
-                    id=str(ULID()),
+                    id=msg_id,
                     type=spec.type,
                     ts=min(r[1] for r in rows),
                     oldest_created=min(r[2] for r in rows),
                     facts=len(rows),
                     body=body,
+                    prev=prev,
                 )
+                if self._sign is not None:
+                    msg = dataclasses.replace(msg, sig=self._sign(msg))
                 self.conn.execute(
-                    "INSERT INTO sealed(stream, seq, id, type, ts, oldest_created, facts, body) VALUES (?,?,?,?,?,?,?,?)",
-                    (msg.stream, msg.seq, msg.id, msg.type, msg.ts, msg.oldest_created, msg.facts, msg.body),
+                    f"INSERT INTO sealed({SEALED_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (msg.stream, msg.seq, msg.id, msg.type, msg.ts, msg.oldest_created, msg.facts, msg.body,
+                     msg.prev, msg.sig),
                 )
                 self.conn.execute(
                     "DELETE FROM pending WHERE stream = ? AND id >= ? AND id <= ?", (stream, rows[0][0], rows[-1][0])
@@ -408,12 +459,13 @@ class Outbox:
                 self.conn.execute("ROLLBACK")
                 raise
             self.conn.execute("COMMIT")
+            self._unacked[stream] = self._unacked.get(stream, 0) + 1
             return msg
 
     def sealed_after(self, stream: str, after_seq: int, limit: int) -> list[SealedMessage]:
         with self._lock:
             rows = self.conn.execute(
-                "SELECT stream, seq, id, type, ts, oldest_created, facts, body FROM sealed WHERE stream = ? AND seq > ? ORDER BY seq LIMIT ?",
+                f"SELECT {SEALED_COLS} FROM sealed WHERE stream = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (stream, after_seq, limit),
             ).fetchall()
         return [SealedMessage(*r) for r in rows]
@@ -422,25 +474,92 @@ class Outbox:
         with self._lock:
             return [r[0] for r in self.conn.execute("SELECT DISTINCT stream FROM sealed")]
 
-    def ack(self, acked: Sequence[tuple[str, int]]) -> None:
-        if not acked:
-            return
+    def ack_through(self, stream: str, seq: int, msg_id: str) -> AckResult:
+        """HQ has applied ``stream`` up to ``seq``, whose message had id ``msg_id``: forget what it covers.
+
+        If HQ names a seq this outbox never sealed, or another id at a seq it holds (or last sealed),
+        this outbox went back in time: see :meth:`_rewind`. An ack for what was already forgotten is
+        harmless (a late or repeated ack)."""
         with self._lock:
-            # An ack needs no fsync of its own: if power loss undoes it, the message is still sealed, is
-            # resent, and HQ drops it as a duplicate (seq <= last applied). The next durable commit (or
-            # checkpoint) syncs the WAL, and with it this delete. One fsync fewer per message.
+            # No fsync of its own: if power loss undoes it, the message is still sealed, is resent, and
+            # HQ drops it as a duplicate. The next durable commit (or checkpoint) syncs it.
             relax = self._synchronous != "NORMAL"
             if relax:
                 self.conn.execute("PRAGMA synchronous=NORMAL")
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
-                self.conn.executemany("DELETE FROM sealed WHERE stream = ? AND seq = ?", acked)
+                last, last_id = self.conn.execute(
+                    "SELECT last, last_id FROM seqs WHERE stream = ?", (stream,)
+                ).fetchone() or (0, "")
+                held = self.conn.execute(
+                    "SELECT id FROM sealed WHERE stream = ? AND seq = ?", (stream, seq)
+                ).fetchone()
+                if seq > last:
+                    result = self._rewind(stream, seq, msg_id, f"HQ has applied seq {seq}, beyond the last sealed ({last})")
+                elif held is not None and msg_id and held[0] != msg_id:  # "" : HQ does not know the id
+                    result = self._rewind(stream, seq, msg_id, f"seq {seq} is {held[0]} here, {msg_id or '?'} at HQ")
+                elif held is None and seq == last and last_id and msg_id and last_id != msg_id:
+                    result = self._rewind(stream, seq, msg_id, f"seq {seq} was {last_id} here, {msg_id} at HQ")
+                else:
+                    n = self.conn.execute("DELETE FROM sealed WHERE stream = ? AND seq <= ?", (stream, seq)).rowcount
+                    result = AckResult(deleted=n)
                 self.conn.execute("COMMIT")
             finally:
                 if self.conn.in_transaction:  # failed: keep the rows (they are resent), free the connection
                     self.conn.execute("ROLLBACK")
                 if relax:
                     self.conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            if result.rewind:
+                self._unacked[stream] = 0
+                self._dirty.add(stream)
+            else:
+                self._unacked[stream] = max(0, self._unacked.get(stream, 0) - result.deleted)
+            return result
+
+    def _rewind(self, stream: str, hq_seq: int, hq_id: str, why: str) -> AckResult:
+        """Inside an open transaction: HQ applied messages this outbox no longer has (or has other ones
+        under the same numbers). Every sealed message of the stream goes back to pending, ahead of the
+        facts already pending, so nothing is lost; the numbering continues from HQ's position and chains
+        on to HQ's last id, so no seq is ever sent with two contents. The caller snapshots the book."""
+        spec = STREAMS[stream]
+        rows = self.conn.execute(
+            "SELECT body, oldest_created FROM sealed WHERE stream = ? ORDER BY seq", (stream,)
+        ).fetchall()
+        facts: list[tuple[str | None, float, float, str]] = []
+        for body, created in rows:
+            if spec.batched:
+                for item in json.loads(body)["items"]:
+                    text = json.dumps(item, separators=(",", ":"))
+                    facts.append((compaction.fact_key(stream, item), _item_ts(item) or created, created, text))
+            else:
+                facts.append((None, _item_ts(json.loads(body)) or created, created, body))
+        lowest = self.conn.execute("SELECT coalesce(min(id), 1) FROM pending").fetchone()[0]
+        first = min(lowest, 1) - len(facts)
+        self.conn.execute("DELETE FROM sealed WHERE stream = ?", (stream,))
+        insert_rows(
+            self.conn,
+            "INSERT INTO pending(id, stream, key, ts, created, body)",
+            6,
+            [(first + i, stream, k, ts, created, b) for i, (k, ts, created, b) in enumerate(facts)],
+        )
+        self.conn.execute("INSERT OR REPLACE INTO seqs(stream, last, last_id) VALUES (?,?,?)", (stream, hq_seq, hq_id))
+        message = (f"{stream}: {why}; this outbox went back in time (lost WAL, restored backup or copied box): "
+                   f"{len(rows)} unacknowledged messages ({len(facts)} facts) back to pending, numbering moved to {hq_seq}")
+        self.conn.execute(
+            "INSERT INTO alerts(ts, kind, message) VALUES (?,?,?)", (self.clock.now(), "outbox.rewind", message)
+        )
+        self._bump(self.conn, "rewinds", 1)
+        log.error("alert outbox.rewind: %s", message)
+        return AckResult(deleted=0, rewind=True, repended=len(facts))
+
+    def unacked(self, stream: str | None = None) -> int:
+        """Sealed messages HQ has not acknowledged (of one stream, or all)."""
+        with self._lock:
+            return self._unacked.get(stream, 0) if stream else sum(self._unacked.values())
+
+    def high_water(self) -> dict[str, dict[str, object]]:
+        """Per stream, the last sealed seq and its id: what HQ should hold once everything arrived."""
+        return {s: {"seq": last, "id": last_id} for s, last, last_id in self.read("SELECT stream, last, last_id FROM seqs")}
 
     def seq_floors(self) -> dict[str, int]:
         """Per stream, the first seq after a rebuild from a corrupt file (empty if there never was one)."""
@@ -614,6 +733,26 @@ class Outbox:
 
 def _ts_of(item: dict) -> float:
     return parse_rfc3339(item["bucket_start"])
+
+
+def _item_ts(item: object) -> float:
+    """When a fact happened, read back from its JSON (items carry ``ts`` or ``bucket_start``)."""
+    if isinstance(item, dict):
+        for k in ("ts", "bucket_start"):
+            if isinstance(item.get(k), str):
+                return parse_rfc3339(item[k])
+    return 0.0
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    add_missing_columns(conn, MIGRATIONS)
+
+
+def add_missing_columns(conn: sqlite3.Connection, migrations: Sequence[tuple[str, str, str]]) -> None:
+    """Add the columns a database made by an older release lacks (SQLite adds a column in place)."""
+    for table, column, definition in migrations:
+        if column not in {r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')}:
+            conn.execute(f'ALTER TABLE "{table}" ADD COLUMN {column} {definition}')
 
 
 def _salvage(moved: Path, into: sqlite3.Connection) -> tuple[dict[str, int], list[str]]:

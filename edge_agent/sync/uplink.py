@@ -1,11 +1,18 @@
-"""Uplink: drains the outbox to MQTT, QoS 1, deleting a sealed message only after its PUBACK.
+"""Uplink: drains the outbox to MQTT, QoS 1; a sealed message is forgotten only when HQ's ack covers it.
 
-A pump thread owns the publish side. Each round it republishes sealed messages the broker has not
-acknowledged on this connection, then seals new ones, round-robin over streams in priority order
-and, within a stream, alternately from the *backlog* (facts that were pending when this connection
-came up) and the *live* tail, so a fresh fact is never stuck behind hours of backlog. At most
-``inflight_window`` messages are unacknowledged at a time; while the window is full facts keep
-accumulating, so messages grow towards the byte bound exactly when throughput needs it.
+A pump thread owns the publish side. Each round it republishes sealed messages that HQ has not
+acknowledged and the broker has not had on this connection, then seals new ones, round-robin over
+streams in priority order and, within a stream, alternately from the *backlog* (facts that were
+pending when this connection came up) and the *live* tail, so a fresh fact is never stuck behind
+hours of backlog. Two windows bound the work: at most ``inflight_window`` messages await a PUBACK,
+and at most ``ack_window`` per stream await HQ's ack; while either is full facts keep accumulating
+as pending, so messages grow towards the byte bound exactly when throughput needs it.
+
+A PUBACK only says the broker has a message. HQ's ack (``{prefix}/{store}/ack``) says what it has
+applied; if it stops making progress for ``resend_after_s`` (a broker that crashed with the message
+unsaved, an HQ that was away), the stream's unacknowledged messages are published again, same seq,
+same id, same bytes, and HQ ignores those it has. HQ can also ask with the ``replay`` command.
+Intervals run on the monotonic clock: a wall-clock step changes no timer and no ``historical`` flag.
 """
 
 from __future__ import annotations
@@ -16,13 +23,15 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import paho.mqtt.client as mqtt
+from pydantic import ValidationError
 from ulid import ULID
 
 from ..clock import Clock, rfc3339
-from ..config import MqttConfig
-from ..contract import CONTRACT_VERSION, STATUS_STREAM, STATUS_TYPE, STREAMS, uplink_topic
+from ..config import MqttConfig, OutboxConfig
+from ..contract import CONTRACT_VERSION, STATUS_STREAM, STATUS_TYPE, STREAMS, Ack, ack_topic, uplink_topic
 from .mqtt_client import Connection
 from .outbox import Outbox, SealedMessage
 
@@ -39,21 +48,35 @@ class Uplink:
         outbox: Outbox,
         clock: Clock,
         *,
-        inflight_window: int = 32,
+        windows: OutboxConfig | None = None,
         boot_id: str | None = None,
         agent_version: str = "0",
+        on_rewind: Callable[[str], None] | None = None,
+        check_ack: Callable[[bytes], str | None] | None = None,
+        sign_status: Callable[[dict[str, Any]], str] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        w = windows or OutboxConfig()
         self.cfg = cfg
         self.store = store
         self._seq_floor = outbox.seq_floors()  # fixed once the outbox is open: read here, not on the network thread
         self.outbox = outbox
         self.clock = clock
-        self.window = inflight_window
+        self.window = w.inflight_window
+        self.ack_window = w.ack_window
+        self.resend_after_s = w.resend_after_s
+        self.resend_max_s = w.resend_max_s
+        self.hq_silent_alert_s = w.hq_silent_alert_s
         self.boot_id = boot_id or str(ULID())
         self.agent_version = agent_version
+        self._on_rewind = on_rewind or (lambda _stream: None)
+        self._check_ack = check_ack  # signature check of HQ's acks: None if good, else the reason
+        self._sign_status = sign_status
+        self._mono = monotonic
+        self.ack_topic = ack_topic(cfg.topic_prefix, store)
         self._wake = threading.Event()
-        self._events: queue.SimpleQueue[tuple[str, int, int, bool]] = queue.SimpleQueue()
-        self._subscriptions: list[tuple[str, Callable[[mqtt.MQTTMessage], None]]] = []
+        self._events: queue.SimpleQueue[tuple[str, int, Any]] = queue.SimpleQueue()
+        self._subscriptions: list[tuple[str, Callable[[mqtt.MQTTMessage], None]]] = [(self.ack_topic, self._on_ack_msg)]
         self._stop = threading.Event()
         self._draining = threading.Event()
         self._pump_thread = threading.Thread(target=self._pump, name="uplink-pump", daemon=True)
@@ -64,23 +87,32 @@ class Uplink:
             on_up=self._on_up,
             on_down=lambda no, _r: self._post("down", no),
             on_message=self._route,
-            on_ack=lambda no, mid, ok: self._post("ack", no, mid, ok),
+            on_ack=lambda no, mid, ok: self._post("puback", no, (mid, ok)),
             name="uplink-mqtt",
         )
         # Pump-thread state for the current connection.
         self._conn_no = 0
-        self._connected_at = 0.0
         self._live_from_id = 0
         self._inflight: dict[int, tuple[str, int]] = {}
-        self._published: dict[str, int] = {}
+        self._published: dict[str, int] = {}  # per stream, the highest seq published on this connection
         self._resend: set[str] = set()
+        self._first_live_seq: dict[str, int] = {}  # seqs below were sealed before this connection: historical
+        self._backlog_seqs: set[tuple[str, int]] = set()  # sealed on this connection from the backlog
         # Streams that may hold pending facts, so an idle pump does not query every stream's lanes.
         self._live: set[str] = set()
         self._backlog: set[str] = set()
+        # Per stream with unacknowledged messages: when HQ last made progress, and the resend timeout.
+        self._progress_at: dict[str, float] = {}
+        self._rto: dict[str, float] = {}
+        self._silent_alerted = False
         # Figures read by health and benchmarks.
         self.published_messages = 0
-        self.acked_messages = 0
+        self.acked_messages = 0  # forgotten on HQ's ack
+        self.pubacks = 0
         self.failed_acks = 0
+        self.resent_rounds = 0
+        self.rewinds = 0
+        self.bad_acks = 0
         outbox.on_enqueue(self._wake.set)
 
     # ------------------------------------------------------------ lifecycle
@@ -98,7 +130,8 @@ class Uplink:
         return self.conn.connected.is_set()
 
     def stop(self, flush_timeout: float = 5.0) -> bool:
-        """Flush what can be flushed within ``flush_timeout``, say goodbye, disconnect. True if drained."""
+        """Flush what can be flushed within ``flush_timeout`` (HQ acknowledging it), say goodbye,
+        disconnect. True if drained."""
         self._draining.set()
         deadline = time.monotonic() + flush_timeout
         drained = False
@@ -118,15 +151,44 @@ class Uplink:
     def notify(self) -> None:
         self._wake.set()
 
+    def replay(self, stream: str, from_seq: int) -> dict[str, Any]:
+        """HQ's ``replay`` command: publish ``stream`` again from ``from_seq`` (what is still held)."""
+        if stream not in STREAMS:
+            raise ValueError(f"unknown stream {stream!r}")
+        held = self.outbox.read("SELECT min(seq), max(seq) FROM sealed WHERE stream = ?", (stream,))[0]
+        self._post("replay", 0, (stream, from_seq))
+        return {"stream": stream, "from_seq": from_seq, "held_from": held[0], "held_to": held[1],
+                "last_sealed": self.outbox.last_seq(stream)}
+
+    def figures(self) -> dict[str, float]:
+        now = self._mono()
+        waiting = [now - t for s, t in list(self._progress_at.items()) if self.outbox.unacked(s)]
+        return {
+            "published_messages": self.published_messages,
+            "acked_messages": self.acked_messages,
+            "pubacks": self.pubacks,
+            "failed_acks": self.failed_acks,
+            "resent_rounds": self.resent_rounds,
+            "rewinds": self.rewinds,
+            "bad_acks": self.bad_acks,
+            "unacked_messages": self.outbox.unacked(),
+            "unacked_age_s": round(max(waiting, default=0.0), 3),
+            "mqtt_connect_attempts": self.conn.attempts,
+        }
+
     # ------------------------------------------------------------ MQTT callbacks (network thread)
 
     def _status_msg(self, state: str, no: int | None = None) -> tuple[str, bytes]:
         no = self.conn.connection_no if no is None else no
         now = rfc3339(self.clock.now())
         body = {"state": state, "agent_version": self.agent_version, "boot_id": self.boot_id, "connection": no,
-                "seq_floor": self._seq_floor}
-        env = {"v": CONTRACT_VERSION, "type": STATUS_TYPE, "store": self.store, "stream": STATUS_STREAM,
-               "seq": no, "id": str(ULID()), "ts": now, "sent": now, "historical": False, "body": body}
+                "seq_floor": self._seq_floor, "hwm": self.outbox.high_water(), "instance": self.outbox.instance}
+        env: dict[str, Any] = {"v": CONTRACT_VERSION, "type": STATUS_TYPE, "store": self.store,
+                               "stream": STATUS_STREAM, "seq": no, "id": str(ULID()), "ts": now, "sent": now,
+                               "historical": False}
+        if self._sign_status is not None:
+            env["sig"] = self._sign_status({**env, "body": body})
+        env["body"] = body  # last, as in every uplink message
         return uplink_topic(self.cfg.topic_prefix, self.store, STATUS_STREAM), json.dumps(env).encode()
 
     def _prepare(self, client: mqtt.Client, no: int) -> None:
@@ -146,8 +208,23 @@ class Uplink:
                 handler(msg)
                 return
 
-    def _post(self, kind: str, no: int, mid: int = 0, ok: bool = True) -> None:
-        self._events.put((kind, no, mid, ok))
+    def _on_ack_msg(self, msg: mqtt.MQTTMessage) -> None:
+        payload = bytes(msg.payload)
+        try:
+            ack = Ack.model_validate_json(payload)
+            if ack.store != self.store:
+                raise ValueError(f"ack names store {ack.store!r}")
+            reason = self._check_ack(payload) if self._check_ack else None
+            if reason:
+                raise ValueError(reason)
+        except (ValueError, ValidationError) as e:
+            self.bad_acks += 1
+            self.outbox.quarantine("uplink.ack", f"{msg.topic}: {str(e)[:500]}", payload)
+            return
+        self._post("hqack", 0, ack)
+
+    def _post(self, kind: str, no: int, data: Any = None) -> None:
+        self._events.put((kind, no, data))
         self._wake.set()
 
     # ------------------------------------------------------------ pump thread
@@ -159,16 +236,17 @@ class Uplink:
             try:
                 self._handle_events()
                 if self._conn_no and self.conn.connected.is_set():
+                    self._check_resend()
                     self._fill()
+                self._check_silent()
             except Exception:  # the pump must outlive any one bad round
                 log.exception("uplink pump round failed")
                 time.sleep(0.2)
 
     def _handle_events(self) -> None:
-        acked: list[tuple[str, int]] = []
         while True:
             try:
-                kind, no, mid, ok = self._events.get_nowait()
+                kind, no, data = self._events.get_nowait()
             except queue.Empty:
                 break
             if kind == "up":
@@ -177,42 +255,102 @@ class Uplink:
                 if no == self._conn_no:
                     self._conn_no = 0
                     self._inflight.clear()
-            elif kind == "ack" and no == self._conn_no:
+            elif kind == "puback" and no == self._conn_no:
+                mid, ok = data
                 key = self._inflight.pop(mid, None)
                 if key is None:
-                    # The status birth and anything published outside the pump land here.
-                    continue
+                    continue  # the status birth and anything published outside the pump land here
                 if ok:
-                    acked.append(key)
+                    self.pubacks += 1
                 else:
                     self.failed_acks += 1
                     log.error("broker refused %s seq %d; will resend after reconnect", *key)
                     if (c := self.conn.client) is not None:
                         c.disconnect()
-        if acked:
-            self.outbox.ack(acked)
-            self.acked_messages += len(acked)
+            elif kind == "hqack":
+                self._apply_hq_ack(data)
+            elif kind == "replay":
+                stream, from_seq = data
+                self._published[stream] = min(self._published.get(stream, 0), from_seq - 1)
+                self._resend.add(stream)
+
+    def _apply_hq_ack(self, ack: Ack) -> None:
+        now = self._mono()
+        for stream, mark in ack.streams.items():
+            if stream not in STREAMS:
+                continue
+            result = self.outbox.ack_through(stream, mark.seq, mark.id)
+            if result.rewind:
+                self.rewinds += 1
+                self._published.pop(stream, None)
+                self._first_live_seq[stream] = self.outbox.last_seq(stream) + 1
+                self._resend.discard(stream)
+                self._backlog.add(stream)  # the facts put back to pending wait there now
+                self._progress_at.pop(stream, None)
+                self._on_rewind(stream)
+                continue
+            if result.deleted:
+                self.acked_messages += result.deleted
+                self._rto[stream] = self.resend_after_s
+                if self.outbox.unacked(stream):
+                    self._progress_at[stream] = now
+                else:
+                    self._progress_at.pop(stream, None)
+
+    def _check_resend(self) -> None:
+        """Publish again what HQ has not acknowledged for too long (the broker may have lost it)."""
+        now = self._mono()
+        for stream in STREAM_ORDER:
+            if not self.outbox.unacked(stream):
+                self._progress_at.pop(stream, None)
+                continue
+            since = self._progress_at.setdefault(stream, now)
+            rto = self._rto.setdefault(stream, self.resend_after_s)
+            if stream in self._resend or now - since < rto:
+                continue
+            log.info("%s: no ack from HQ for %.1fs; publishing %d unacknowledged messages again", stream,
+                     now - since, self.outbox.unacked(stream))
+            self._published[stream] = 0
+            self._resend.add(stream)
+            self._progress_at[stream] = now
+            self._rto[stream] = min(rto * 2, self.resend_max_s)
+            self.resent_rounds += 1
+
+    def _check_silent(self) -> None:
+        now = self._mono()
+        oldest = min((t for s, t in self._progress_at.items() if self.outbox.unacked(s)), default=None)
+        if oldest is None or now - oldest < self.hq_silent_alert_s:
+            self._silent_alerted = False
+        elif not self._silent_alerted:
+            self._silent_alerted = True
+            self.outbox.alert("uplink.hq_silent", f"HQ has acknowledged nothing for {now - oldest:.0f}s; "
+                              f"{self.outbox.unacked()} messages wait for its ack (facts stay buffered)")
 
     def _begin_connection(self, no: int) -> None:
         self._conn_no = no
-        self._connected_at = self.clock.now()
         self._live_from_id = self.outbox.max_pending_id()
         self._inflight.clear()
         self._published.clear()
+        self._backlog_seqs.clear()
+        self._first_live_seq = {s: self.outbox.last_seq(s) + 1 for s in STREAMS}
         self._resend = set(self.outbox.sealed_streams())
         self._backlog = set(self.outbox.streams_with_pending())
         self._live = set(STREAMS)
+        now = self._mono()
+        for s in self._resend:
+            self._progress_at[s] = now
 
     def _publish(self, msg: SealedMessage) -> bool:
         client = self.conn.client
         if client is None:
             return False
-        payload = msg.payload(self.store, self.clock.now(), historical=msg.oldest_created < self._connected_at)
+        historical = msg.seq < self._first_live_seq.get(msg.stream, 0) or (msg.stream, msg.seq) in self._backlog_seqs
+        payload = msg.payload(self.store, self.clock.now(), historical=historical)
         info = client.publish(uplink_topic(self.cfg.topic_prefix, self.store, msg.stream), payload, qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return False
         self._inflight[info.mid] = (msg.stream, msg.seq)
-        self._published[msg.stream] = msg.seq
+        self._published[msg.stream] = max(self._published.get(msg.stream, 0), msg.seq)
         self.published_messages += 1
         return True
 
@@ -232,7 +370,7 @@ class Uplink:
         while room > 0:
             progressed = False
             for stream in STREAM_ORDER:
-                if stream in self._resend:
+                if stream in self._resend or self.outbox.unacked(stream) >= self.ack_window:
                     continue
                 for lane in (self._live, self._backlog):
                     if stream not in lane:
@@ -245,10 +383,14 @@ class Uplink:
                         lane.discard(stream)
                         continue
                     progressed = True
+                    if lane is self._backlog:
+                        self._backlog_seqs.add((stream, msg.seq))
                     if not self._publish(msg):
                         return
                     room -= 1
-                    if room <= 0:
-                        return
+                    if room <= 0 or self.outbox.unacked(stream) >= self.ack_window:
+                        break
+                if room <= 0:
+                    return
             if not progressed:
                 return
