@@ -50,6 +50,7 @@ class Mosquitto:
         *,
         listener_conf: str = "",
         anonymous: bool = True,
+        persistence: bool = True,
     ) -> None:
         self.port = port or free_port()
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="mosq-"))
@@ -57,6 +58,7 @@ class Mosquitto:
         self.extra_conf = extra_conf
         self.listener_conf = listener_conf  # e.g. TLS certfile/keyfile for the one listener
         self.anonymous = anonymous
+        self.persistence = persistence
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf = self.workdir / "mosquitto.conf"
         self.log = self.workdir / "mosquitto.log"
@@ -69,7 +71,7 @@ class Mosquitto:
             # Started as root, mosquitto would drop to user 'mosquitto' and could then not write its
             # persistence file in our private folder; stay as whoever started it.
             f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
-            "persistence true\n"
+            f"persistence {'true' if self.persistence else 'false'}\n"
             f"persistence_location {self.workdir}/\n"
             # Queue without limit for offline persistent sessions (HQ restarts) and allow big batches.
             "max_queued_messages 0\n"
@@ -106,6 +108,8 @@ class Mosquitto:
         self.proc = None
 
     def kill(self) -> None:
+        """SIGKILL: mosquitto saves nothing (it writes persistence only on a clean exit or every
+        autosave_interval, 1,800 s by default), so whatever it held for offline sessions is lost."""
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

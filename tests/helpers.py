@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -98,3 +100,90 @@ def wait_for(pred: Callable[[], bool], timeout: float, what: str, every: float =
             return
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class CuttableLink:
+    """A TCP relay on 127.0.0.1 between the agent and the broker whose links can be cut silently:
+    bytes in both directions fall on the floor and nobody gets a FIN or RST, like a dead uplink,
+    until :meth:`drop` closes the cut links (what a keepalive timeout would eventually do)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._links: list[dict[str, Any]] = []
+        self._closed = False
+        # Cleared, new connections are refused at once (as by a broker that is not up yet).
+        self.gate = threading.Event()
+        self.gate.set()
+        threading.Thread(target=self._accept, name="link-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                down, _ = self._listener.accept()
+            except OSError:
+                return
+            if not self.gate.is_set():
+                down.close()
+                continue
+            try:
+                up = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+            except OSError:
+                down.close()
+                continue
+            up.settimeout(None)
+            link = {"socks": (down, up), "cut": False}
+            with self._lock:
+                if self._closed:
+                    down.close()
+                    up.close()
+                    return
+                self._links.append(link)
+            for src, dst in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(link, src, dst), daemon=True).start()
+
+    def _pump(self, link: dict[str, Any], src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                if not link["cut"]:
+                    dst.sendall(data)
+        except OSError:
+            pass
+        with self._lock:
+            if link in self._links:
+                self._links.remove(link)
+        self._close(link)
+
+    @staticmethod
+    def _close(link: dict[str, Any]) -> None:
+        for sock in link["socks"]:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def cut(self) -> int:
+        """Silently black-hole every open link; new connections still go through."""
+        with self._lock:
+            live = [link for link in self._links if not link["cut"]]
+            for link in live:
+                link["cut"] = True
+        return len(live)
+
+    def drop(self) -> None:
+        with self._lock:
+            cut = [link for link in self._links if link["cut"]]
+            self._links = [link for link in self._links if not link["cut"]]
+        for link in cut:
+            self._close(link)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            links, self._links = self._links, []
+        self._listener.close()
+        for link in links:
+            self._close(link)

@@ -16,10 +16,11 @@ Rules, per (store, stream):
   high-water mark is below what HQ applied. Nothing of it is applied; HQ counts a rewind, raises an
   alert and acks its own position, from which the store renumbers past it and sends a snapshot.
 - Sanity before anything is applied: a seq more than ``max_seq_jump`` past the last (or the store's
-  announced floor) is refused; a snapshot is installed only once HQ knows the store sealed its
-  ``as_of_seq``; a snapshot that is older than what HQ applied is brought forward with the journal of
-  the deltas applied since (kept for the last ``JOURNAL_KEEP`` messages), so a resync never races the
-  live stream.
+  announced floor) is refused, and so is a snapshot as of such a seq.
+- A snapshot ahead of what HQ applied waits for the deltas it covers (the store holds them until
+  acked), unless HQ gave up on them and asked for it, and then only up to what HQ knows the store
+  sealed. One older than what HQ applied is brought forward with the journal of the deltas applied
+  since (kept for the last ``JOURNAL_KEEP`` messages), so a resync never races the live stream.
 
 Timers (reorder window, retries) run on an injected monotonic clock; the wall clock only stamps.
 """
@@ -138,6 +139,7 @@ class HqApplier:
         ):
             self._gaps[(st, stream)] = Gap(now)
         self._waiting_snapshots = {r[0] for r in store.read("SELECT DISTINCT store FROM snapshot_parts")}
+        self._issued_at: dict[tuple[str, str], float] = {}  # unanswered commands: when last published
 
     # ------------------------------------------------------------ intake
 
@@ -363,6 +365,8 @@ class HqApplier:
                 )
             elif env.stream == CMD_RESULT:
                 self._replay_answers(env.store, items or ())
+                c.executemany("UPDATE commands_out SET answered_at = ? WHERE store = ? AND cmd_id = ?",
+                              [(self.clock.now(), env.store, it.cmd_id) for it in items or ()])
             c.execute(
                 "INSERT OR REPLACE INTO messages(store, stream, seq, ts, historical, body) VALUES (?,?,?,?,?,?)",
                 (env.store, env.stream, env.seq, env.ts.timestamp(), int(env.historical),
@@ -431,8 +435,13 @@ class HqApplier:
                 last, hwm = c.execute(
                     "SELECT last_seq, hwm FROM streams WHERE store = ? AND stream = ?", (store, DELTA)
                 ).fetchone() or (0, 0)
-                if as_of > max(last, hwm):
-                    waiting = True  # the deltas it speaks of have not been announced yet
+                resyncing = c.execute(
+                    "SELECT 1 FROM resyncs WHERE store = ? AND done_at IS NULL LIMIT 1", (store,)).fetchone()
+                # Ahead of what HQ applied: the store still holds those deltas (they come), so wait for
+                # them, unless HQ gave up on them and asked for this resync. Never beyond what the store
+                # is known to have sealed.
+                if as_of > last and (not resyncing or as_of > hwm):
+                    waiting = True
                     continue
                 applied += self._install_snapshot(c, store, sid, as_of)
             if not waiting:
@@ -560,7 +569,31 @@ class HqApplier:
             self._notify(applied)
         for store in list(self._waiting_snapshots):
             self._retry_snapshots(store)
+        return out + self._unanswered(now)
+
+    def _unanswered(self, now: float) -> list[Outgoing]:
+        """Commands with no cmd-result yet, published again (the store runs each id once): a broker
+        that crashed after taking one from HQ loses it, as it loses the store's messages."""
+        out = []
+        rows = self.db.read("SELECT store, cmd_id, payload FROM commands_out WHERE answered_at IS NULL")
+        for store, cmd_id, payload in rows:
+            sent = self._issued_at.setdefault((store, cmd_id), now)
+            if now - sent >= self.resync_retry_s:
+                self._issued_at[(store, cmd_id)] = now
+                out.append(Outgoing(command_topic(self.prefix, store, json.loads(payload)["name"]), bytes(payload)))
+        if len(self._issued_at) > len(rows):
+            self._issued_at = {k: v for k, v in self._issued_at.items() if k in {(r[0], r[1]) for r in rows}}
         return out
+
+    def issue(self, store: str, name: str, args: dict[str, Any]) -> Outgoing:
+        """An operator's command: kept until the store's cmd-result names it, and published again until then."""
+        o = self.command(store, name, args)
+        cmd_id = json.loads(o.payload)["id"]
+        with self.db.tx() as c:
+            c.execute("INSERT INTO commands_out(store, cmd_id, payload, issued_at) VALUES (?,?,?,?)",
+                      (store, cmd_id, o.payload, self.clock.now()))
+        self._issued_at[(store, cmd_id)] = self._mono()
+        return o
 
     def _replay(self, c: sqlite3.Connection, store: str, stream: str, from_seq: int, gap: Gap, now: float) -> Outgoing:
         gap.replays += 1

@@ -108,7 +108,8 @@ class HqReceiver:
             client.publish(o.topic, o.payload, qos=1)
 
     def send_command(self, store: str, name: str, args: dict[str, Any]) -> str:
-        o = self.applier.command(store, name, args)
+        with self._lock:
+            o = self.applier.issue(store, name, args)
         self._send([o])
         return json.loads(o.payload)["id"]
 

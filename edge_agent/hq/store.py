@@ -31,6 +31,10 @@ CREATE TABLE IF NOT EXISTS streams(
   rewinds INTEGER NOT NULL DEFAULT 0,
   replays INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY(store, stream)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS commands_out(
+  store TEXT NOT NULL, cmd_id TEXT NOT NULL, payload BLOB NOT NULL, issued_at REAL NOT NULL, answered_at REAL,
+  PRIMARY KEY(store, cmd_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS commands_unanswered ON commands_out(answered_at) WHERE answered_at IS NULL;
 CREATE TABLE IF NOT EXISTS inv_journal(
   store TEXT NOT NULL, seq INTEGER NOT NULL, sums TEXT NOT NULL, PRIMARY KEY(store, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS alerts(
