@@ -109,3 +109,42 @@ def test_rewound_outbox_is_detected_and_healed(tmp_path: Path, broker: Mosquitto
     finally:
         assert agent.terminate() == 0
         hq.stop()
+
+
+@pytest.mark.slow
+def test_cloned_box_is_detected_and_hq_converges_once_it_is_gone(tmp_path: Path, broker: Mosquitto) -> None:
+    """A second box started from a copy of the first one's outbox, under the same store id: the two take
+    the broker session from each other in turn. HQ must say so, and heal once the clone is stopped."""
+    total = 12_000
+    sim = {"seed": 19, "total": total, "rate_per_s": 2_000, "batch": 40, "zones": ZONES, "gtins": 40}
+    cfg_a = agent_config(tmp_path, broker.port, sim=sim, health={"interval_s": 1.0})
+    hq = start_hq(tmp_path, broker.port)
+    wait_for(lambda: hq.conn.connected.is_set(), 10, "HQ to connect")
+    a = AgentProcess(cfg_a, tmp_path / "agent-a.log").start()
+    clone_dir = tmp_path / "clone"
+    clone_dir.mkdir()
+    b: AgentProcess | None = None
+    try:
+        wait_for(lambda: delta_stats(hq).get("last_seq", 0) >= 20, 30, "deltas applied at HQ")
+        backup = sqlite3.connect(clone_dir / "outbox-S001.db")
+        live = sqlite3.connect(tmp_path / "outbox-S001.db")
+        live.backup(backup)  # the SD card copied while the box runs
+        live.close()
+        backup.close()
+        b = AgentProcess(agent_config(clone_dir, broker.port, sim=sim, health={"interval_s": 1.0}),
+                         clone_dir / "agent-b.log").start()
+        wait_for(lambda: any(a_["kind"] == "store.duplicate_identity" for a_ in hq.db.alerts()), 30,
+                 "HQ to notice two agents under one store id")
+        assert hq.state()["status"]["S001"]["identity_conflicts"] >= 1
+        assert b.terminate() == 0
+        b = None
+        truth = InventoryFeed(19, ZONES, 40).truth(total)
+        wait_for(lambda: hq.db.inventory("S001") == truth, 90, "HQ inventory to equal the ground truth")
+        st = delta_stats(hq)
+        assert st["applied"] == st["last_seq"] and st["gaps"] == 0, st  # no seq applied twice, none skipped
+        assert a.alive
+    finally:
+        if b is not None:
+            b.kill9()
+        assert a.terminate() == 0
+        hq.stop()

@@ -140,6 +140,8 @@ class HqApplier:
             self._gaps[(st, stream)] = Gap(now)
         self._waiting_snapshots = {r[0] for r in store.read("SELECT DISTINCT store FROM snapshot_parts")}
         self._issued_at: dict[tuple[str, str], float] = {}  # unanswered commands: when last published
+        self._births: dict[str, list[tuple[float, str]]] = {}  # per store, the last live births (time, boot)
+        self._clone_alerted: dict[str, float] = {}
 
     # ------------------------------------------------------------ intake
 
@@ -214,6 +216,7 @@ class HqApplier:
             if prev and prev[0] and b.instance and prev[0] != b.instance:
                 self._alert(c, env.store, "store.new_outbox",
                             f"outbox instance {b.instance} replaces {prev[0]} (a new or rebuilt box)")
+            self._check_identity(c, env.store, b.boot_id)
             for stream, mark in b.hwm.items():
                 row = c.execute(
                     "SELECT last_seq, last_id FROM streams WHERE store = ? AND stream = ?", (env.store, stream)
@@ -226,6 +229,22 @@ class HqApplier:
                                  f" ({mark.id or '?'}), HQ applied {last} ({last_id or '?'})")
         self.ack_due.add(env.store)
         self._note_hwm(env.store, b.hwm)
+
+    def _check_identity(self, c: sqlite3.Connection, store: str, boot_id: str) -> None:
+        """Two running agents under one store id (a cloned box) take the broker session from each
+        other in turn: births alternate between two boot ids, X, Y, X, within a minute. A restart
+        gives X, Y and stays on Y."""
+        now = self._mono()
+        births = [b for b in self._births.get(store, []) if now - b[0] < 60.0][-2:] + [(now, boot_id)]
+        self._births[store] = births
+        if len(births) == 3 and births[0][1] == births[2][1] != births[1][1]:
+            if now - self._clone_alerted.get(store, -1e9) >= 600.0:
+                self._clone_alerted[store] = now
+                c.execute("UPDATE status SET identity_conflicts = identity_conflicts + 1 WHERE store = ?", (store,))
+                self._alert(c, store, "store.duplicate_identity",
+                            f"two agents run as {store} (boots {births[0][1]} and {births[1][1]} take turns): a cloned"
+                            " box or a copied outbox; their numbers collide and HQ applies neither's conflicting"
+                            " messages. Stop one of them.")
 
     def _rewind(self, c: sqlite3.Connection, store: str, stream: str, why: str) -> None:
         """The store went back in time: apply nothing of it, count once per episode, alert, ack."""

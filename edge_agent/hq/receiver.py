@@ -153,8 +153,10 @@ class HqReceiver:
         now = self.clock.now()
         with self._lock:
             streams = self.db.stream_stats()
-            status = {r[0]: {"state": r[1], "boot_id": r[2], "connection": r[3]}
-                      for r in self.db.read("SELECT store, state, boot_id, connection FROM status")}
+            status = {r[0]: {"state": r[1], "boot_id": r[2], "connection": r[3], "instance": r[4],
+                             "identity_conflicts": r[5]}
+                      for r in self.db.read(
+                          "SELECT store, state, boot_id, connection, instance, identity_conflicts FROM status")}
             stores = sorted({s["store"] for s in streams} | set(status))
             snapshots = [
                 dict(zip(("store", "snapshot_id", "as_of_seq", "outcome", "mismatches"), r, strict=True))

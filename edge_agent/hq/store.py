@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS messages(
   historical INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY(store, stream, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS status(
   store TEXT PRIMARY KEY, state TEXT NOT NULL, boot_id TEXT, connection INTEGER, at REAL NOT NULL,
-  instance TEXT NOT NULL DEFAULT '');
+  instance TEXT NOT NULL DEFAULT '', identity_conflicts INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS resyncs(
   store TEXT NOT NULL, cmd_id TEXT NOT NULL, requested_at REAL NOT NULL, done_at REAL,
   PRIMARY KEY(store, cmd_id)) WITHOUT ROWID;
@@ -76,6 +76,7 @@ MIGRATIONS = (
     ("streams", "rewinds", "INTEGER NOT NULL DEFAULT 0"),
     ("streams", "replays", "INTEGER NOT NULL DEFAULT 0"),
     ("status", "instance", "TEXT NOT NULL DEFAULT ''"),
+    ("status", "identity_conflicts", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 
