@@ -321,7 +321,9 @@ class HqApplier:
                     c.execute("UPDATE streams SET duplicates = duplicates + 1 WHERE store = ? AND stream = ?", key)
                 self._gaps.setdefault(key, Gap(self._mono()))
                 return
-            if env.prev and last_id and env.prev != last_id:
+            if last_id and not env.prev:
+                raise Implausible(f"seq {env.seq} names no message before it (HQ applied {last_id} at {last})")
+            if last_id and env.prev != last_id:
                 self._rewind(c, *key, f"seq {env.seq} follows {env.prev}, HQ applied {last_id} at {last}")
                 return
             applied = self._apply(c, env)
@@ -342,7 +344,7 @@ class HqApplier:
             env = MESSAGE_MODELS[json.loads(row[0])["type"]].model_validate_json(row[0])
             last_id = c.execute("SELECT last_id FROM streams WHERE store = ? AND stream = ?", (store, stream)).fetchone()[0]
             c.execute("DELETE FROM stash WHERE store = ? AND stream = ? AND seq = ?", (store, stream, env.seq))
-            if env.prev and last_id and env.prev != last_id:
+            if last_id and env.prev != last_id:  # a message that does not chain on (or names nothing) is not next
                 self._rewind(c, store, stream, f"stashed seq {env.seq} follows {env.prev}, HQ applied {last_id}")
                 break
             applied += self._apply(c, env)
