@@ -72,6 +72,32 @@ def _schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    from pydantic import TypeAdapter, ValidationError
+
+    from .contract import StoreId
+    from .signing import write_keypair
+
+    name = args.name or "hq"
+    try:
+        TypeAdapter(StoreId).validate_python(name)  # a file name, a TOML key and a topic level
+        key, pub, text = write_keypair(Path(args.out), name)
+    except ValidationError:
+        print(f"--name {name!r}: a store id is 1-64 letters, digits, '-' or '_'", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"# wrote {key} (private, 0600) and {pub}", file=sys.stderr)
+    if args.name:
+        print("# for HQ's [hq.signing.keys] table or its hq.signing.keys_file:", file=sys.stderr)
+        print(f'{name} = "{text}"')
+    else:
+        print("# for the [signing] table of every store:", file=sys.stderr)
+        print(f'hq_public_key = "{text}"')
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from simulators.store_replay import run_demo
 
@@ -95,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("schema", help="write a JSON Schema per message type")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=_schema)
+    k = sub.add_parser("keygen", help="make an Ed25519 key pair: a store's (--name) or HQ's")
+    k.add_argument("--out", required=True, help="folder for <name>.key (0600) and <name>.pub")
+    k.add_argument("--name", help="the store id; without it, HQ's pair hq.key/hq.pub")
+    k.set_defaults(fn=_keygen)
     d = sub.add_parser("demo", help="replay a simulated store: brokers, simulators, agent, HQ receiver, dashboard")
     d.add_argument("--seconds", type=float, default=20.0)
     d.add_argument("--facts", type=int, default=20_000)

@@ -13,8 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from . import signing
 from .contract import DEFAULT_PREFIX, StoreId
 from .vision.analytics import TrafficAnalyticsConfig
 from .vision.storewide import STORE_WIDE
@@ -165,6 +177,53 @@ class RfidConfig(Section):
         return self
 
 
+def _public_key(text: str) -> str:
+    signing.parse_public_key(text)
+    return text.strip()
+
+
+# An Ed25519 public key: its 32 raw bytes in base64, as `edge-agent keygen` prints it.
+PublicKeyText = Annotated[str, AfterValidator(_public_key)]
+
+
+class SigningConfig(Section):
+    """The store's keys: its own, to sign what it sends, and HQ's, to check commands and acks."""
+
+    key_file: Path | None = None  # None: the store's messages go unsigned
+    hq_public_key: PublicKeyText | None = None
+    require_signed_commands: bool = False
+
+    @field_validator("require_signed_commands")
+    @classmethod
+    def _needs_hq_key(cls, v: bool, info: ValidationInfo) -> bool:
+        # Only when hq_public_key was valid and absent: a bad key has its own error already.
+        if v and "hq_public_key" in info.data and info.data["hq_public_key"] is None:
+            raise ValueError("needs signing.hq_public_key to check commands against")
+        return v
+
+
+class HqSigningConfig(Section):
+    """HQ's side: the stores' public keys and HQ's own private key.
+
+    A table of its own under [hq] rather than keys of [signing]: one file may serve a store and HQ
+    (the demo, the tests), and the store's key must never be taken for HQ's or the other way round.
+    """
+
+    key_file: Path | None = None  # HQ's private key, to sign commands and acks; None: unsigned
+    keys: dict[StoreId, PublicKeyText] = {}
+    # A TOML file of `S001 = "<base64>"` lines (what keygen prints), for chains with many stores.
+    keys_file: Path | None = None
+    require_signatures: bool = False
+
+    @field_validator("require_signatures")
+    @classmethod
+    def _needs_keys(cls, v: bool, info: ValidationInfo) -> bool:
+        given = info.data  # keys that failed validation are absent here, and have their own error
+        if v and {"keys", "keys_file"} <= given.keys() and not given["keys"] and given["keys_file"] is None:
+            raise ValueError("needs the stores' keys: hq.signing.keys or hq.signing.keys_file")
+        return v
+
+
 class LogConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -182,6 +241,7 @@ class HqConfig(Section):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8780, ge=0, le=65535)
     print_applied: bool = True
+    signing: HqSigningConfig = HqSigningConfig()
 
 
 class CameraConfig(TrafficAnalyticsConfig):
@@ -266,6 +326,7 @@ class AgentConfig(Section):
     vision: VisionConfig = VisionConfig()
     esl: EslConfig = EslConfig()
     log: LogConfig = LogConfig()
+    signing: SigningConfig = SigningConfig()
     hq: HqConfig = HqConfig()
 
 
@@ -358,20 +419,27 @@ def _apply_env(data: dict[str, Any], env: dict[str, str]) -> dict[str, str]:
     return applied
 
 
-def load_config(path: str | Path, env: dict[str, str] | None = None, model: type[M] = AgentConfig) -> M:
-    path = Path(path)
+def _read(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(path, [ConfigIssue("(file)", None, f"cannot read: {e.strerror or e}")]) from e
+
+
+def _parse(path: Path, text: str) -> dict[str, Any]:
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"line (\d+)", str(e))
         raise ConfigError(path, [ConfigIssue("(syntax)", int(m.group(1)) if m else None, str(e))]) from e
-    from_env = _apply_env(data, dict(os.environ) if env is None else env)
+
+
+B = TypeVar("B", bound=BaseModel)
+
+
+def _validate(path: Path, text: str, data: dict[str, Any], model: type[B], from_env: dict[str, str]) -> B:
     try:
-        cfg = model.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         lines = key_lines(text)
         issues = []
@@ -387,7 +455,59 @@ def load_config(path: str | Path, env: dict[str, str] | None = None, model: type
             else:
                 issues.append(ConfigIssue(key, _nearest_line(lines, key), msg))
         raise ConfigError(path, issues) from e
-    return _resolve_paths(cfg, path.parent)
+
+
+def load_config(path: str | Path, env: dict[str, str] | None = None, model: type[M] = AgentConfig) -> M:
+    path = Path(path)
+    text = _read(path)
+    data = _parse(path, text)
+    from_env = _apply_env(data, dict(os.environ) if env is None else env)
+    cfg = _resolve_paths(_validate(path, text, data, model, from_env), path.parent)
+    return _load_key_files(cfg, path, text)
+
+
+class _StoreKeys(RootModel[dict[StoreId, PublicKeyText]]):
+    """hq.signing.keys_file: ``S001 = "<base64 public key>"``, one store a line."""
+
+
+def _load_key_files(cfg: M, path: Path, text: str) -> M:
+    """Read the key files now, so check-config reports a missing or wrong one with its key and line.
+
+    Each process reads only its own: the agent its private key; HQ its private key and the stores'
+    public keys (merged into hq.signing.keys). A store's key given in both places is an error: which
+    one HQ trusts must not depend on a merge rule.
+    """
+    issues: list[ConfigIssue] = []
+
+    def issue(key: str, message: str) -> None:
+        issues.append(ConfigIssue(key, _nearest_line(key_lines(text), key), message))
+
+    if isinstance(cfg, AgentConfig):
+        own_key, own_path = "signing.key_file", cfg.signing.key_file
+    else:
+        own_key, own_path = "hq.signing.key_file", cfg.hq.signing.key_file
+    if own_path is not None:
+        try:
+            signing.load_private_key(own_path)
+        except OSError as e:
+            issue(own_key, f"cannot read {own_path}: {e.strerror or e}")
+        except ValueError as e:
+            issue(own_key, f"{own_path} is not an Ed25519 private key in PKCS8 PEM: {e}")
+    keys_file = cfg.hq.signing.keys_file
+    if isinstance(cfg, HqFileConfig) and keys_file is not None:
+        try:
+            keys_text = keys_file.read_text(encoding="utf-8")
+        except OSError as e:
+            issue("hq.signing.keys_file", f"cannot read {keys_file}: {e.strerror or e}")
+        else:
+            stored = _validate(keys_file, keys_text, _parse(keys_file, keys_text), _StoreKeys, {}).root
+            for store in sorted(stored.keys() & cfg.hq.signing.keys.keys()):
+                issue(f"hq.signing.keys.{store}", f"also in {keys_file}; give each store's key once")
+            sig = cfg.hq.signing.model_copy(update={"keys": cfg.hq.signing.keys | stored})
+            cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"signing": sig})})
+    if issues:
+        raise ConfigError(path, issues)
+    return cfg
 
 
 def _resolve_paths(cfg: M, base: Path) -> M:
@@ -396,25 +516,26 @@ def _resolve_paths(cfg: M, base: Path) -> M:
     def rel(p: Path) -> Path:
         return p if p.is_absolute() else (base / p)
 
+    def rel_fields(section: BaseModel, *names: str) -> dict[str, Path]:
+        return {n: rel(v) for n in names if (v := getattr(section, n)) is not None}
+
     tls = cfg.mqtt.tls
+    hq = cfg.hq
     update: dict[str, Any] = {}
     if isinstance(cfg, AgentConfig):
         update["outbox"] = cfg.outbox.model_copy(update={"path": rel(cfg.outbox.path)})
+        update["signing"] = cfg.signing.model_copy(update=rel_fields(cfg.signing, "key_file"))
     return cfg.model_copy(
         update=update
         | {
-            "hq": cfg.hq.model_copy(update={"db_path": rel(cfg.hq.db_path)}),
-            "mqtt": cfg.mqtt.model_copy(
+            "hq": hq.model_copy(
                 update={
-                    "tls": tls.model_copy(
-                        update={
-                            k: rel(v)
-                            for k, v in (("ca_file", tls.ca_file), ("cert_file", tls.cert_file), ("key_file", tls.key_file))
-                            if v is not None
-                        }
-                    )
+                    "db_path": rel(hq.db_path),
+                    "signing": hq.signing.model_copy(update=rel_fields(hq.signing, "key_file", "keys_file")),
                 }
+            ),
+            "mqtt": cfg.mqtt.model_copy(
+                update={"tls": tls.model_copy(update=rel_fields(tls, "ca_file", "cert_file", "key_file"))}
             ),
         }
     )
-

@@ -271,3 +271,93 @@ def test_every_key_is_documented_in_the_example() -> None:
             seen.add(f"{table}.{m.group(1)}" if table else m.group(1))
     missing = [k for k in _keys(AgentConfig) if k not in seen]
     assert missing == [], f"undocumented keys: {missing}"
+
+
+# ---------------------------------------------------------------- signing keys
+
+PUB = "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="  # RFC 8032 test 1's public key, base64
+
+SIGNING_CASES = {
+    "a bad HQ key and an unknown key": (AgentConfig, f"""\
+[store]
+id = "S001"
+[signing]
+hq_public_key = "AAAA"   # <- signing.hq_public_key
+colour = "red"   # <- signing.colour
+[hq.signing.keys]
+S001 = "{PUB}"
+"""),
+    "signed commands without HQ's key": (AgentConfig, """\
+[store]
+id = "S001"
+[signing]
+require_signed_commands = true   # <- signing.require_signed_commands
+"""),
+    "the store's key file missing": (AgentConfig, """\
+[store]
+id = "S001"
+[signing]
+key_file = "keys/none.key"   # <- signing.key_file
+[hq.signing]
+key_file = "keys/not-read-by-the-agent.key"
+"""),
+    "signatures required without keys": (HqFileConfig, """\
+[hq.signing]
+require_signatures = true   # <- hq.signing.require_signatures
+"""),
+    "bad store keys": (HqFileConfig, f"""\
+[hq.signing]
+require_signatures = true
+[hq.signing.keys]
+S002 = "not base64!"   # <- hq.signing.keys.S002
+"bad/id" = "{PUB}"   # <- hq.signing.keys.bad/id.[key]
+"""),
+    "HQ's key files missing": (HqFileConfig, """\
+[signing]
+key_file = "keys/the-store's-not-read-by-HQ.key"
+[hq.signing]
+key_file = "hq.key"   # <- hq.signing.key_file
+keys_file = "stores.toml"   # <- hq.signing.keys_file
+"""),
+}
+
+
+@pytest.mark.parametrize("case", SIGNING_CASES)
+def test_signing_errors_name_their_key_and_line(tmp_path: Path, case: str) -> None:
+    model, text = SIGNING_CASES[case]
+    path = write(tmp_path / "c.toml", text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, env={}, model=model)
+    assert {i.key: i.line for i in e.value.issues} == marked_lines(text), e.value
+    assert e.value.path == path
+
+
+def test_a_junk_key_file_is_named(tmp_path: Path) -> None:
+    write(tmp_path / "junk.key", "-----BEGIN PRIVATE KEY-----\n")
+    path = write(tmp_path / "c.toml", '[store]\nid = "S001"\n[signing]\nkey_file = "junk.key"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(path, env={})
+    (issue,) = e.value.issues
+    assert (issue.key, issue.line) == ("signing.key_file", 4)
+    assert "not an Ed25519 private key" in issue.message
+
+
+def test_keys_file_errors_name_the_keys_file_and_line(tmp_path: Path) -> None:
+    conf = write(tmp_path / "hq.toml", '[hq.signing]\nkeys_file = "stores.toml"\n')
+    keys = write(tmp_path / "stores.toml", f'S001 = "{PUB}"\nS002 = "short"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(conf, env={}, model=HqFileConfig)
+    assert e.value.path == keys
+    assert [(i.key, i.line) for i in e.value.issues] == [("S002", 2)]
+
+
+def test_keys_file_merges_with_the_table_but_never_twice(tmp_path: Path) -> None:
+    write(tmp_path / "stores.toml", f'S001 = "{PUB}"\n')
+    conf = write(tmp_path / "hq.toml", f'[hq.signing]\nkeys_file = "stores.toml"\n[hq.signing.keys]\nS002 = "{PUB}"\n')
+    cfg = load_config(conf, env={}, model=HqFileConfig)
+    assert cfg.hq.signing.keys == {"S001": PUB, "S002": PUB}
+    conf = write(tmp_path / "hq.toml", f'[hq.signing]\nkeys_file = "stores.toml"\n[hq.signing.keys]\nS001 = "{PUB}"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(conf, env={}, model=HqFileConfig)
+    (issue,) = e.value.issues
+    assert (issue.key, issue.line) == ("hq.signing.keys.S001", 4) and "also in" in issue.message
