@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 from ulid import ULID
 
 from . import __version__
+from .authenticity import downlink_check, store_signer
 from .clock import Clock, RealClock
 from .config import AgentConfig
 from .contract import Command, CycleCountArgs, InventoryResyncArgs
@@ -39,6 +40,8 @@ class Agent:
         self.cfg = cfg
         self.clock = clock or RealClock()
         self.boot_id = str(ULID())
+        signer = store_signer(cfg.signing, cfg.store.id)
+        check = downlink_check(cfg.signing)
         self.outbox = Outbox(
             cfg.outbox.path,
             self.clock,
@@ -46,6 +49,7 @@ class Agent:
             max_message_bytes=cfg.outbox.max_message_bytes,
             synchronous=cfg.outbox.synchronous,
             quarantine_keep=cfg.outbox.quarantine_keep,
+            sign=signer.sealed if signer else None,
         )
         self.book = InventoryBook(self.outbox, self.clock)
         self.uplink = Uplink(
@@ -57,8 +61,10 @@ class Agent:
             boot_id=self.boot_id,
             agent_version=__version__,
             on_rewind=self._on_rewind,
+            check_ack=check,
+            sign_status=signer.raw if signer else None,
         )
-        self.downlink = Downlink(cfg.store.id, cfg.mqtt.topic_prefix, self.outbox, self.clock)
+        self.downlink = Downlink(cfg.store.id, cfg.mqtt.topic_prefix, self.outbox, self.clock, check=check)
         self.downlink.register("inventory.resync", self._resync)
         self.downlink.register("replay", lambda _cmd, args: self.uplink.replay(args.stream, args.from_seq))
         self.uplink.subscribe(self.downlink.topic, self.downlink.on_message)

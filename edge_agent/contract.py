@@ -370,6 +370,7 @@ class Command(BaseModel):
     store: StoreId
     ts: datetime
     args: dict[str, Any] = Field(default_factory=dict)
+    sig: str | None = None  # HQ's Ed25519 signature over the rest (edge_agent.signing.sign_json)
 
 
 class ReplayArgs(Strict):

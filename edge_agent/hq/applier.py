@@ -541,7 +541,7 @@ class HqApplier:
                 continue
             ack = Ack(store=store, ts=rfc3339(self.clock.now()),  # type: ignore[arg-type]
                       streams={s: Mark(seq=seq, id=i) for s, seq, i in rows})
-            out.append(Outgoing(ack_topic(self.prefix, store), self._encode(ack.model_dump(mode="json", exclude_none=True))))
+            out.append(Outgoing(ack_topic(self.prefix, store), self._encode(ack.model_dump(mode="json", exclude={"sig"}))))
         return out
 
     def _encode(self, obj: dict[str, Any]) -> bytes:
@@ -633,7 +633,8 @@ class HqApplier:
 
     def command(self, store: str, name: str, args: dict[str, Any]) -> Outgoing:
         cmd = Command(id=str(ULID()), name=name, store=store, ts=rfc3339(self.clock.now()), args=args)  # type: ignore[arg-type]
-        return Outgoing(command_topic(self.prefix, store, name), self._encode(cmd.model_dump(mode="json")))
+        return Outgoing(command_topic(self.prefix, store, name),
+                        self._encode(cmd.model_dump(mode="json", exclude={"sig"})))
 
 
 def lag_ms(a: Applied) -> float:

@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, urlparse
 
 import paho.mqtt.client as mqtt
 
+from ..authenticity import hq_encoder, uplink_check
 from ..clock import Clock, RealClock
 from ..config import HqFileConfig
 from ..sync.mqtt_client import Connection
@@ -47,6 +48,8 @@ class HqReceiver:
             resync_retry_s=cfg.hq.resync_retry_s,
             max_seq_jump=cfg.hq.max_seq_jump,
             on_applied=self._applied,
+            verify=uplink_check(cfg.hq.signing),
+            sign=hq_encoder(cfg.hq.signing),
         )
         self._acked_at = 0.0
         self._lock = threading.Lock()

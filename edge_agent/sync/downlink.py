@@ -48,8 +48,10 @@ def _short(e: ValidationError) -> str:
 
 
 class Downlink:
-    def __init__(self, store: str, prefix: str, outbox: Outbox, clock: Clock) -> None:
+    def __init__(self, store: str, prefix: str, outbox: Outbox, clock: Clock,
+                 check: Callable[[bytes], str | None] | None = None) -> None:
         self.store = store
+        self._check = check  # HQ's signature: None if acceptable, else why not
         self.prefix = prefix
         self.outbox = outbox
         self.clock = clock
@@ -111,6 +113,8 @@ class Downlink:
             return reject("not a command topic")
         if parts.store != self.store:
             return reject(f"command for store {parts.store!r} reached store {self.store!r}")
+        if self._check is not None and (why := self._check(payload)):
+            return reject(f"signature: {why}")
         try:
             cmd = Command.model_validate_json(payload)
         except ValidationError as e:

@@ -53,7 +53,7 @@ class Uplink:
         agent_version: str = "0",
         on_rewind: Callable[[str], None] | None = None,
         check_ack: Callable[[bytes], str | None] | None = None,
-        sign_status: Callable[[dict[str, Any]], str] | None = None,
+        sign_status: Callable[[str, str, int, str, str, str, bytes], str] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         w = windows or OutboxConfig()
@@ -183,13 +183,16 @@ class Uplink:
         now = rfc3339(self.clock.now())
         body = {"state": state, "agent_version": self.agent_version, "boot_id": self.boot_id, "connection": no,
                 "seq_floor": self._seq_floor, "hwm": self.outbox.high_water(), "instance": self.outbox.instance}
-        env: dict[str, Any] = {"v": CONTRACT_VERSION, "type": STATUS_TYPE, "store": self.store,
-                               "stream": STATUS_STREAM, "seq": no, "id": str(ULID()), "ts": now, "sent": now,
-                               "historical": False}
+        body_text = json.dumps(body, separators=(",", ":"))
+        msg_id = str(ULID())
+        head: dict[str, Any] = {"v": CONTRACT_VERSION, "type": STATUS_TYPE, "store": self.store,
+                                "stream": STATUS_STREAM, "seq": no, "id": msg_id, "ts": now, "sent": now,
+                                "historical": False}
         if self._sign_status is not None:
-            env["sig"] = self._sign_status({**env, "body": body})
-        env["body"] = body  # last, as in every uplink message
-        return uplink_topic(self.cfg.topic_prefix, self.store, STATUS_STREAM), json.dumps(env).encode()
+            head["sig"] = self._sign_status(STATUS_TYPE, STATUS_STREAM, no, msg_id, "", now, body_text.encode())
+        # Laid out as every uplink message: compact, "body" last (what a verifier splits on).
+        payload = json.dumps(head, separators=(",", ":"))[:-1] + ',"body":' + body_text + "}"
+        return uplink_topic(self.cfg.topic_prefix, self.store, STATUS_STREAM), payload.encode()
 
     def _prepare(self, client: mqtt.Client, no: int) -> None:
         # The will is fixed at connect time; it tells HQ which connection went away.
