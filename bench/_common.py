@@ -163,7 +163,7 @@ def mqtt_table(port: int) -> dict[str, Any]:
     return {"port": port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5, "connect_timeout_s": 2.0}
 
 
-def agent_config(workdir: Path, port: int, **outbox: Any) -> AgentConfig:
+def agent_config(workdir: Path, port: int, signing: dict[str, Any] | None = None, **outbox: Any) -> AgentConfig:
     return AgentConfig.model_validate(
         {
             "store": {"id": STORE},
@@ -171,8 +171,22 @@ def agent_config(workdir: Path, port: int, **outbox: Any) -> AgentConfig:
             "outbox": {"path": str(workdir / "outbox.db"), **outbox},
             "health": {"interval_s": 60.0},
             "log": {"level": "WARNING"},
+            "signing": signing or {},
         }
     )
+
+
+def signing_tables(workdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fresh keys for the store and HQ: the agent's [signing] table and HQ's [hq.signing] table, with
+    signatures required both ways (what --sign measures)."""
+    from edge_agent.signing import write_keypair
+
+    keys = workdir / "keys"
+    _, _, store_pub = write_keypair(keys, STORE)
+    _, _, hq_pub = write_keypair(keys, "hq")
+    agent = {"key_file": str(keys / f"{STORE}.key"), "hq_public_key": hq_pub, "require_signed_commands": True}
+    hq = {"key_file": str(keys / "hq.key"), "keys": {STORE: store_pub}, "require_signatures": True}
+    return agent, hq
 
 
 # ---------------------------------------------------------------- HQ in its own process
@@ -186,7 +200,7 @@ class HqProcess:
     writes one line per applied message (for per-message latency).
     """
 
-    def __init__(self, workdir: Path, port: int, *, probe: bool = False) -> None:
+    def __init__(self, workdir: Path, port: int, *, probe: bool = False, signing: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
         self.db_path = workdir / "hq.db"
         self.applied_path = workdir / "hq-applied.txt"
@@ -196,7 +210,7 @@ class HqProcess:
             {
                 "mqtt": mqtt_table(port),
                 "hq": {"db_path": str(self.db_path), "http_port": 0, "print_applied": False,
-                       "reorder_window_s": 2.0},
+                       "reorder_window_s": 2.0, "signing": signing or {}},
                 "log": {"level": "WARNING"},
             },
         )

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import Background, DeltaPool, HqProcess, agent_config, emit, header, note, rss_mb, wait_for
+from _common import Background, DeltaPool, HqProcess, agent_config, emit, header, note, rss_mb, signing_tables, wait_for
 
 from edge_agent.agent import Agent
 from simulators.mosquitto import Mosquitto
@@ -33,15 +33,17 @@ def main() -> None:
     p.add_argument("--synchronous", choices=["FULL", "NORMAL"], default="FULL")
     p.add_argument("--timeout", type=float, default=300.0, help="bound on the offline fill and on the drain")
     p.add_argument("--workdir", help="parent of the run's temp dir")
+    p.add_argument("--sign", action="store_true", help="Ed25519 signatures on, required both ways")
     a = p.parse_args()
-    header("backlog_drain", facts=a.facts, batch=a.batch, cap_bytes=a.cap_bytes, synchronous=a.synchronous)
+    header("backlog_drain", sign=a.sign, facts=a.facts, batch=a.batch, cap_bytes=a.cap_bytes, synchronous=a.synchronous)
 
     bg = Background()
     with tempfile.TemporaryDirectory(prefix="bench-backlog-", dir=a.workdir) as tmp:
         workdir = Path(tmp)
         broker = Mosquitto(workdir=workdir / "mosquitto").start()
-        hq = HqProcess(workdir, broker.port).start()
-        agent = Agent(agent_config(workdir, broker.port, cap_bytes=a.cap_bytes, synchronous=a.synchronous))
+        agent_signing, hq_signing = signing_tables(workdir) if a.sign else ({}, {})
+        hq = HqProcess(workdir, broker.port, signing=hq_signing).start()
+        agent = Agent(agent_config(workdir, broker.port, agent_signing, cap_bytes=a.cap_bytes, synchronous=a.synchronous))
         try:
             agent.start()
             wait_for(hq.online, 30, "HQ to subscribe and see the agent online")

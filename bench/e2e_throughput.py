@@ -1,7 +1,7 @@
 """End-to-end sustained throughput: inventory facts enqueued at the agent -> applied at HQ.
 
 Agent (in this process: InventoryBook.apply -> SQLite outbox -> Uplink, QoS 1, sealed messages
-deleted only after PUBACK) -> a real mosquitto on 127.0.0.1 -> the HQ receiver as its own process
+deleted only when HQ's ack covers them; --sign adds Ed25519 signatures, required both ways) -> a real mosquitto on 127.0.0.1 -> the HQ receiver as its own process
 (``python -m edge_agent.cli hq``), whose SQLite database is polled read-only. A producer thread
 applies batches of deltas for --seconds (as fast as it can, or at --rate facts/s).
 e2e_sustained_facts_per_s is HQ's applied rate over that time (after --warmup); if the producer is
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import psutil
-from _common import Background, DeltaPool, HqProcess, agent_config, emit, header, note, wait_for
+from _common import Background, DeltaPool, HqProcess, agent_config, emit, header, note, signing_tables, wait_for
 
 from edge_agent.agent import Agent
 from simulators.mosquitto import Mosquitto
@@ -56,8 +56,9 @@ def main() -> None:
     p.add_argument("--synchronous", choices=["FULL", "NORMAL"], default="FULL")
     p.add_argument("--drain-timeout", type=float, default=300.0)
     p.add_argument("--workdir", help="parent of the run's temp dir")
+    p.add_argument("--sign", action="store_true", help="Ed25519 signatures on, required both ways")
     a = p.parse_args()
-    header("e2e_throughput", seconds=a.seconds, rate=a.rate or "max", batch=a.batch, producers=a.producers,
+    header("e2e_throughput", sign=a.sign, seconds=a.seconds, rate=a.rate or "max", batch=a.batch, producers=a.producers,
            window=a.inflight_window,
            max_message_bytes=a.max_message_bytes, synchronous=a.synchronous)
 
@@ -65,8 +66,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-e2e-", dir=a.workdir) as tmp:
         workdir = Path(tmp)
         broker = Mosquitto(workdir=workdir / "mosquitto").start()
-        hq = HqProcess(workdir, broker.port).start()
-        agent = Agent(agent_config(workdir, broker.port, cap_bytes=1 << 40, inflight_window=a.inflight_window,
+        agent_signing, hq_signing = signing_tables(workdir) if a.sign else ({}, {})
+        hq = HqProcess(workdir, broker.port, signing=hq_signing).start()
+        agent = Agent(agent_config(workdir, broker.port, agent_signing, cap_bytes=1 << 40, inflight_window=a.inflight_window,
                                    max_message_bytes=a.max_message_bytes, synchronous=a.synchronous))
         try:
             agent.start()
@@ -112,7 +114,7 @@ def main() -> None:
             wall = time.monotonic() - t0
             cpu = {k: (cpu_s(v) - cpu0[k]) / wall * 100 for k, v in procs.items()}
             io = {k: procs[k].io_counters().write_bytes - v for k, v in io0.items()}
-            wait_for(lambda: agent.outbox.sealed_count() == 0, 30, "the last PUBACKs")
+            wait_for(lambda: agent.outbox.sealed_count() == 0, 30, "HQ's last acks")
 
             steady = [s for s in samples if s[0] >= a.warmup]
             if len(steady) >= 2:

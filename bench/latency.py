@@ -38,6 +38,7 @@ from _common import (
     header,
     note,
     percentile,
+    signing_tables,
     wait_for,
 )
 
@@ -57,8 +58,9 @@ def run(a: argparse.Namespace, batch_size: int, name: str) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-latency-", dir=a.workdir) as tmp:
         workdir = Path(tmp)
         broker = Mosquitto(workdir=workdir / "mosquitto").start()
-        hq = HqProcess(workdir, broker.port, probe=True).start()
-        agent = Agent(agent_config(workdir, broker.port, synchronous=a.synchronous))
+        agent_signing, hq_signing = signing_tables(workdir) if a.sign else ({}, {})
+        hq = HqProcess(workdir, broker.port, probe=True, signing=hq_signing).start()
+        agent = Agent(agent_config(workdir, broker.port, agent_signing, synchronous=a.synchronous))
         enq: list[float] = []
         committed: list[float] = []
         published: dict[int, float] = {}
@@ -171,9 +173,10 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of facts left out of the figures")
     p.add_argument("--synchronous", choices=["FULL", "NORMAL"], default="FULL")
     p.add_argument("--workdir", help="parent of the run's temp dir")
+    p.add_argument("--sign", action="store_true", help="Ed25519 signatures on, required both ways")
     a = p.parse_args()
     batches = [int(x) for x in a.batches.split(",") if x.strip()]
-    header("latency", rate=a.rate, seconds=a.seconds, batches=a.batches, synchronous=a.synchronous)
+    header("latency", sign=a.sign, rate=a.rate, seconds=a.seconds, batches=a.batches, synchronous=a.synchronous)
     for b in batches:
         run(a, b, f"latency_b{b}")
 
