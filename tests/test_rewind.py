@@ -19,6 +19,7 @@ from simulators.inventory_feed import InventoryFeed
 from simulators.mosquitto import Mosquitto
 
 from .helpers import AgentProcess, agent_config, start_hq, wait_for
+from .test_chaos import delta_stats
 
 ZONES = ["backroom", "salesfloor", "fitting-room", "pos"]
 DELTA = "inventory/delta"
@@ -37,10 +38,6 @@ def main_file_seq(outbox: Path, tmp: Path) -> int:
         conn.close()
         copy.unlink()
     return row[0] if row else 0
-
-
-def delta_stats(hq, store: str = "S001") -> dict:  # type: ignore[no-untyped-def]
-    return next((s for s in hq.db.stream_stats() if s["store"] == store and s["stream"] == DELTA), {})
 
 
 @pytest.mark.slow
