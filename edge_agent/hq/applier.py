@@ -196,6 +196,11 @@ class HqApplier:
 
     def _status(self, env: Envelope, retained: bool) -> None:
         b: Any = env.body
+        # A rebuilt outbox restarts its numbers at its clock in milliseconds (Outbox._replace_corrupt);
+        # a floor past a day from now is no such thing, and would open the way for any seq.
+        ceiling = int((self.clock.now() + 86_400) * 1000)
+        if any(f > ceiling for f in b.seq_floor.values()):
+            raise Implausible(f"a seq floor beyond {ceiling}")
         with self.db.tx() as c:
             c.executemany(
                 "INSERT INTO floors(store, stream, floor) VALUES (?,?,?)"
