@@ -105,6 +105,7 @@ class Uplink:
         self._progress_at: dict[str, float] = {}
         self._rto: dict[str, float] = {}
         self._silent_alerted = False
+        self._taken: dict[str, tuple[int, str]] = {}  # the last ack mark applied, per stream
         # Figures read by health and benchmarks.
         self.published_messages = 0
         self.acked_messages = 0  # forgotten on HQ's ack
@@ -280,8 +281,11 @@ class Uplink:
     def _apply_hq_ack(self, ack: Ack) -> None:
         now = self._mono()
         for stream, mark in ack.streams.items():
-            if stream not in STREAMS:
+            # HQ repeats its whole position in every ack; a mark already taken changes nothing (this
+            # outbox only moves forward while the process lives), so it costs no transaction.
+            if stream not in STREAMS or self._taken.get(stream) == (mark.seq, mark.id):
                 continue
+            self._taken[stream] = (mark.seq, mark.id)
             result = self.outbox.ack_through(stream, mark.seq, mark.id)
             if result.rewind:
                 self.rewinds += 1
