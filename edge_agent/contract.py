@@ -23,6 +23,7 @@ StoreId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 Gtin = Annotated[str, StringConstraints(pattern=r"^[0-9]{8,14}$")]
 Epc = Annotated[str, StringConstraints(pattern=r"^[0-9A-Fa-f]{8,124}$")]
+Ulid = Annotated[str, StringConstraints(pattern=r"^[0-9A-HJKMNP-TV-Z]{26}$")]
 
 
 class Strict(BaseModel):
@@ -65,6 +66,9 @@ class InventorySnapshotBody(Strict):
 
     snapshot_id: str
     as_of_seq: int = Field(ge=0)
+    # The id of the delta message at as_of_seq: HQ installs the snapshot only onto that same message, so
+    # a snapshot from another timeline (a cloned box, a rewound outbox) cannot be mixed into this one.
+    as_of_id: Ulid | Literal[""] = ""
     part: int = Field(ge=1)
     parts: int = Field(ge=1)
     reason: str
@@ -192,9 +196,6 @@ class Alert(Strict):
     ts: datetime
     kind: str
     message: str
-
-
-Ulid = Annotated[str, StringConstraints(pattern=r"^[0-9A-HJKMNP-TV-Z]{26}$")]
 
 
 class Mark(Strict):

@@ -63,6 +63,7 @@ HEALTH = "health"
 CMD_RESULT = "cmd-result"
 MAX_PAYLOAD = 16 * 1024 * 1024
 JOURNAL_KEEP = 4096
+CLONE_QUIET_S = 10.0
 
 
 class Implausible(ValueError):
@@ -142,6 +143,7 @@ class HqApplier:
         self._issued_at: dict[tuple[str, str], float] = {}  # unanswered commands: when last published
         self._births: dict[str, list[tuple[float, str]]] = {}  # per store, the last live births (time, boot)
         self._clone_alerted: dict[str, float] = {}
+        self._clone_suspects: set[str] = set()  # resynced once their births have been quiet for a while
 
     # ------------------------------------------------------------ intake
 
@@ -243,6 +245,7 @@ class HqApplier:
         births = [b for b in self._births.get(store, []) if now - b[0] < 60.0][-2:] + [(now, boot_id)]
         self._births[store] = births
         if len(births) == 3 and births[0][1] == births[2][1] != births[1][1]:
+            self._clone_suspects.add(store)
             if now - self._clone_alerted.get(store, -1e9) >= 600.0:
                 self._clone_alerted[store] = now
                 c.execute("UPDATE status SET identity_conflicts = identity_conflicts + 1 WHERE store = ?", (store,))
@@ -376,8 +379,8 @@ class HqApplier:
                 " ON CONFLICT(store, zone, gtin) DO UPDATE SET qty = qty + excluded.qty",
             )
             # What this message changed, so a snapshot older than it can still be brought forward.
-            c.execute("INSERT OR REPLACE INTO inv_journal(store, seq, sums) VALUES (?,?,?)",
-                      (env.store, env.seq, json.dumps([[z, g, q] for (z, g), q in sums.items()])))
+            c.execute("INSERT OR REPLACE INTO inv_journal(store, seq, sums, id) VALUES (?,?,?,?)",
+                      (env.store, env.seq, json.dumps([[z, g, q] for (z, g), q in sums.items()]), env.id))
             c.execute("DELETE FROM inv_journal WHERE store = ? AND seq <= ?", (env.store, env.seq - JOURNAL_KEEP))
         elif env.stream == SNAPSHOT:
             extra = self._snapshot_part(c, env)
@@ -436,8 +439,9 @@ class HqApplier:
         if c.execute("SELECT 1 FROM snapshots WHERE store = ? AND snapshot_id = ?", (env.store, b.snapshot_id)).fetchone():
             return []
         c.execute(
-            "INSERT OR IGNORE INTO snapshot_parts(store, snapshot_id, part, parts, as_of_seq, items) VALUES (?,?,?,?,?,?)",
-            (env.store, b.snapshot_id, b.part, b.parts, b.as_of_seq,
+            "INSERT OR IGNORE INTO snapshot_parts(store, snapshot_id, part, parts, as_of_seq, as_of_id, items)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (env.store, b.snapshot_id, b.part, b.parts, b.as_of_seq, b.as_of_id,
              json.dumps([[i.zone, i.gtin, i.qty] for i in b.items])),
         )
         self._waiting_snapshots.add(env.store)
@@ -450,11 +454,11 @@ class HqApplier:
         with self.db.tx() as c:
             applied: list[Applied] = []
             complete = c.execute(
-                "SELECT snapshot_id, max(parts), max(as_of_seq), count(*) FROM snapshot_parts WHERE store = ?"
-                " GROUP BY snapshot_id ORDER BY snapshot_id", (store,)
+                "SELECT snapshot_id, max(parts), max(as_of_seq), max(as_of_id), count(*) FROM snapshot_parts"
+                " WHERE store = ? GROUP BY snapshot_id ORDER BY snapshot_id", (store,)
             ).fetchall()
             waiting = False
-            for sid, parts, as_of, have in complete:
+            for sid, parts, as_of, as_of_id, have in complete:
                 if have < parts:
                     waiting = True
                     continue
@@ -469,12 +473,12 @@ class HqApplier:
                 if as_of > last and (not resyncing or as_of > hwm):
                     waiting = True
                     continue
-                applied += self._install_snapshot(c, store, sid, as_of)
+                applied += self._install_snapshot(c, store, sid, as_of, as_of_id)
             if not waiting:
                 self._waiting_snapshots.discard(store)
         self._notify(applied)
 
-    def _install_snapshot(self, c: sqlite3.Connection, store: str, sid: str, as_of: int) -> list[Applied]:
+    def _install_snapshot(self, c: sqlite3.Connection, store: str, sid: str, as_of: int, as_of_id: str) -> list[Applied]:
         levels: dict[tuple[str, str], int] = {}
         for (items,) in c.execute(
             "SELECT items FROM snapshot_parts WHERE store = ? AND snapshot_id = ? ORDER BY part", (store, sid)
@@ -482,7 +486,17 @@ class HqApplier:
             for z, g, q in json.loads(items):
                 levels[(z, g)] = q
         c.execute("DELETE FROM snapshot_parts WHERE store = ? AND snapshot_id = ?", (store, sid))
-        last = self._last(c, store, DELTA)[0]
+        last, last_id = self._last(c, store, DELTA)
+        # The delta message HQ holds at as_of, if it still knows it: the snapshot must speak of that one.
+        held = last_id if as_of == last else next(iter(c.execute(
+            "SELECT id FROM inv_journal WHERE store = ? AND seq = ?", (store, as_of)).fetchone() or ()), "")
+        if as_of_id and held and as_of_id != held:
+            self._rewind(c, store, DELTA, f"snapshot {sid} is as of {as_of_id} at seq {as_of}, HQ applied {held}")
+            c.execute(
+                "INSERT OR IGNORE INTO snapshots(store, snapshot_id, as_of_seq, applied_at, outcome, mismatches)"
+                " VALUES (?,?,?,?,?,?)", (store, sid, as_of, self.clock.now(), "foreign", 0))
+            log.warning("snapshot %s for %s as of seq %d is from another timeline; not installed", sid, store, as_of)
+            return []
         if as_of < last:
             # Bring it forward with what HQ applied since, if the journal still covers that.
             journal = c.execute(
@@ -595,6 +609,12 @@ class HqApplier:
             self._notify(applied)
         for store in list(self._waiting_snapshots):
             self._retry_snapshots(store)
+        for store in list(self._clone_suspects):
+            # While two agents fight, each one's snapshot is soon overtaken by the other's messages.
+            # Once only one is left (no birth for a while), its whole book settles what HQ holds.
+            if now - self._births[store][-1][0] >= CLONE_QUIET_S:
+                self._clone_suspects.discard(store)
+                out.append(self.issue(store, "inventory.resync", {"reason": "two agents ran as this store"}))
         return out + self._unanswered(now)
 
     def _unanswered(self, now: float) -> list[Outgoing]:

@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS commands_out(
   PRIMARY KEY(store, cmd_id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS commands_unanswered ON commands_out(answered_at) WHERE answered_at IS NULL;
 CREATE TABLE IF NOT EXISTS inv_journal(
-  store TEXT NOT NULL, seq INTEGER NOT NULL, sums TEXT NOT NULL, PRIMARY KEY(store, seq)) WITHOUT ROWID;
+  store TEXT NOT NULL, seq INTEGER NOT NULL, sums TEXT NOT NULL, id TEXT NOT NULL DEFAULT '',
+  PRIMARY KEY(store, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS alerts(
   id INTEGER PRIMARY KEY, at REAL NOT NULL, store TEXT NOT NULL, kind TEXT NOT NULL, message TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS inventory(
@@ -47,7 +48,7 @@ CREATE TABLE IF NOT EXISTS stash(
   PRIMARY KEY(store, stream, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snapshot_parts(
   store TEXT NOT NULL, snapshot_id TEXT NOT NULL, part INTEGER NOT NULL, parts INTEGER NOT NULL,
-  as_of_seq INTEGER NOT NULL, items TEXT NOT NULL,
+  as_of_seq INTEGER NOT NULL, items TEXT NOT NULL, as_of_id TEXT NOT NULL DEFAULT '',
   PRIMARY KEY(store, snapshot_id, part)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snapshots(
   store TEXT NOT NULL, snapshot_id TEXT NOT NULL, as_of_seq INTEGER NOT NULL, applied_at REAL NOT NULL,
@@ -77,6 +78,7 @@ MIGRATIONS = (
     ("streams", "replays", "INTEGER NOT NULL DEFAULT 0"),
     ("status", "instance", "TEXT NOT NULL DEFAULT ''"),
     ("status", "identity_conflicts", "INTEGER NOT NULL DEFAULT 0"),
+    ("snapshot_parts", "as_of_id", "TEXT NOT NULL DEFAULT ''"),
 )
 
 

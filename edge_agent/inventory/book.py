@@ -116,7 +116,8 @@ class InventoryBook:
     def snapshot(self, reason: str) -> SnapshotInfo:
         """Enqueue the book as of the last sealed inventory/delta seq, in parts that fit the byte bound."""
         with self.outbox.transaction() as tx:
-            as_of = self.outbox.last_seq(DELTA_STREAM, tx.conn)
+            as_of, as_of_id = tx.conn.execute(
+                "SELECT last, last_id FROM seqs WHERE stream = ?", (DELTA_STREAM,)).fetchone() or (0, "")
             levels = {(z, g): q for z, g, q in tx.conn.execute("SELECT zone, gtin, qty FROM stock")}
             for (body,) in tx.conn.execute("SELECT body FROM pending WHERE stream = ?", (DELTA_STREAM,)):
                 item = json.loads(body)
@@ -134,7 +135,7 @@ class InventoryBook:
                 Fact(
                     ts=now,
                     body=(
-                        f'{{"snapshot_id":"{sid}","as_of_seq":{as_of},"part":{i},"parts":{len(chunks)},'
+                        f'{{"snapshot_id":"{sid}","as_of_seq":{as_of},"as_of_id":"{as_of_id}","part":{i},"parts":{len(chunks)},'
                         f'"reason":{json.dumps(reason)},"items":[{",".join(chunk)}]}}'
                     ),
                 )
