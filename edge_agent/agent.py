@@ -17,6 +17,7 @@ from .contract import Command, CycleCountArgs, InventoryResyncArgs
 from .health import HealthReporter
 from .inventory.book import InventoryBook
 from .sources.simulated_inventory import SimulatedInventorySource
+from .sync.diskstate import WriteFailed
 from .sync.downlink import CommandRejected, Downlink
 from .sync.outbox import Outbox
 from .sync.uplink import Uplink
@@ -134,6 +135,7 @@ class Agent:
             "acked_messages": self.uplink.acked_messages,
             "failed_acks": self.uplink.failed_acks,
             "mqtt_connect_attempts": self.uplink.conn.attempts,
+            "outbox.writes_refused": self.outbox.disk.refused_total,
         }
         if self.vision is not None:
             figures.update(self.vision.figures)
@@ -158,6 +160,8 @@ class Agent:
                     self.health.tick(force=True)
                 else:
                     self.health.tick()
+            except WriteFailed:
+                pass  # the next round tries again; the outbox logs the episode once
             except Exception:
                 log.exception("housekeeping round failed")
 
