@@ -19,7 +19,9 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from edge_agent.clock import RealClock, VirtualClock, rfc3339
@@ -36,9 +38,10 @@ from edge_agent.sync.outbox import Fact, Outbox
 from edge_agent.vision.service import VisionService
 from simulators.esl_store import EslStore
 from simulators.inventory_feed import InventoryFeed
+from simulators.mosquitto import Mosquitto
 from simulators.rfid_reader import SimConfig, StoreSim
 
-from .helpers import wait_for
+from .helpers import AgentProcess, agent_config, start_hq, wait_for
 from .test_rfid_pipeline import EPCS, T0, generic, levels, make
 
 ZONES = ["backroom", "salesfloor", "fitting-room", "pos"]
@@ -453,3 +456,104 @@ def test_esl_alerts_and_prices_refused_by_the_disk_come_again(esl_on_disk: EslSt
     store.run(300)
     assert not store.wrong()
     assert len(store.uplinked("esl/alert")) == len({(a["label"], a["kind"]) for a in store.uplinked("esl/alert")})
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def _publish_store(port: int, sim: StoreSim, open_cycles: int, closed_cycles: int, per_s: float,
+                   stop: threading.Event) -> None:
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="sim-readers")
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    try:
+        t0 = time.monotonic()
+        info = None
+        for cycle in range(open_cycles + closed_cycles):
+            if stop.is_set():
+                return
+            if cycle == open_cycles:
+                sim.close()
+            if cycle < open_cycles:
+                time.sleep(max(0.0, t0 + cycle / per_s - time.monotonic()))
+            for reader, p in sim.step_by_reader():
+                info = pub.publish(f"readers/{reader}/events", p, qos=1)
+        if info is not None:
+            info.wait_for_publish(30)
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+
+
+def _health_alerts(hq: Any, kind: str) -> list[dict]:
+    out = []
+    for (body,) in hq.db.read("SELECT body FROM messages WHERE store = 'S001' AND stream = 'health'"):
+        out += [a for a in json.loads(body)["alerts"] if a["kind"] == kind]
+    return out
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_during_trading_loses_nothing(tmp_path: Path, disk: TinyDisk, broker: Mosquitto) -> None:
+    """An agent process with its outbox on an 8 MB tmpfs takes RFID reads (a simulated store publishing to
+    its reader broker at 40 cycles a second) and the simulated inventory feed; the disk is filled to the
+    last byte for 4 s while both go on, then the filler is deleted. The agent stays up, HQ gets the
+    outbox.disk_full alert in a health report, and HQ's inventory equals both simulators' truth."""
+    total = 8_000
+    rfid = StoreSim(SimConfig(seed=11, n_items=300, n_gtins=30, purchase_per_h=300, tryon_per_h=100))
+    antennas = [{k: a[k] for k in ("reader", "port", "zone")} for a in rfid.layout()]
+    cfg = agent_config(
+        tmp_path, broker.port,
+        sim={"seed": 7, "total": total, "rate_per_s": 400, "batch": 20, "zones": ZONES, "gtins": 40},
+        outbox={"path": str(disk.path / "outbox.db"), "cap_bytes": 4 << 20},
+        health={"interval_s": 2.0},
+        rfid={"enabled": True, "clock": "reads", "snapshot_interval_s": 0},
+        rfid__mqtt={"enabled": True, "port": broker.port, "topic": "readers/+/events"},
+    )
+    with cfg.open("a") as f:
+        for a in antennas:
+            f.write(f'\n[[rfid.antennas]]\nreader = "{a["reader"]}"\nport = {a["port"]}\nzone = "{a["zone"]}"\n')
+    hq = start_hq(tmp_path, broker.port)
+    log = tmp_path / "agent.log"
+    agent = AgentProcess(cfg, log).start()
+    stop = threading.Event()
+    publisher = threading.Thread(target=_publish_store, args=(broker.port, rfid, 600, 720, 40.0, stop), daemon=True)
+    try:
+        wait_for(lambda: "connected" in log.read_text(), 20, "the agent to connect")
+        time.sleep(1.0)  # its reader subscription is made right after connecting
+        publisher.start()
+        wait_for(lambda: sum(hq.db.inventory("S001").values()) > 0, 20, "facts reaching HQ")
+        time.sleep(2.0)
+        disk.fill()
+        wait_for(lambda: "outbox write refused" in log.read_text(), 10, "the agent to hit the full disk")
+        time.sleep(4.0)  # trading goes on: readers publish, the feed has batches to write
+        assert agent.alive, f"agent died on a full disk; log: {log}"
+        disk.free()
+        publisher.join(60)
+        truth, feed_truth = rfid.stock_truth(), InventoryFeed(7, ZONES, 40).truth(total)
+        assert not feed_truth.keys() & truth.keys()
+        truth.update(feed_truth)
+        try:
+            wait_for(lambda: hq.db.inventory("S001") == truth, 40, "HQ inventory to equal the ground truth")
+        except AssertionError:
+            got = hq.db.inventory("S001")
+            diff = {k: (truth.get(k), got.get(k)) for k in set(truth) | set(got) if truth.get(k) != got.get(k)}
+            raise AssertionError(f"HQ differs from the truth (truth, HQ): {diff}") from None
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        began = [x for x in lines if "outbox write refused" in x["msg"]]
+        ended = [x for x in lines if f"alert {DISK_FULL}" in x["msg"]]
+        # Once per episode. The disk can take a commit or two mid-outage (a checkpoint truncating the WAL frees
+        # some), which ends an episode: each then has its own alert.
+        assert 1 <= len(began) == len(ended) <= 5, [x["msg"] for x in began + ended]
+        wait_for(lambda: len(_health_alerts(hq, DISK_FULL)) == len(ended), 10, "the outbox.disk_full alerts at HQ")
+        # The readers' payloads waited in the intake queue: none was dropped.
+        (last,) = hq.db.read("SELECT body FROM messages WHERE store = 'S001' AND stream = 'health' ORDER BY seq DESC"
+                             " LIMIT 1")
+        figures = json.loads(last[0])["counters"]
+        assert figures["rfid.intake_dropped"] == 0 and figures["outbox.writes_refused"] > 0, figures
+        # Tracebacks: only the uplink's (its seal does not go through transaction() yet), none from a source.
+        assert {x["logger"] for x in lines if "exc" in x} <= {"edge_agent.sync.uplink"}
+        assert agent.alive
+    finally:
+        stop.set()
+        assert agent.terminate() == 0
+        hq.stop()
