@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlparse
 import paho.mqtt.client as mqtt
 
 from ..config import MqttConfig, ReaderHttpConfig, ReaderMqttConfig
+from ..httpbody import read_body
 from ..sync.diskstate import WriteFailed, until_written
 from ..sync.mqtt_client import Connection
 from .pipeline import RfidPipeline
@@ -146,6 +147,8 @@ class HttpReaderSource:
 
 def _handler(src: HttpReaderSource) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        timeout = 10  # a client that stops mid-request frees its thread
+
         def log_message(self, fmt: str, *args: Any) -> None:
             log.debug("rfid http: " + fmt, *args)
 
@@ -166,15 +169,9 @@ def _handler(src: HttpReaderSource) -> type[BaseHTTPRequestHandler]:
             if self.path.split("?")[0] != src.cfg.path:
                 self._reply(404, f"POST reader events to {src.cfg.path}")
                 return
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                self._reply(411, "Content-Length required")
+            body = read_body(self, MAX_PAYLOAD, self._reply)
+            if body is None:
                 return
-            if length > MAX_PAYLOAD:
-                self._reply(413, f"payload over {MAX_PAYLOAD} bytes")
-                return
-            body = self.rfile.read(length)
             reader = parse_qs(urlparse(self.path).query).get("reader", [None])[0]
             try:
                 if src.intake.writes_failing:
