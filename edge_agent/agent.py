@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 from typing import TYPE_CHECKING, Protocol
 
@@ -40,14 +41,7 @@ class Agent:
         self.cfg = cfg
         self.clock = clock or RealClock()
         self.boot_id = str(ULID())
-        self.outbox = Outbox(
-            cfg.outbox.path,
-            self.clock,
-            cap_bytes=cfg.outbox.cap_bytes,
-            max_message_bytes=cfg.outbox.max_message_bytes,
-            synchronous=cfg.outbox.synchronous,
-            quarantine_keep=cfg.outbox.quarantine_keep,
-        )
+        self.outbox = self._open_outbox()
         self.book = InventoryBook(self.outbox, self.clock)
         self.uplink = Uplink(
             cfg.mqtt,
@@ -85,6 +79,29 @@ class Agent:
             self._wire_esl()
         self._stop = threading.Event()
         self._housekeeper = threading.Thread(target=self._housekeep, name="housekeeper", daemon=True)
+
+    def _open_outbox(self) -> Outbox:
+        """The outbox, once the disk lets SQLite open it (it needs room for its WAL and shared-memory files):
+        a box that boots with its disk full waits for space, as a running agent does, instead of exiting."""
+        oc = self.cfg.outbox
+        first: tuple[float, str, str] | None = None  # when, kind, SQLite's words
+        attempts = 0
+        while True:
+            try:
+                outbox = Outbox(oc.path, self.clock, cap_bytes=oc.cap_bytes, max_message_bytes=oc.max_message_bytes,
+                                synchronous=oc.synchronous, quarantine_keep=oc.quarantine_keep)
+            except WriteFailed as e:
+                if first is None:
+                    first = (self.clock.now(), e.kind, str(e.__cause__))
+                    log.error("outbox %s cannot be opened (%s): waiting for the disk", oc.path, e)
+                attempts += 1
+                time.sleep(1.0)
+                continue
+            if first is not None:
+                # The wait is an episode like any other: the first commit reports it.
+                began, kind, error = first
+                outbox.disk.refused(kind, began, f"could not open the database: {error}", attempts)
+            return outbox
 
     def _wire_rfid(self) -> None:
         from .rfid.pipeline import RfidPipeline
@@ -170,7 +187,10 @@ class Agent:
         self.downlink.start()
         self.uplink.start()
         self._housekeeper.start()
-        self.health.tick(force=True)
+        try:
+            self.health.tick(force=True)
+        except WriteFailed:
+            pass  # the housekeeper tries again at every round
         for s in self.sources:
             s.start()
 

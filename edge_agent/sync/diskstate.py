@@ -66,13 +66,14 @@ class DiskState:
     def failing(self) -> bool:
         return self.episode is not None
 
-    def refused(self, kind: str, now: float, error: str) -> bool:
-        """Count one refused transaction. True if it begins an episode."""
-        self.refused_total += 1
+    def refused(self, kind: str, now: float, error: str, times: int = 1) -> bool:
+        """Count refused writes (a transaction, or attempts to open the database). True if this begins an
+        episode."""
+        self.refused_total += times
         began = self.episode is None
         if self.episode is None:
             self.episode = Episode(kind, now, error)
-        self.episode.refused += 1
+        self.episode.refused += times
         return began
 
     def closing_alert(self, now: float) -> tuple[str, str] | None:
@@ -82,8 +83,8 @@ class DiskState:
         if ep is None:
             return None
         return ep.kind, (
-            f"outbox writes refused from {rfc3339(ep.began)} to {rfc3339(now)} ({now - ep.began:.1f} s): "
-            f"{ep.refused} transactions failed ({ep.error}); the sources held their input back and retried"
+            f"outbox writes refused from {rfc3339(ep.began)} to {rfc3339(now)} ({now - ep.began:.1f} s), "
+            f"{ep.refused} times ({ep.error}); the sources held their input back and retried"
         )
 
     def committed(self) -> None:

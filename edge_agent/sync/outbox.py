@@ -215,6 +215,10 @@ class Outbox:
         except sqlite3.DatabaseError as e:
             with contextlib.suppress(Exception):
                 conn.close()
+            if (kind := refusal_kind(e)) is not None:
+                # Not corruption: on a full disk SQLite cannot even create the WAL. Moved aside, the file would be
+                # replaced by an empty outbox (no book, no sequence numbers) as soon as there is room.
+                raise WriteFailed(kind, e) from e
             return self._replace_corrupt(str(e))
 
     def _replace_corrupt(self, reason: str) -> sqlite3.Connection:
