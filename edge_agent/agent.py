@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Protocol
 
@@ -18,8 +20,9 @@ from .contract import Command, CycleCountArgs, InventoryResyncArgs
 from .health import HealthReporter
 from .inventory.book import DELTA_STREAM, InventoryBook
 from .sources.simulated_inventory import SimulatedInventorySource
+from .sync.diskstate import WriteFailed
 from .sync.downlink import CommandRejected, Downlink
-from .sync.outbox import Outbox
+from .sync.outbox import Outbox, SealedMessage
 from .sync.uplink import Uplink
 
 if TYPE_CHECKING:
@@ -42,15 +45,7 @@ class Agent:
         self.boot_id = str(ULID())
         signer = store_signer(cfg.signing, cfg.store.id)
         check = downlink_check(cfg.signing)
-        self.outbox = Outbox(
-            cfg.outbox.path,
-            self.clock,
-            cap_bytes=cfg.outbox.cap_bytes,
-            max_message_bytes=cfg.outbox.max_message_bytes,
-            synchronous=cfg.outbox.synchronous,
-            quarantine_keep=cfg.outbox.quarantine_keep,
-            sign=signer.sealed if signer else None,
-        )
+        self.outbox = self._open_outbox(sign=signer.sealed if signer else None)
         self.book = InventoryBook(self.outbox, self.clock)
         self.uplink = Uplink(
             cfg.mqtt,
@@ -92,6 +87,29 @@ class Agent:
             self._wire_esl()
         self._stop = threading.Event()
         self._housekeeper = threading.Thread(target=self._housekeep, name="housekeeper", daemon=True)
+
+    def _open_outbox(self, sign: Callable[[SealedMessage], str] | None) -> Outbox:
+        """The outbox, once the disk lets SQLite open it (it needs room for its WAL and shared-memory files):
+        a box that boots with its disk full waits for space, as a running agent does, instead of exiting."""
+        oc = self.cfg.outbox
+        first: tuple[float, str, str] | None = None  # when, kind, SQLite's words
+        attempts = 0
+        while True:
+            try:
+                outbox = Outbox(oc.path, self.clock, cap_bytes=oc.cap_bytes, max_message_bytes=oc.max_message_bytes,
+                                synchronous=oc.synchronous, quarantine_keep=oc.quarantine_keep, sign=sign)
+            except WriteFailed as e:
+                if first is None:
+                    first = (self.clock.now(), e.kind, str(e.__cause__))
+                    log.error("outbox %s cannot be opened (%s): waiting for the disk", oc.path, e)
+                attempts += 1
+                time.sleep(1.0)
+                continue
+            if first is not None:
+                # The wait is an episode like any other: the first commit reports it.
+                began, kind, error = first
+                outbox.disk.refused(kind, began, f"could not open the database: {error}", attempts)
+            return outbox
 
     def _wire_rfid(self) -> None:
         from .rfid.pipeline import RfidPipeline
@@ -138,6 +156,7 @@ class Agent:
 
     def _figures(self) -> dict[str, float]:
         figures = self.uplink.figures()
+        figures["outbox.writes_refused"] = self.outbox.disk.refused_total
         if self.vision is not None:
             figures.update(self.vision.figures)
         if self.esl is not None:
@@ -167,6 +186,8 @@ class Agent:
                     self.health.tick(force=True)
                 else:
                     self.health.tick()
+            except WriteFailed:
+                pass  # the next round tries again; the outbox logs the episode once
             except Exception:
                 log.exception("housekeeping round failed")
 
@@ -175,7 +196,10 @@ class Agent:
         self.downlink.start()
         self.uplink.start()
         self._housekeeper.start()
-        self.health.tick(force=True)
+        try:
+            self.health.tick(force=True)
+        except WriteFailed:
+            pass  # the housekeeper tries again at every round
         for s in self.sources:
             s.start()
 

@@ -49,16 +49,18 @@ class HealthReporter:
         }
 
     def tick(self, force: bool = False) -> bool:
-        """Report if the interval has passed, or at once when there are unreported alerts."""
+        """Report if the interval has passed, or at once when there are unreported alerts. While the disk
+        refuses writes, try at every tick: the report that commits ends the episode and carries its alert
+        (raises WriteFailed until then)."""
         now = self.clock.now()
         has_alerts = bool(self.outbox.read("SELECT 1 FROM alerts WHERE reported = 0 LIMIT 1"))
-        if not (force or has_alerts or now - self._last >= self.interval_s):
+        if not (force or has_alerts or self.outbox.write_failing or now - self._last >= self.interval_s):
             return False
-        self._last = now
         # Engines' figures are read before the outbox's write lock is taken: an engine holds its own
         # lock while it writes to the outbox, so taking them the other way round would deadlock.
         extra = self._extra()
         with self.outbox.transaction() as tx:
             body = self.body(self.outbox.take_alerts(tx), extra)
             tx.enqueue("health", [Fact(ts=now, body=json.dumps(body, separators=(",", ":")))])
+        self._last = now
         return True

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 from bisect import insort
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -54,14 +55,21 @@ class VersionConflict(ValueError):
     """The same version of a price was sent twice with different content: HQ's book is inconsistent."""
 
 
+ROWS = "SELECT gtin, version, price, currency, promo, eff_from, eff_until FROM esl_prices ORDER BY gtin, version"
+
+
 class PriceBook:
     def __init__(self, conn: sqlite3.Connection) -> None:
         conn.execute(SCHEMA)
-        self._by_gtin: dict[str, list[PriceVersion]] = {}  # sorted by version
-        for gtin, *row in conn.execute(
-            "SELECT gtin, version, price, currency, promo, eff_from, eff_until FROM esl_prices ORDER BY gtin, version"
-        ):
-            self._by_gtin.setdefault(gtin, []).append(PriceVersion(*row))
+        self.reload(conn.execute(ROWS))
+
+    def reload(self, rows: Iterable[tuple]) -> None:
+        """Mirror these rows (of ``ROWS``) instead of what was held: after a transaction that changed the
+        book in memory was refused, memory goes back to what the database holds."""
+        by_gtin: dict[str, list[PriceVersion]] = {}  # sorted by version
+        for gtin, *row in rows:
+            by_gtin.setdefault(gtin, []).append(PriceVersion(*row))
+        self._by_gtin = by_gtin
 
     def set(self, conn: sqlite3.Connection, args: PriceSetArgs, now: float) -> SetOutcome:
         """Store one version, in the caller's transaction."""

@@ -9,12 +9,17 @@ Anything else (a hash we never sent, content lost by a rebooted access point) is
 is never the HQ price, so it gets sent again. A label that already holds our content but has not
 fetched it yet is left alone (the label retries by itself at each check-in) until ``resend_after_s``;
 a send that fails is retried with exponential backoff and jitter.
+
+An alert or ``esl/state`` change counts as raised only once the service has committed it: inside
+``atomic()``, what ``assess`` and ``state_changes`` mark is unmarked again if the block raises.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -90,6 +95,18 @@ class Reconciler:
         self.labels: dict[str, LabelState] = {}
         self._rng = random.Random(seed)
         self.dirty: set[str] = set()  # states changed since the service last saved them
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """What is marked as raised or emitted inside is unmarked if the block raises, so the next
+        ``assess`` and ``state_changes`` produce those alerts and changes again."""
+        marks = {label: (st.alerted, st.emitted) for label, st in self.labels.items()}
+        try:
+            yield
+        except BaseException:
+            for label, st in self.labels.items():
+                st.alerted, st.emitted = marks.get(label, ([], None))
+            raise
 
     def state(self, label: str, now: float) -> LabelState:
         st = self.labels.get(label)

@@ -8,24 +8,30 @@ the agent's clock: replayed on a virtual clock, prices take effect at their virt
 Commands: ``price.set`` (the price book), ``esl.bind`` (which label is for which product) and
 ``esl.flash`` (show "PICK" for an online order). The price book is stored before the command is
 answered, so a price received while HQ's broker is down still applies on schedule.
+
+If the disk refuses one of these transactions, the price book, bindings and picks are read back from
+the database and the engine unmarks the alerts and state changes it had counted as sent: a command
+is answered once it is stored (the downlink gives it again), and a step's items come again next step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..clock import Clock, rfc3339
 from ..config import EslConfig
 from ..contract import Command, EslBindArgs, EslFlashArgs, PriceSetArgs
+from ..sync.diskstate import WriteFailed
 from ..sync.downlink import CommandRejected
 from ..sync.outbox import Fact, Outbox, OutboxTx
 from .controller import ControllerError, EslController, LabelContent, PollResult
-from .pricebook import PriceBook, VersionConflict
+from .pricebook import ROWS, PriceBook, VersionConflict
 from .reconcile import LabelState, ReconcileParams, Reconciler
 
 log = logging.getLogger(__name__)
@@ -78,16 +84,31 @@ class EslService:
         self.counters: Counter[str] = Counter()
         self.integrity: tuple[int, int] = (0, 0)
         self._pruned_at = 0.0
+        self.bindings: dict[str, str] = {}
+        self.picks: dict[tuple[str, str], float] = {}
         with outbox.transaction() as tx:
             for sql in SCHEMA:
                 tx.conn.execute(sql)
             self.book = PriceBook(tx.conn)
-            self.bindings: dict[str, str] = dict(tx.conn.execute("SELECT label, gtin FROM esl_bindings"))
-            self.picks: dict[tuple[str, str], float] = {
-                (g, o): u for g, o, u in tx.conn.execute("SELECT gtin, order_id, until FROM esl_picks")
-            }
+            self._load_bindings(lambda sql: tx.conn.execute(sql).fetchall())
             for label, state in tx.conn.execute("SELECT label, state FROM esl_labels"):
                 self.engine.labels[label] = LabelState.from_json(json.loads(state))
+
+    def _load_bindings(self, read: Callable[[str], list[tuple]]) -> None:
+        self.bindings = dict(read("SELECT label, gtin FROM esl_bindings"))
+        self.picks = {(g, o): u for g, o, u in read("SELECT gtin, order_id, until FROM esl_picks")}
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[OutboxTx]:
+        """An outbox transaction after which, if the disk refuses it, the price book, bindings and picks
+        are what the database holds again (they change in memory inside the transaction)."""
+        try:
+            with self.outbox.transaction() as tx:
+                yield tx
+        except WriteFailed:
+            self.book.reload(self.outbox.read(ROWS))
+            self._load_bindings(self.outbox.read)
+            raise
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -112,6 +133,8 @@ class EslService:
             poll = self.clock.now() >= next_poll
             try:
                 self.step(poll=poll)
+            except WriteFailed:
+                pass  # nothing of the step was kept; the next one tries again (the outbox logs the episode)
             except Exception:
                 log.exception("ESL step failed")
             if poll:
@@ -131,7 +154,10 @@ class EslService:
 
     def ingest(self, result: PollResult) -> None:
         """Label reports pushed by the controller: taken at once, acted on at the next (early) step."""
-        self._quarantine(result)
+        try:
+            self._quarantine(result)
+        except WriteFailed:
+            pass  # the garbage is not kept while the disk refuses writes; the good reports still count
         now = self.clock.now()
         with self._lock:
             for r in result.reports:
@@ -150,7 +176,7 @@ class EslService:
             if not labels and args.gtin not in self.book.gtins() and not self._stocked(args.gtin):
                 raise CommandRejected(f"unknown GTIN {args.gtin}: no label is bound to it and the store holds none")
             try:
-                with self.outbox.transaction() as tx:
+                with self._tx() as tx:
                     outcome = self.book.set(tx.conn, args, self.clock.now())
             except VersionConflict as e:
                 raise CommandRejected(str(e)) from e
@@ -158,7 +184,7 @@ class EslService:
         return {"gtin": args.gtin, "version": args.version, "outcome": outcome.value, "labels": labels}
 
     def bind(self, cmd: Command, args: EslBindArgs) -> dict:  # type: ignore[override]
-        with self._lock, self.outbox.transaction() as tx:
+        with self._lock, self._tx() as tx:
             for b in args.items:
                 if b.gtin is None:
                     self.bindings.pop(b.label, None)
@@ -175,7 +201,7 @@ class EslService:
             if not labels:
                 raise CommandRejected(f"no label is bound to GTIN {args.gtin}")
             until = self.clock.now() + args.duration_s
-            with self.outbox.transaction() as tx:
+            with self._tx() as tx:
                 self.picks[(args.gtin, args.order_id)] = until
                 tx.conn.execute("INSERT OR REPLACE INTO esl_picks(gtin, order_id, until) VALUES (?,?,?)",
                                 (args.gtin, args.order_id, until))
@@ -221,24 +247,26 @@ class EslService:
                 self.engine.sent(receipt, content, self.clock.now())
         self.counters["sends"] += rep.sent
         self.counters["send_failures"] += rep.failed
-        with self._lock, self.outbox.transaction() as tx:
-            now = self.clock.now()
-            # Again, not the plan's: commands may have changed the book while the sends ran unlocked, and what
-            # is judged and uplinked must match the book as committed with it.
-            desired, hq = self._desired(now)
-            alerts = self.engine.assess(desired, hq, now)
-            changes = self.engine.state_changes(hq, self.bindings)
-            shown = {label: st.shown for label, st in self.engine.labels.items()}
-            self.integrity = self.engine.integrity(shown, hq)
-            if alerts:
-                tx.enqueue("esl/alert", [
-                    Fact(now, json.dumps({"ts": rfc3339(now), "label": a.label, "kind": a.kind, "detail": a.detail},
-                                         separators=(",", ":")))
-                    for a in alerts
-                ])
-            if changes:
-                tx.enqueue("esl/state", [self._state_fact(st, matches, now) for st, matches in changes])
-            self._save(tx, now)
+        with self._lock:
+            with self.engine.atomic(), self._tx() as tx:
+                now = self.clock.now()
+                # Again, not the plan's: commands may have changed the book while the sends ran unlocked, and
+                # what is judged and uplinked must match the book as committed with it.
+                desired, hq = self._desired(now)
+                alerts = self.engine.assess(desired, hq, now)
+                changes = self.engine.state_changes(hq, self.bindings)
+                shown = {label: st.shown for label, st in self.engine.labels.items()}
+                self.integrity = self.engine.integrity(shown, hq)
+                if alerts:
+                    tx.enqueue("esl/alert", [
+                        Fact(now, json.dumps({"ts": rfc3339(now), "label": a.label, "kind": a.kind,
+                                              "detail": a.detail}, separators=(",", ":")))
+                        for a in alerts
+                    ])
+                if changes:
+                    tx.enqueue("esl/state", [self._state_fact(st, matches, now) for st, matches in changes])
+                self._save(tx, now)
+            self.engine.dirty.clear()  # saved in that transaction
         rep.alerts, rep.state_items = len(alerts), len(changes)
         return rep
 
@@ -289,9 +317,9 @@ class EslService:
         return Fact(now, json.dumps(item, separators=(",", ":")), key=f"esl|{st.label}")
 
     def _save(self, tx: OutboxTx, now: float) -> None:
-        dirty, self.engine.dirty = self.engine.dirty, set()
         tx.conn.executemany("INSERT OR REPLACE INTO esl_labels(label, state) VALUES (?,?)",
-                            [(label, json.dumps(self.engine.labels[label].to_json())) for label in sorted(dirty)])
+                            [(label, json.dumps(self.engine.labels[label].to_json()))
+                             for label in sorted(self.engine.dirty)])
         expired = [k for k, until in self.picks.items() if until <= now]
         for k in expired:
             del self.picks[k]

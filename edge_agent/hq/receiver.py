@@ -19,6 +19,7 @@ import paho.mqtt.client as mqtt
 from ..authenticity import hq_encoder, uplink_check
 from ..clock import Clock, RealClock
 from ..config import HqFileConfig
+from ..httpbody import read_body
 from ..sync.mqtt_client import Connection
 from .applier import Applied, HqApplier, Outgoing
 from .store import HqStore
@@ -223,10 +224,10 @@ def _handler(rx: HqReceiver) -> type[BaseHTTPRequestHandler]:
                 self._json(404, {"error": f"no such resource {url.path}"})
                 return
             try:
-                length = int(self.headers.get("Content-Length", "0"))
-                if length > 1 << 20:
-                    raise ValueError("request too large")
-                req = json.loads(self.rfile.read(length))
+                body = read_body(self, 1 << 20, lambda code, why: self._json(code, {"error": why}))
+                if body is None:
+                    return
+                req = json.loads(body)
                 cmd_id = rx.send_command(str(req["store"]), str(req["name"]), dict(req.get("args", {})))
             except (ValueError, KeyError, TypeError) as e:
                 self._json(400, {"error": f"bad command request: {e}"})

@@ -2,7 +2,10 @@
 
 The presence engine keeps its state in memory for speed; which tags are present where is also kept
 in the outbox database (``rfid_tags``) and changes in the same transaction as the deltas it causes,
-so after a crash the engine restarts from exactly the book HQ is being told about.
+so after a crash the engine restarts from exactly the book HQ is being told about. When that
+transaction fails (a full disk), the engine is rolled back and nothing else a batch changes in memory
+(read counts, antenna liveness, cycle counts) has been touched yet: ``ingest`` raises, and the same
+payload can be given again, with the same outcome as if the first attempt had never happened.
 
 Liveness and hold-off use the agent's clock at ingest (reader clocks drift and are often wrong);
 on a replay that clock is the simulator's virtual clock, so replays are deterministic.
@@ -10,11 +13,12 @@ on a replay that clock is the simulator's virtual clock, so replays are determin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from ulid import ULID
@@ -22,6 +26,7 @@ from ulid import ULID
 from ..clock import Clock, rfc3339
 from ..config import RfidConfig
 from ..inventory.book import Delta, InventoryBook
+from ..sync.diskstate import WriteFailed
 from ..sync.outbox import Fact, Outbox, OutboxTx
 from .epc import EpcError, decode_epc
 from .formats import parse_payload
@@ -129,6 +134,7 @@ class RfidPipeline:
     def ingest(self, payload: bytes, source: str = "rfid", reader_hint: str | None = None) -> IngestResult:
         """``reader_hint`` names the reader for formats whose events do not (Zebra's)."""
         reads, bad = parse_payload(payload, now=self.wall.now(), reader_hint=reader_hint)
+        rewind = self.reads_clock.t if self.reads_clock is not None else None
         if self.reads_clock is not None and reads:
             self.reads_clock.saw(max(r.ts for r in reads))
         now = self.clock.now()
@@ -139,40 +145,58 @@ class RfidPipeline:
         res = IngestResult(reads=len(reads), bad=len(bad))
         quarantine: list[tuple[str, bytes]] = [(b.reason, b.raw) for b in bad]
         events: list[PresenceEvent] = []
+        by_antenna: Counter[tuple[str, int]] = Counter()
+        counted: list[tuple[set[str], str]] = []  # (a cycle count's seen set, EPC), added once committed
+        raw = 0
         with self.lock:
-            zones = self.zones
-            observe = self.engine.observe
-            counts = self.counts
-            for r in reads:
-                key = (r.reader, r.antenna)
-                zone = zones.get(key)
-                if zone is None:
-                    res.bad += 1
-                    quarantine.append((f"unknown antenna {r.reader} port {r.antenna}", r.epc.encode()))
-                    continue
-                self.reads_by_antenna[key] += 1
+            with self.engine.atomic(), self._rewinding(rewind):
+                zones = self.zones
+                observe = self.engine.observe
+                counts = self.counts
+                for r in reads:
+                    key = (r.reader, r.antenna)
+                    zone = zones.get(key)
+                    if zone is None:
+                        res.bad += 1
+                        quarantine.append((f"unknown antenna {r.reader} port {r.antenna}", r.epc.encode()))
+                        continue
+                    by_antenna[key] += 1
+                    try:
+                        dec = decode_epc(r.epc)
+                    except EpcError as e:
+                        res.bad += 1
+                        quarantine.append((f"bad EPC {r.epc}: {e}", r.epc.encode()))
+                        continue
+                    if dec.gtin is None:
+                        raw += 1
+                        continue
+                    if counts:
+                        counted.extend((c.seen, r.epc) for c in counts.values() if c.zone == zone)
+                    ev = observe(r.epc, dec.gtin, zone, r.rssi_dbm, now)
+                    if ev is not None:
+                        events.append(ev)
+                self._commit(events)
+            # Committed: only now is what the batch says about antennas and cycle counts kept.
+            self.reads_by_antenna.update(by_antenna)
+            for key in by_antenna:
                 self.last_read_at[key] = now
-                try:
-                    dec = decode_epc(r.epc)
-                except EpcError as e:
-                    res.bad += 1
-                    quarantine.append((f"bad EPC {r.epc}: {e}", r.epc.encode()))
-                    continue
-                if dec.gtin is None:
-                    self.raw_epcs += 1
-                    continue
-                if counts:
-                    for c in counts.values():
-                        if c.zone == zone:
-                            c.seen.add(r.epc)
-                ev = observe(r.epc, dec.gtin, zone, r.rssi_dbm, now)
-                if ev is not None:
-                    events.append(ev)
-            self._commit(events)
+            self.raw_epcs += raw
+            for seen, epc in counted:
+                seen.add(epc)
         res.events = len(events)
         if quarantine:
             self._quarantine(source, quarantine)
         return res
+
+    @contextlib.contextmanager
+    def _rewinding(self, to: float | None) -> Iterator[None]:
+        """A replay's clock goes back to ``to`` if the block raises: reads not taken in tell no time."""
+        try:
+            yield
+        except BaseException:
+            if self.reads_clock is not None and to is not None:
+                self.reads_clock.t = to
+            raise
 
     def _bad_only(self, source: str, bad: list) -> IngestResult:
         self._quarantine(source, [(b.reason, b.raw) for b in bad])
@@ -181,7 +205,12 @@ class RfidPipeline:
     def _quarantine(self, source: str, bad: Sequence[tuple[str, bytes]]) -> None:
         for reason, _ in bad:
             self.bad_by_reason[reason.split(":")[0].split(" ")[0]] += 1
-        self.outbox.quarantine_many(source, bad, MAX_QUARANTINE_PER_PAYLOAD)
+        try:
+            self.outbox.quarantine_many(source, bad, MAX_QUARANTINE_PER_PAYLOAD)
+        except WriteFailed:
+            # Counted above; only the copies are not kept while the disk refuses writes. Raising would
+            # have the payload, good reads and all, given again and taken in twice.
+            pass
 
     # ------------------------------------------------------------ state changes
 
@@ -243,29 +272,31 @@ class RfidPipeline:
             return  # a replay that has not started yet has no time to act on
         now = self.clock.now()
         with self.lock:
-            events = self.engine.tick(now)
-            extra = []
-            for cid, c in list(self.counts.items()):
-                if now >= c.ends:
-                    del self.counts[cid]
+            finished = [c for c in self.counts.values() if now >= c.ends]
+            with self.engine.atomic():
+                events = self.engine.tick(now)
+                extra = []
+                for c in finished:
                     ev, fact = self._finish_count(c, now)
                     events += ev
                     extra.append((COUNT_STREAM, fact))
-            self._commit(events, extra)
+                self._commit(events, extra)
+            for c in finished:
+                del self.counts[c.count_id]
         self._check_silent(now)
         if self.cfg.snapshot_interval_s and now - self._last_snapshot >= self.cfg.snapshot_interval_s:
-            self._last_snapshot = now
             self.book.snapshot("periodic")
+            self._last_snapshot = now
 
     def _check_silent(self, now: float) -> None:
         for key, at in self.last_read_at.items():
             if now - at > self.cfg.silent_antenna_s:
                 if key not in self._silent_alerted:
-                    self._silent_alerted.add(key)
                     self.outbox.alert(
                         "rfid.antenna_silent", f"reader {key[0]} antenna {key[1]} ({self.zones[key]}) has read "
                         f"nothing for {now - at:.0f} s",
                     )
+                    self._silent_alerted.add(key)
             else:
                 self._silent_alerted.discard(key)
 
@@ -291,7 +322,7 @@ class RfidPipeline:
         events = []
         for epc in missing:
             _, gtin = present[epc]
-            del self.engine.tags[epc]
+            self.engine.forget(epc)
             events.append(PresenceEvent("departed", now, epc, gtin, c.zone, reason=f"missing in count {c.count_id}"))
         wrong = len(missing) + len(unexpected)
         accuracy = 1.0 - wrong / max(len(c.book_before), len(c.seen), 1)

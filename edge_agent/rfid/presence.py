@@ -8,11 +8,15 @@
 - It *departs* when unseen for ``departure_timeout_s``, or at once when read in a departure zone
   (``exit`` by default).
 Duplicate reads only refresh the tag's smoothed RSSI and last-seen time.
+
+Changes made inside ``atomic()`` are undone, exactly, if the block raises: the caller could not commit
+the events they caused, and the engine must not run ahead of its database.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -70,6 +74,9 @@ class PresenceEngine:
         self.tags: dict[str, TagState] = {}
         self.ghosts_dropped = 0
         self.reads_seen = 0
+        # Inside atomic(): how to undo each change, newest last. A tuple of the fields a read can change costs
+        # about 0.3 us a read (an observe is about 2 us); a copy of the tag would cost 2 us.
+        self._undo: list[tuple] | None = None
 
     # ------------------------------------------------------------ state in and out
 
@@ -82,6 +89,40 @@ class PresenceEngine:
         """EPC -> (zone, gtin) of every tag that has arrived and not departed."""
         return {t.epc: (t.zone, t.gtin) for t in self.tags.values() if t.zone is not None}
 
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Every change made inside is undone if the block raises."""
+        self._undo = undo = []
+        counters = self.reads_seen, self.ghosts_dropped
+        try:
+            yield
+        except BaseException:
+            for entry in reversed(undo):
+                if len(entry) == 2:
+                    t, existed = entry
+                    if existed:
+                        self.tags[t.epc] = t
+                    else:
+                        del self.tags[t.epc]
+                else:
+                    (t, t.zone, t.last_seen, t.reads, t.counted_at, t.candidate, t.candidate_since,
+                     zone, sig, ema, last) = entry
+                    if sig is None:
+                        del t.signals[zone]
+                    else:
+                        sig.ema, sig.last = ema, last
+            self.reads_seen, self.ghosts_dropped = counters
+            raise
+        finally:
+            self._undo = None
+
+    def forget(self, epc: str) -> TagState:
+        """Take a tag off the book without an event of its own (the caller reports why)."""
+        t = self.tags.pop(epc)
+        if self._undo is not None:
+            self._undo.append((t, True))
+        return t
+
     # ------------------------------------------------------------ reads
 
     def observe(self, epc: str, gtin: str, zone: str, rssi_dbm: float | None, ts: float) -> PresenceEvent | None:
@@ -89,16 +130,23 @@ class PresenceEngine:
         self.reads_seen += 1
         p = self.p
         t = self.tags.get(epc)
+        undo = self._undo
         if zone in p.departure_zones:
             if t is None or t.zone is None:
                 if t is not None:
-                    del self.tags[epc]  # pending tags walking out never become stock
+                    self.forget(epc)  # pending tags walking out never become stock
                 return None
-            del self.tags[epc]
+            self.forget(epc)
             return PresenceEvent("departed", ts, epc, t.gtin, t.zone, reason=f"read at {zone}")
         rssi = p.default_rssi_dbm if rssi_dbm is None else rssi_dbm
         if t is None:
             t = self.tags[epc] = TagState(epc, gtin, None, ts, ts)
+            if undo is not None:
+                undo.append((t, False))
+        elif undo is not None:
+            sig = t.signals.get(zone)
+            undo.append((t, t.zone, t.last_seen, t.reads, t.counted_at, t.candidate, t.candidate_since, zone, sig,
+                         sig.ema if sig else 0.0, sig.last if sig else 0.0))
         if ts > t.last_seen:
             t.last_seen = ts
         if ts - t.counted_at >= p.dedupe_s:
@@ -156,10 +204,10 @@ class PresenceEngine:
         for epc, t in list(self.tags.items()):
             if t.zone is None:
                 if now - t.first_seen > p.arrive_window_s:
-                    del self.tags[epc]
+                    self.forget(epc)
                     self.ghosts_dropped += 1
             elif now - t.last_seen > p.departure_timeout_s:
-                del self.tags[epc]
+                self.forget(epc)
                 out.append(PresenceEvent("departed", now, epc, t.gtin, t.zone, reason="unseen"))
         return out
 

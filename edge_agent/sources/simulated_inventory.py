@@ -1,11 +1,13 @@
 """A source that replays the simulated inventory feed into the book at a steady rate.
 
 Its position is committed with each batch (in the same transaction as the deltas), so a kill -9
-resumes exactly where the book left off: no delta skipped, none applied twice.
+resumes exactly where the book left off: no delta skipped, none applied twice. For the same reason a
+batch the disk refuses is simply given again, until it commits or the source is stopped.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -15,6 +17,7 @@ from simulators.inventory_feed import InventoryFeed
 from ..clock import Clock
 from ..config import SimulatedInventoryConfig
 from ..inventory.book import Delta, InventoryBook
+from ..sync.diskstate import until_written
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,9 @@ class SimulatedInventorySource:
                 break
             now = self.clock.now()
             pos = batch[-1].index + 1
-            self.book.apply([Delta(now, d.zone, d.gtin, d.delta) for d in batch], cursor=(NAME, pos))
+            deltas = [Delta(now, d.zone, d.gtin, d.delta) for d in batch]
+            if not until_written(functools.partial(self.book.apply, deltas, cursor=(NAME, pos)), self._stop):
+                return  # stopped while the disk refused the batch: the committed cursor is where to resume
             next_at += interval
             delay = next_at - time.monotonic()
             if delay > 0:

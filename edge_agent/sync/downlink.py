@@ -3,10 +3,13 @@
 Every command gets a ``cmd-result`` through the outbox (so the answer survives outages). A malformed
 or unknown command, or one addressed to another store, gets an error result, is quarantined with its
 reason, and changes nothing. Command ids are remembered, so a QoS 1 redelivery runs nothing twice.
+The id and the result commit together; if the disk refuses that, the command is handled again once it
+takes writes, with the outcome of the first run: a handler is not run twice for it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -20,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..clock import Clock, rfc3339
 from ..contract import COMMAND_ARGS, Command, split_topic
+from .diskstate import WriteFailed, until_written
 from .outbox import Fact, Outbox
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,8 @@ class Downlink:
         self._handlers: dict[str, tuple[type[BaseModel], Handler]] = {}
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=10_000)
         self._thread = threading.Thread(target=self._work, name="downlink", daemon=True)
+        self._stop = threading.Event()
+        self._unrecorded: dict[str, Outcome] = {}  # ran, but the disk refused to record id and result
         with outbox.transaction() as tx:
             tx.conn.execute(
                 "CREATE TABLE IF NOT EXISTS commands(id TEXT PRIMARY KEY, name TEXT, at REAL, status TEXT) WITHOUT ROWID"
@@ -74,7 +80,11 @@ class Downlink:
         self._thread.start()
 
     def stop(self) -> None:
-        self._queue.put(None)
+        self._stop.set()
+        try:
+            self._queue.put(None, timeout=5)
+        except queue.Full:
+            pass
         self._thread.join(5)
 
     def on_message(self, msg: mqtt.MQTTMessage) -> None:
@@ -82,29 +92,42 @@ class Downlink:
         try:
             self._queue.put_nowait((msg.topic, bytes(msg.payload)))
         except queue.Full:
-            self.outbox.quarantine(SOURCE, "command queue full; command dropped", bytes(msg.payload))
+            try:
+                self.outbox.quarantine(SOURCE, "command queue full; command dropped", bytes(msg.payload))
+            except WriteFailed:
+                log.warning("command queue full and the disk refuses writes: dropped a command on %s", msg.topic)
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             try:
-                self.handle(*item)
+                if not until_written(functools.partial(self.handle, *item), self._stop):
+                    return  # stopping while the disk refuses writes: left unanswered, as by a crash
             except Exception:
                 log.exception("command handling failed")
 
     def handle(self, topic: str, payload: bytes) -> Outcome:
-        """Validate and run one command; always returns the outcome it also uplinked."""
-        outcome = self._decide(topic, payload)
+        """Validate and run one command; always returns the outcome it also uplinked. Raises WriteFailed
+        if the disk refused to record it: give it again."""
+        outcome, ran = self._decide(topic, payload)
         with self.outbox.transaction() as tx:
+            if ran:
+                tx.conn.execute(
+                    "INSERT OR IGNORE INTO commands(id, name, at, status) VALUES (?,?,?,?)",
+                    (outcome.cmd_id, outcome.name, self.clock.now(), outcome.status),
+                )
             if outcome.status == "ok" or outcome.reason != "duplicate":
                 tx.enqueue("cmd-result", [self._result_fact(outcome)])
+        if ran:
+            self._unrecorded.pop(outcome.cmd_id, None)
         return outcome
 
-    def _decide(self, topic: str, payload: bytes) -> Outcome:
+    def _decide(self, topic: str, payload: bytes) -> tuple[Outcome, bool]:
+        """The outcome, and whether a handler ran for it (then its id is to be recorded)."""
         guess_id, guess_name = self._guess(payload, topic)
 
-        def reject(reason: str) -> Outcome:
+        def reject(reason: str) -> tuple[Outcome, bool]:
             self.outbox.quarantine(SOURCE, f"{topic}: {reason}", payload)
-            return Outcome(guess_id, guess_name, "error", reason, {})
+            return Outcome(guess_id, guess_name, "error", reason, {}), False
 
         if len(payload) > MAX_COMMAND_BYTES:
             return reject(f"command of {len(payload)} bytes exceeds {MAX_COMMAND_BYTES}")
@@ -133,21 +156,21 @@ class Downlink:
             return reject(f"invalid args: {_short(e)}")
         if self._seen(cmd.id):
             log.info("command %s (%s) already handled; ignoring redelivery", cmd.id, cmd.name)
-            return Outcome(cmd.id, cmd.name, "error", "duplicate", {})
+            return Outcome(cmd.id, cmd.name, "error", "duplicate", {}), False
+        if (earlier := self._unrecorded.get(cmd.id)) is not None:
+            return earlier, True
         try:
             detail = handler(cmd, args)
             outcome = Outcome(cmd.id, cmd.name, "ok", None, detail)
         except CommandRejected as e:
             outcome = Outcome(cmd.id, cmd.name, "error", str(e), {})
+        except WriteFailed:
+            raise  # the handler changed nothing: run it again when the disk takes writes
         except Exception as e:
             log.exception("handler for %s failed", cmd.name)
             outcome = Outcome(cmd.id, cmd.name, "error", f"handler failed: {type(e).__name__}: {e}", {})
-        with self.outbox.transaction() as tx:
-            tx.conn.execute(
-                "INSERT OR IGNORE INTO commands(id, name, at, status) VALUES (?,?,?,?)",
-                (cmd.id, cmd.name, self.clock.now(), outcome.status),
-            )
-        return outcome
+        self._unrecorded[cmd.id] = outcome
+        return outcome, True
 
     def _seen(self, cmd_id: str) -> bool:
         return bool(self.outbox.read("SELECT 1 FROM commands WHERE id = ?", (cmd_id,)))

@@ -33,6 +33,7 @@ from ulid import ULID
 from ..clock import Clock, parse_rfc3339, rfc3339
 from ..contract import CONTRACT_VERSION, STREAMS
 from . import compaction
+from .diskstate import DiskState, WriteFailed, refusal_kind
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,7 @@ class Outbox:
         self._cap_alerted = False
         self._dirty: set[str] = set()  # streams enqueued to since the uplink last looked
         self._sign = sign
+        self.disk = DiskState()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = self._open_checked()
         self.instance = self._instance_id()
@@ -249,6 +251,10 @@ class Outbox:
         except sqlite3.DatabaseError as e:
             with contextlib.suppress(Exception):
                 conn.close()
+            if (kind := refusal_kind(e)) is not None:
+                # Not corruption: on a full disk SQLite cannot even create the WAL. Moved aside, the file would be
+                # replaced by an empty outbox (no book, no sequence numbers) as soon as there is room.
+                raise WriteFailed(kind, e) from e
             return self._replace_corrupt(str(e))
 
     def _replace_corrupt(self, reason: str) -> sqlite3.Connection:
@@ -324,17 +330,43 @@ class Outbox:
     def on_enqueue(self, fn: Callable[[], None]) -> None:
         self._listeners.append(fn)
 
+    @property
+    def write_failing(self) -> bool:
+        """The disk refused the last write (full, I/O error) and none has committed since."""
+        return self.disk.failing
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[OutboxTx]:
+        """One write transaction. If the disk refuses it, nothing of it is kept and the caller gets
+        ``WriteFailed`` (see diskstate.py); the next one to commit carries the episode's alert."""
         with self._lock:
-            self.conn.execute("BEGIN IMMEDIATE")
-            tx = OutboxTx(self, self.conn)
             try:
-                yield tx
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            self.conn.execute("COMMIT")
+                self.conn.execute("BEGIN IMMEDIATE")
+                tx = OutboxTx(self, self.conn)
+                try:
+                    now = self.clock.now()
+                    closing = self.disk.closing_alert(now)
+                    if closing is not None:
+                        # First, so that a health report in this transaction carries it. Not tx.alert: that logs
+                        # at once, and this insert is undone for as long as the disk refuses the commit.
+                        self.conn.execute("INSERT INTO alerts(ts, kind, message) VALUES (?,?,?)", (now, *closing))
+                    yield tx
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    if self.conn.in_transaction:  # a COMMIT refused for SQLITE_FULL has been rolled back already
+                        self.conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:
+                kind = None if isinstance(e, WriteFailed) else refusal_kind(e)
+                if kind is None:
+                    raise
+                if self.disk.refused(kind, self.clock.now(), str(e)):
+                    log.error("outbox write refused (%s): sources hold their input and retry until one commits",
+                              e)
+                raise WriteFailed(kind, e) from e
+            self.disk.committed()
+        if closing is not None:
+            log.warning("alert %s: %s", *closing)
         if tx.enqueued:
             for fn in self._listeners:
                 fn()

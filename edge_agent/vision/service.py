@@ -7,6 +7,10 @@ median), stream gaps and per-stage timings over a bounded queue; the agent proce
 buckets into store-wide ("*") items and enqueues both in the outbox. Frames never cross the process
 boundary; the only image that ever leaves the analysis is the opt-in, blurred debug snapshot, which a
 camera process writes to a local folder itself.
+
+Items the store-wide merge has produced are held until the outbox takes them: while the disk refuses
+writes the drain thread retries them and takes nothing new, so results wait in the bounded queue and
+a camera that cannot hand one over within a second counts it in ``results_dropped``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 from ..clock import parse_rfc3339
 from ..config import CameraConfig, VisionConfig
 from ..sync import compaction
+from ..sync.diskstate import until_written
 from ..sync.outbox import Fact, Outbox
 from .storewide import STORE_WIDE, DwellCarry, StoreWideTraffic
 
@@ -162,7 +167,8 @@ class VisionService:
             self._enqueue(stats + wide_stats, heat + wide_heat)
         elif kind == "gap":
             _, _, start, end, reason = msg
-            self.outbox.alert("vision.stream_gap", f"camera {camera}: {reason}; no frames for {end - start:.1f} s")
+            until_written(lambda: self.outbox.alert(
+                "vision.stream_gap", f"camera {camera}: {reason}; no frames for {end - start:.1f} s"), self._halt)
         elif kind in ("perf", "done"):
             for k, v in msg[2].items():
                 self.figures[f"vision.{camera}.{k}"] = float(v)
@@ -172,8 +178,11 @@ class VisionService:
 
     def _enqueue(self, stats: list[dict[str, Any]], heat: list[dict[str, Any]]) -> None:
         self.figures.update({f"vision.{STORE_WIDE}.{k}": float(v) for k, v in self._storewide.counters.items()})
-        if not (stats or heat):
-            return
+        if stats or heat:
+            # The merge has moved past these items: they exist only here until they are committed.
+            until_written(lambda: self._write(stats, heat), self._halt)
+
+    def _write(self, stats: list[dict[str, Any]], heat: list[dict[str, Any]]) -> None:
         with self.outbox.transaction() as tx:
             if stats:
                 tx.enqueue("traffic/stats", [_fact(s, compaction.stats_key(s)) for s in stats])
