@@ -199,8 +199,10 @@ class HealthBody(Strict):
     connected: bool
     pending_facts: int
     sealed_messages: int
-    db_bytes: int
-    cap_bytes: int
+    db_bytes: int  # the file's pages in use: queued_bytes + book_bytes
+    cap_bytes: int  # budgets queued_bytes
+    queued_bytes: int | None = None  # what waits to be sent: pending facts, messages not yet acknowledged
+    book_bytes: int | None = None  # the rest: inventory book, tag presence, price book, commands, quarantine
     compacted_facts: int
     coarsened_facts: int
     dropped_facts: dict[str, int]
