@@ -585,6 +585,18 @@ def test_coarsen_property(rows: list[tuple], level: int) -> None:
     assert len(again) == len(new_stats)
 
 
+def test_coarsening_never_shortens_a_bucket_an_earlier_round_made() -> None:
+    hour = stats_item("a", 0, entries=7, occ=2.0, bucket_s=3600) | {"dwell_median_s": 42.0}  # an earlier round's
+    minutes = [stats_item("a", m, entries=1) for m in range(5, 10)] + [stats_item("b", m) for m in range(3)]
+    out = compaction.coarsen("traffic/stats", map(_dumps, [hour, *minutes]), 900)
+    assert hour in out  # as it was, exact dwell median included: not re-labelled as 15 minutes
+    assert sorted((o["camera"], o["bucket_s"], o["entries"]) for o in out) == [
+        ("a", 900, 5), ("a", 3600, 7), ("b", 900, 3)]
+    heat = heat_item("a", 0, [4.0, 2.0], bucket_s=86400)
+    out = compaction.coarsen("traffic/heatmap", map(_dumps, [heat, heat_item("a", 3, [1.0, 1.0])]), 3600)
+    assert sorted((o["bucket_s"], o["cells"]) for o in out) == [(3600, [1.0, 1.0]), (86400, [4.0, 2.0])]
+
+
 # ---------------------------------------------------------------- what the cap budgets; giving pages back
 
 
