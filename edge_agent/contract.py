@@ -182,6 +182,11 @@ class CmdResultItem(Strict):
     status: Literal["ok", "error"]
     reason: str | None = None
     detail: dict[str, Any] = Field(default_factory=dict)
+    # Commands refused for one reason within a second (a flood) share one result: cmd_id "*", how many
+    # they were, and the ids of the first few (the reason is the first one's). Without these fields a
+    # result answers the one command cmd_id names.
+    count: int = Field(1, ge=1)
+    sample_ids: list[str] = Field(default_factory=list)
 
 
 class CmdResultBody(Strict):
@@ -207,6 +212,7 @@ class HealthBody(Strict):
     coarsened_facts: int
     dropped_facts: dict[str, int]
     quarantined: dict[str, int]
+    refused_commands: dict[str, int] = Field(default_factory=dict)  # per kind of refusal (sync/downlink.py)
     counters: dict[str, float] = Field(default_factory=dict)
     alerts: list[Alert] = Field(default_factory=list)
 

@@ -46,6 +46,7 @@ class HealthReporter:
             "coarsened_facts": counters.get("coarsened", 0),
             "dropped_facts": {k[len("dropped."):]: v for k, v in counters.items() if k.startswith("dropped.")},
             "quarantined": {k[len("quarantined."):]: v for k, v in counters.items() if k.startswith("quarantined.")},
+            "refused_commands": {k[len("refused."):]: v for k, v in counters.items() if k.startswith("refused.")},
             "counters": extra,
             "alerts": [{"ts": rfc3339(ts), "kind": k, "message": m} for ts, k, m in alerts],
         }
