@@ -4,7 +4,8 @@ Agent in this process, HQ receiver as its own process (``python -m edge_agent.cl
 mosquitto. The HQ subscribes first (persistent session), the broker is stopped gracefully, the agent
 buffers --facts deltas offline (InventoryBook.apply in batches), its resident memory is read, then
 the broker is started again on the same port and the clock runs until HQ has applied every fact (and
-until the agent's outbox is empty, i.e. every message was PUBACKed and deleted).
+until the agent's outbox is empty, i.e. every message was PUBACKed and deleted), and then until
+housekeeping has given the drained pages back to the file system.
 
     python bench/backlog_drain.py                     # full size: 1,000,000 facts
     python bench/backlog_drain.py --facts 20000       # CI size
@@ -17,6 +18,7 @@ import resource
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from _common import Background, DeltaPool, HqProcess, agent_config, emit, header, note, rss_mb, signing_tables, wait_for
@@ -91,6 +93,10 @@ def main() -> None:
             ) - t1
             stop.set()
             sampler.join(1)
+            emit("backlog_outbox_db_mb_drained", agent.outbox.file_bytes() / 1e6)
+            t_shrunk = settled(agent.outbox.file_bytes, a.timeout)
+            emit("backlog_outbox_db_mb_after_housekeeping", agent.outbox.file_bytes() / 1e6)
+            emit("backlog_outbox_shrink_s", t_shrunk)
             emit("backlog_reconnect_s", t_conn)
             emit("backlog_drain_s", t_hq)
             emit("backlog_drain_facts_per_s", pending / t_hq)
@@ -109,6 +115,17 @@ def main() -> None:
             agent.stop(flush_timeout=2.0)
             hq.stop()
             broker.stop()
+
+
+def settled(size: Callable[[], int], timeout: float, quiet_s: float = 3.0) -> float:
+    """Seconds until ``size()`` has not changed for ``quiet_s`` (housekeeping is done with it)."""
+    t0 = last_change = time.monotonic()
+    last = size()
+    while time.monotonic() < min(last_change + quiet_s, t0 + timeout):
+        time.sleep(0.1)
+        if (now := size()) != last:
+            last, last_change = now, time.monotonic()
+    return last_change - t0
 
 
 if __name__ == "__main__":

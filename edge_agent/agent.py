@@ -180,12 +180,16 @@ class Agent:
 
     def _housekeep(self) -> None:
         interval = self.cfg.outbox.cap_check_interval_s
+        forced = float("-inf")
         while not self._stop.wait(interval):
             try:
-                if self.outbox.enforce_cap():
-                    self.health.tick(force=True)
-                else:
-                    self.health.tick()
+                # What the cap compacted or dropped goes to HQ at once, but a cap that keeps working (an
+                # outage of undroppable facts) forces at most one extra health message per interval.
+                now = time.monotonic()
+                force = self.outbox.enforce_cap() is not None and now - forced >= self.health.interval_s
+                if force:
+                    forced = now
+                self.health.tick(force=force)
             except WriteFailed:
                 pass  # the next round tries again; the outbox logs the episode once
             except Exception:

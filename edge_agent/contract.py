@@ -186,6 +186,11 @@ class CmdResultItem(Strict):
     status: Literal["ok", "error"]
     reason: str | None = None
     detail: dict[str, Any] = Field(default_factory=dict)
+    # Commands refused for one reason within a second (a flood) share one result: cmd_id "*", how many
+    # they were, and the ids of the first few (the reason is the first one's). Without these fields a
+    # result answers the one command cmd_id names.
+    count: int = Field(1, ge=1)
+    sample_ids: list[str] = Field(default_factory=list)
 
 
 class CmdResultBody(Strict):
@@ -210,12 +215,15 @@ class HealthBody(Strict):
     connected: bool
     pending_facts: int
     sealed_messages: int
-    db_bytes: int
-    cap_bytes: int
+    db_bytes: int  # the file's pages in use: queued_bytes + book_bytes
+    cap_bytes: int  # budgets queued_bytes
+    queued_bytes: int | None = None  # what waits to be sent: pending facts, messages not yet acknowledged
+    book_bytes: int | None = None  # the rest: inventory book, tag presence, price book, commands, quarantine
     compacted_facts: int
     coarsened_facts: int
     dropped_facts: dict[str, int]
     quarantined: dict[str, int]
+    refused_commands: dict[str, int] = Field(default_factory=dict)  # per kind of refusal (sync/downlink.py)
     counters: dict[str, float] = Field(default_factory=dict)
     alerts: list[Alert] = Field(default_factory=list)
     # Per stream, the last sealed message (the high-water mark): HQ asks for a replay when it holds less.

@@ -32,6 +32,7 @@ class HealthReporter:
 
     def body(self, alerts: list[tuple[float, str, str]], extra: dict[str, float]) -> dict:
         counters = self.outbox.counters()
+        use = self.outbox.disk_use()
         return {
             "uptime_s": round(self.clock.now() - self._started, 3),
             "connected": self._connected(),
@@ -39,10 +40,13 @@ class HealthReporter:
             "sealed_messages": self.outbox.sealed_count(),
             "db_bytes": self.outbox.used_bytes(),
             "cap_bytes": self.outbox.cap_bytes,
+            "queued_bytes": use.queued,
+            "book_bytes": use.book,
             "compacted_facts": counters.get("compacted", 0),
             "coarsened_facts": counters.get("coarsened", 0),
             "dropped_facts": {k[len("dropped."):]: v for k, v in counters.items() if k.startswith("dropped.")},
             "quarantined": {k[len("quarantined."):]: v for k, v in counters.items() if k.startswith("quarantined.")},
+            "refused_commands": {k[len("refused."):]: v for k, v in counters.items() if k.startswith("refused.")},
             "counters": extra,
             "alerts": [{"ts": rfc3339(ts), "kind": k, "message": m} for ts, k, m in alerts],
             "hwm": self.outbox.high_water(),

@@ -7,6 +7,7 @@ SQLite files and, where a process has to die, real subprocesses killed with SIGK
 from __future__ import annotations
 
 import json
+import logging
 import random
 import signal
 import sqlite3
@@ -28,7 +29,7 @@ from edge_agent.inventory.book import Delta
 from edge_agent.sync.compaction import heatmap_key, stats_key
 from edge_agent.sync.outbox import Fact
 from simulators.inventory_feed import InventoryFeed, gtin_for
-from simulators.mosquitto import Mosquitto
+from simulators.mosquitto import Mosquitto, free_port
 from simulators.toml_files import write_toml
 
 from .helpers import REPO, AgentProcess, CuttableLink, agent_config, start_hq, wait_for
@@ -325,6 +326,8 @@ def test_disk_cap_during_long_outage(tmp_path: Path, broker: Mosquitto) -> None:
         wait_for(lambda: dropped in reported_drops(), 30, f"a health message reporting {dropped} dropped heatmaps")
         assert max(reported_drops()) == dropped
         assert agent.outbox.counters().get("dropped.traffic/heatmap") == dropped  # nothing dropped once online
+        # Housekeeping gives the drained pages back: the file does not keep the outage's size.
+        wait_for(lambda: agent.outbox.file_bytes() < peak_file / 2, 20, "the outbox file to shrink after the drain")
         # What survived (coarsened or not) is still valid under the contract: HQ rejected nothing.
         assert hq.db.read("SELECT count(*) FROM rejected")[0][0] == 0
     finally:
@@ -333,6 +336,55 @@ def test_disk_cap_during_long_outage(tmp_path: Path, broker: Mosquitto) -> None:
 
 
 # ---------------------------------------------------------------------------- 5. corrupt database
+
+
+def test_cap_pressure_floods_neither_health_nor_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A book bigger than the cap is no pressure at all. Undroppable inventory over the cap through an
+    outage is one warning and one alert, and at most one forced health message per health interval,
+    however often housekeeping runs."""
+    cap, interval = 256 * 1024, 1.0
+    cfg = AgentConfig.model_validate(
+        {
+            "store": {"id": "S005"},
+            "mqtt": {"port": free_port(), "reconnect_min_s": 0.5, "reconnect_max_s": 1.0},  # nobody listens
+            "outbox": {"path": str(tmp_path / "outbox.db"), "cap_bytes": cap, "cap_check_interval_s": 0.02},
+            "health": {"interval_s": interval},
+        }
+    )
+    agent = Agent(cfg)
+    ob = agent.outbox
+    t = 1_764_547_200.0
+    for start in range(0, 20_000, 1000):  # a book of 20,000 (zone, GTIN) rows, every delta delivered
+        agent.book.apply([Delta(t, ZONES[i % 4], gtin_for(i), 1) for i in range(start, start + 1000)])
+    while (m := ob.seal(DELTA)) is not None:
+        ob.ack_through(m.stream, m.seq, m.id)
+    assert ob.disk_use().book > 2 * cap
+
+    def health_messages() -> int:
+        return ob.read("SELECT count(*) FROM pending WHERE stream = 'health'")[0][0]
+
+    def cap_warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "cap" in r.getMessage()]
+
+    with caplog.at_level(logging.INFO):
+        agent.start()
+        try:
+            time.sleep(3 * interval)
+            assert health_messages() <= 4  # at start, then once an interval
+            assert cap_warnings() == []
+            assert ob.read("SELECT count(*) FROM alerts") == [(0,)]
+
+            before = health_messages()
+            agent.book.apply([Delta(t, "backroom", gtin_for(20_000 + i), 1) for i in range(6000)])  # undroppable
+            assert ob.disk_use().queued > cap
+            time.sleep(3 * interval)  # 150 housekeeping rounds over the cap
+            # Once an interval, plus at most one forced an interval, plus the alert's own report.
+            assert health_messages() - before <= 2 * 3 + 2
+            warned = cap_warnings()
+            assert len(warned) == 2 and "outbox over its cap" in warned[0] and "cap_exceeded" in warned[1], warned
+            assert [k for (k,) in ob.read("SELECT kind FROM alerts")] == ["outbox.cap_exceeded"]
+        finally:
+            agent.stop(flush_timeout=0.1)
 
 
 @pytest.mark.slow

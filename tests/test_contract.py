@@ -62,12 +62,15 @@ SAMPLE_FACTS: dict[str, list[dict[str, Any]]] = {
     "cmd-result": [
         {"ts": TS, "cmd_id": "c1", "name": "inventory.resync", "status": "ok", "reason": None, "detail": {"parts": 1}},
         {"ts": TS, "cmd_id": "?", "name": "price.set", "status": "error", "reason": "unknown command", "detail": {}},
+        {"ts": TS, "cmd_id": "*", "name": "*", "status": "error", "reason": "invalid args: bogus", "detail": {},
+         "count": 412, "sample_ids": ["a-1", "a-8"]},
     ],
     "esl/alert": [{"ts": TS, "label": "L-1", "kind": "price_mismatch", "detail": "shelf 1.99, book 2.49"}],
     "health": [
         {"uptime_s": 1.5, "connected": True, "pending_facts": 3, "sealed_messages": 1, "db_bytes": 4096,
          "cap_bytes": 1 << 20, "compacted_facts": 0, "coarsened_facts": 0, "dropped_facts": {"traffic/heatmap": 2},
-         "quarantined": {"downlink": 1}, "counters": {"published_messages": 5.0},
+         "quarantined": {"downlink": 1}, "refused_commands": {"invalid_args": 1}, "queued_bytes": 2048,
+         "book_bytes": 2048, "counters": {"published_messages": 5.0},
          "alerts": [{"ts": TS, "kind": "outbox.corrupt", "message": "moved aside"}]},
     ],
     "esl/state": [
@@ -381,7 +384,7 @@ def _valid_envelopes(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 mutation = st.sampled_from(["retype", "delete", "extra", "huge", "negative_seq", "huge_seq"])
-FREE_DICTS = {"detail", "args", "dropped_facts", "quarantined", "counters"}  # dict[str, Any] fields
+FREE_DICTS = {"detail", "args", "dropped_facts", "quarantined", "refused_commands", "counters"}  # dict[str, Any] fields
 COMMAND_REQUIRED = {"id", "name", "store", "ts"}
 
 

@@ -7,24 +7,29 @@ else, and never takes the process down.
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.clock import VirtualClock, rfc3339
-from edge_agent.contract import CmdResultItem, Command, InventoryResyncArgs, parse_message
+from edge_agent.clock import Clock, RealClock, VirtualClock, rfc3339
+from edge_agent.contract import CmdResultItem, Command, HealthBody, InventoryResyncArgs, parse_message
+from edge_agent.health import HealthReporter
 from edge_agent.hq.applier import MAX_PAYLOAD, HqApplier
 from edge_agent.hq.store import HqStore
 from edge_agent.inventory.book import Delta, InventoryBook
 from edge_agent.sync.downlink import CommandRejected, Downlink, Outcome
 from edge_agent.sync.outbox import Outbox, SealedMessage
+from edge_agent.sync.refusals import Refusals
 from simulators.inventory_feed import InventoryFeed
 from simulators.mosquitto import Mosquitto
 
@@ -71,14 +76,15 @@ class Rig:
         return [(s, r, raw) for _, s, r, raw in self.outbox.quarantined(10_000)]
 
 
-def make_rig(path: Path, *, max_message_bytes: int = 4096, quarantine_keep: int = 10_000) -> Rig:
-    clock = VirtualClock(T0)
+def make_rig(path: Path, *, max_message_bytes: int = 4096, quarantine_keep: int = 10_000,
+             clock: Clock | None = None, **queue: int) -> Rig:
+    clock = clock or VirtualClock(T0)
     ob = Outbox(path, clock, max_message_bytes=max_message_bytes, quarantine_keep=quarantine_keep)
     book = InventoryBook(ob, clock)
     book.apply([Delta(T0 + i, "backroom", GTINS[i % 10], 1 + i % 3) for i in range(30)])
     assert ob.seal("inventory/delta") is not None  # some of it in flight ...
     book.apply([Delta(T0 + 40 + i, "pos", GTINS[i % 10], -1) for i in range(5)])  # ... some still pending
-    dl = Downlink(STORE, PREFIX, ob, clock)
+    dl = Downlink(STORE, PREFIX, ob, clock, **queue)
     calls: list[str] = []
 
     def resync(cmd: Command, args: InventoryResyncArgs) -> dict[str, Any]:
@@ -132,6 +138,11 @@ GARBAGE: list[tuple[str, str, bytes, str]] = [
 ]
 
 
+def answered(results: Iterable[dict[str, Any]]) -> int:
+    """How many commands these cmd-result items answer: a coalesced one answers ``count``."""
+    return sum(r.get("count", 1) for r in results)
+
+
 def check_result_fact(body: dict[str, Any]) -> None:
     """A cmd-result fact must survive HQ's strict JSON parser, or it would poison its whole message."""
     CmdResultItem.model_validate_json(json.dumps(body))
@@ -142,10 +153,13 @@ def test_downlink_garbage(rig: Rig, case: str, topic: str, payload: bytes, reaso
     before = rig.snapshot_state()
     out = rig.downlink.handle(topic, payload)
     assert isinstance(out, Outcome)
-    assert out.status == "error"
+    assert out.status == "error" and out.refused is not None
     assert out.reason is not None and reason in out.reason, out.reason
     assert rig.calls == []  # no handler ran
     assert rig.snapshot_state() == before  # other data intact
+    assert rig.results() == []  # answered with whatever else is refused within the second ...
+    assert rig.downlink.flush() == 1  # ... which, alone, is an answer of its own
+    assert rig.outbox.counters()[f"refused.{out.refused}"] == 1
 
     (q_source, q_reason, q_raw), *_ = rig.quarantine()
     assert q_source == "downlink"
@@ -170,6 +184,7 @@ def test_downlink_after_garbage_still_works_and_keeps_everything(rig: Rig) -> No
     before = rig.snapshot_state()
     for _, topic, payload, _ in GARBAGE:
         assert rig.downlink.handle(topic, payload).status == "error"
+        rig.downlink.flush()  # one at a time: each answered as itself
     assert rig.snapshot_state() == before
     assert len(rig.quarantine()) == len(GARBAGE)
     assert rig.outbox.counters()["quarantined.downlink"] == len(GARBAGE)
@@ -240,10 +255,14 @@ def test_queue_path_survives_garbage(rig: Rig) -> None:
         msg = mqtt.MQTTMessage(topic=(CMD + "inventory.resync").encode())
         msg.payload = raw(command(id="q-ok"))
         rig.downlink.on_message(msg)
-        wait_for(lambda: len(rig.results()) == len(GARBAGE) + 1, 10, "every command answered")
+        wait_for(lambda: any(r["cmd_id"] == "q-ok" for r in rig.results()), 10, "the valid command answered")
+        rig.outbox.clock.advance(1.0)  # type: ignore[attr-defined]  # the refusals' second is over
+        wait_for(lambda: answered(rig.results()) == len(GARBAGE) + 1, 10, "every command answered")
     finally:
         rig.downlink.stop()
     assert rig.calls == ["q-ok"]
+    kinds = [k for k in rig.outbox.counters() if k.startswith("refused.")]
+    assert len(rig.results()) == len(kinds) + 1  # one result per kind of refusal, and the valid one's
 
 
 command_names = st.sampled_from(["inventory.resync", "price.set", "", "cmd", "a/b", "inventory.resync/x"])
@@ -269,6 +288,7 @@ def test_downlink_never_raises(tmp_path: Path, suffix: str, payload: bytes) -> N
     before_state = r.snapshot_state()
     n_before = len(r.results())
     out = r.downlink.handle(f"{PREFIX}/{STORE}/{suffix}", payload)
+    r.downlink.flush()
     assert out.status in ("ok", "error")
     if out.status == "error" and out.reason != "duplicate":
         assert out.reason
@@ -292,6 +312,122 @@ def _close_property_rig() -> Iterator[None]:
         r.outbox.close()
         del test_downlink_never_raises.rig  # type: ignore[attr-defined]
 
+
+# ---------------------------------------------------------------- (a') floods of commands
+
+
+def test_refusals_count_everything_and_keep_a_few() -> None:
+    r = Refusals(interval_s=1.0, samples=3, sample_bytes=10)
+    assert not r.due(T0) and r.take() == []
+    for i in range(1000):
+        r.add(T0 + i / 2000, "invalid_args", CMD + "inventory.resync", "inventory.resync", f"bad {i}", b"x" * 100,
+              f"id-{i}")
+    r.add(T0 + 0.6, "unknown_command", CMD + "nope", "nope", "unknown command 'nope'", b"{}", "u-1")
+    r.add(T0 + 0.7, "invalid_args", CMD + "price.set", "price.set", "bad", b"", "p-1")
+    assert not r.due(T0 + 0.99) and r.due(T0 + 1.0)  # the interval opened with the first refusal
+    args, unknown = r.take()
+    assert (args.kind, args.count, args.name) == ("invalid_args", 1001, "*")  # two names among them
+    assert [(s.cmd_id, s.reason, s.raw) for s in args.samples] == [(f"id-{i}", f"bad {i}", b"x" * 10) for i in range(3)]
+    assert (unknown.kind, unknown.count, unknown.name, len(unknown.samples)) == ("unknown_command", 1, "nope", 1)
+    assert not r.due(T0 + 5) and r.take() == []  # the next interval opens with the next refusal
+
+
+def garbage_message(i: int) -> tuple[str, bytes, str]:
+    """The i-th command of a flood, and the kind of refusal it must get."""
+    k = i % 7
+    if k == 0:
+        return CMD + "inventory.resync", b'{"v":1,"id":"m-%d","name":' % i, "invalid_command"
+    if k == 1:
+        return CMD + "inventory.resync", raw(command(id=f"a-{i}", bogus=1)), "invalid_args"
+    if k == 2:
+        return CMD + "nope", raw(command("nope", id=f"u-{i}")), "unknown_command"
+    if k == 3:
+        return CMD + "inventory.resync", raw(command(id=f"s-{i}", store="S002")), "wrong_store"
+    if k == 4:
+        return CMD + "esl.flash", raw(command(id=f"n-{i}")), "name_mismatch"
+    if k == 5:
+        return CMD + "inventory.resync", raw(command(id=f"bad id {i}")), "invalid_command"
+    if i % 700 == 6:
+        return CMD + "inventory.resync", raw(command(id=f"o-{i}", reason="x" * 70_000)), "oversize"
+    return f"{PREFIX}/S002/cmd/inventory.resync", raw(command(id=f"t-{i}", store="S002")), "wrong_store"
+
+
+def mqtt_message(topic: str, payload: bytes) -> mqtt.MQTTMessage:
+    msg = mqtt.MQTTMessage(topic=topic.encode())
+    msg.payload = payload
+    return msg
+
+
+def test_a_flood_of_garbage_is_counted_in_full_and_answered_in_a_few_results(tmp_path: Path) -> None:
+    """20,000 garbage commands at the network thread's callback, a valid one in the middle. Offered
+    faster than any broker delivers, so the queue is made big enough for all of them here: what finds
+    it full is the next test's."""
+    rig = make_rig(tmp_path / "outbox.db", max_message_bytes=128 * 1024, clock=RealClock(), queue_max=30_000)
+    flood = [garbage_message(i) for i in range(20_000)]
+    rig.downlink.start()
+    t0 = time.monotonic()
+    try:
+        for i, (topic, payload, _) in enumerate(flood):
+            rig.downlink.on_message(mqtt_message(topic, payload))
+            if i == 10_000:
+                rig.downlink.on_message(mqtt_message(CMD + "inventory.resync", raw(command(id="valid-1"))))
+        offered_s = time.monotonic() - t0
+        wait_for(lambda: answered(r for r in rig.results() if r["status"] == "error") == len(flood), 60,
+                 "every refused command answered")
+    finally:
+        rig.downlink.stop()
+    elapsed = time.monotonic() - t0
+    results = rig.results()
+    (ok,) = [r for r in results if r["cmd_id"] == "valid-1"]
+    assert (ok["status"], ok["detail"]) == ("ok", {"reason": "requested"}) and "count" not in ok  # its own answer
+    assert rig.calls == ["valid-1"]
+    errors = [r for r in results if r["status"] == "error"]
+    kinds = Counter(kind for _, _, kind in flood)
+    assert len(errors) <= len(kinds) * (elapsed + 2), (len(errors), elapsed)  # a result per kind a second
+    for r in errors:
+        check_result_fact(r)
+        if r.get("count", 1) > 1:
+            assert r["cmd_id"] == "*" and len(r["sample_ids"]) <= 3  # malformed JSON has no id to give
+    counters = rig.outbox.counters()
+    assert {k: v for k, v in counters.items() if k.startswith("refused.")} == {f"refused.{k}": n for k, n in kinds.items()}
+    assert counters["quarantined.downlink"] == len(flood)  # counted in full ...
+    assert len(rig.quarantine()) <= 3 * len(kinds) * (elapsed + 2)  # ... kept as a sample
+    while (m := rig.outbox.seal("cmd-result")) is not None:
+        parse_message(m.payload(STORE, T0, False))
+    print(f"flood: offered in {offered_s:.2f} s, answered in {elapsed:.2f} s: {len(errors)} error results,"
+          f" {len(rig.quarantine())} kept in quarantine")
+    rig.outbox.close()
+
+
+def test_commands_with_no_room_are_counted_and_answered_not_dropped(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path / "outbox.db", max_message_bytes=128 * 1024, queue_max=100, queue_max_bytes=300_000)
+    # The worker is not running yet: the first 100 fit the queue, the other 900 find it full.
+    for i in range(1000):
+        rig.downlink.on_message(mqtt_message(CMD + "inventory.resync", raw(command(id=f"c-{i}"))))
+    rig.downlink.start()
+    rig.downlink.stop()  # handles what was queued, then answers the refusals
+    assert rig.calls == [f"c-{i}" for i in range(100)]
+    results = rig.results()
+    assert [r["cmd_id"] for r in results if r["status"] == "ok"] == rig.calls
+    (full,) = [r for r in results if r["status"] == "error"]
+    assert (full["cmd_id"], full["count"], full["sample_ids"]) == ("*", 900, ["c-100", "c-101", "c-102"])
+    assert full["name"] == "inventory.resync" and "queue full" in full["reason"]
+    assert rig.outbox.counters()["refused.queue_full"] == 900
+    body = HealthReporter(rig.outbox, rig.outbox.clock, 60, connected=lambda: True).body([], {})
+    assert body["refused_commands"] == {"queue_full": 900}
+    HealthBody.model_validate(body)
+
+    # The queue is bounded in bytes too, and holds only as much of a command as its size check needs.
+    rig2 = make_rig(tmp_path / "bytes.db", queue_max_bytes=300_000)
+    for _ in range(10):
+        rig2.downlink.on_message(mqtt_message(CMD + "inventory.resync", b"x" * (1 << 20)))
+    rig2.downlink.start()
+    rig2.downlink.stop()
+    counters = rig2.outbox.counters()
+    assert (counters["refused.oversize"], counters["refused.queue_full"]) == (4, 6)  # 4 x 64 KiB fit
+    assert any("command of 1048576 bytes exceeds" in r["reason"] for r in rig2.results())
+    rig.outbox.close()
+    rig2.outbox.close()
 
 # ---------------------------------------------------------------- (b) HQ intake
 
@@ -465,12 +601,13 @@ def test_garbage_over_mqtt_while_the_agent_runs(tmp_path: Path, broker: Mosquitt
                 out += json.loads(body)["items"]
             return out
 
-        wait_for(lambda: sum(r["status"] == "error" for r in results()) >= 3 * len(garbage)
+        wait_for(lambda: answered(r for r in results() if r["status"] == "error") >= 3 * len(garbage)
                  and any(r["cmd_id"] == "valid-after-garbage" for r in results()), 30,
                  "an error cmd-result for every garbage command")
         res = results()
         errors = [r for r in res if r["status"] == "error"]
-        assert len(errors) == 3 * len(garbage)
+        assert answered(errors) == 3 * len(garbage)
+        assert len(errors) <= 3 * 6  # three rounds, six kinds of refusal among them
         reasons = " | ".join(r["reason"] for r in errors)
         for needle in ("invalid command", "exceeds", "unknown command 'price.set'", "does not match topic",
                        "invalid args", "command names store"):
@@ -487,6 +624,75 @@ def test_garbage_over_mqtt_while_the_agent_runs(tmp_path: Path, broker: Mosquitt
         assert stats["cmd-result"]["gaps"] == 0
         assert agent.alive
     finally:
+        client.loop_stop()
+        client.disconnect()
+        rc = agent.terminate()
+        hq.stop()
+    assert rc == 0
+
+
+@pytest.mark.slow
+def test_a_flood_of_garbage_over_mqtt(tmp_path: Path, broker: Mosquitto) -> None:
+    """20,000 garbage commands through a real mosquitto at a running agent, a valid one in the middle:
+    every one is counted, a handful of results go up, the agent's memory stays put."""
+    flood = [g for g in (garbage_message(i) for i in range(30_000)) if g[0].startswith(CMD)][:20_000]
+    kinds = Counter(kind for _, _, kind in flood)
+    hq = start_hq(tmp_path, broker.port)
+    agent = AgentProcess(agent_config(tmp_path, broker.port), tmp_path / "agent.log").start()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="flooder")
+    stop = threading.Event()
+    try:
+        wait_for(lambda: hq.db.read("SELECT state FROM status WHERE store = ?", (STORE,)) == [("online",)], 30,
+                 "the agent's birth message at HQ")
+        proc = psutil.Process(agent.proc.pid)  # type: ignore[union-attr]
+        rss = [proc.memory_info().rss]
+
+        def sample() -> None:
+            while not stop.wait(0.05):
+                rss.append(proc.memory_info().rss)
+
+        threading.Thread(target=sample, daemon=True).start()
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        t0 = time.monotonic()
+        infos = []
+        for i, (topic, payload, _) in enumerate(flood):
+            infos.append(client.publish(topic, payload, qos=1))
+            if i == len(flood) // 2:
+                infos.append(client.publish(CMD + "inventory.resync", raw(command(id="valid-mid")), qos=1))
+        for info in infos:
+            info.wait_for_publish(timeout=60)
+        offered_s = time.monotonic() - t0
+
+        def results() -> list[dict[str, Any]]:
+            out = []
+            for (body,) in hq.db.read("SELECT body FROM messages WHERE store = ? AND stream = 'cmd-result'", (STORE,)):
+                out += json.loads(body)["items"]
+            return out
+
+        wait_for(lambda: answered(r for r in results() if r["status"] == "error") == len(flood), 60,
+                 "every garbage command answered at HQ")
+        answered_s = time.monotonic() - t0
+        res = results()
+        (ok,) = [r for r in res if r["cmd_id"] == "valid-mid"]
+        assert ok["status"] == "ok" and ok.get("count", 1) == 1  # executed, and answered on its own
+        errors = [r for r in res if r["status"] == "error"]
+        assert len(errors) <= len(kinds) * (answered_s + 2), (len(errors), answered_s)
+
+        def health_figures() -> tuple[dict[str, int], int]:
+            rows = hq.db.read("SELECT body FROM messages WHERE store = ? AND stream = 'health' ORDER BY seq DESC"
+                              " LIMIT 1", (STORE,))
+            body = json.loads(rows[0][0]) if rows else {}
+            return body.get("refused_commands", {}), body.get("quarantined", {}).get("downlink", 0)
+
+        wait_for(lambda: health_figures() == (dict(kinds), len(flood)), 30, "health to count every refusal")
+        growth_mb = (max(rss) - rss[0]) / 1e6
+        assert growth_mb < 40, growth_mb
+        print(f"mqtt flood: offered in {offered_s:.1f} s, answered at HQ after {answered_s:.1f} s in {len(errors)}"
+              f" error results; agent RSS {rss[0] / 1e6:.0f} MB, peak +{growth_mb:.1f} MB")
+        assert agent.alive
+    finally:
+        stop.set()
         client.loop_stop()
         client.disconnect()
         rc = agent.terminate()

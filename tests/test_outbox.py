@@ -4,6 +4,7 @@ corruption, and the inventory book's snapshot."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 from edge_agent.clock import VirtualClock, parse_rfc3339, rfc3339
 from edge_agent.contract import (
     STREAMS,
+    HealthBody,
     InventoryDeltaItem,
     TrafficHeatmapItem,
     TrafficStatsItem,
@@ -33,7 +35,7 @@ from edge_agent.hq.applier import HqApplier
 from edge_agent.hq.store import HqStore
 from edge_agent.inventory.book import Delta, InventoryBook
 from edge_agent.sync import compaction
-from edge_agent.sync.outbox import AckResult, Fact, FactTooLarge, Outbox, SealedMessage
+from edge_agent.sync.outbox import AckResult, DiskUse, Fact, FactTooLarge, Outbox, SealedMessage, wal_limit
 
 from .helpers import REPO
 
@@ -370,23 +372,23 @@ def counts(ob: Outbox) -> dict[str, int]:
 
 def fill_for_drops(ob: Outbox) -> dict[str, int]:
     """Undroppable and droppable facts in blocks; analytics on day buckets with distinct cameras, so
-    coarsening cannot shrink them and only dropping helps. Returns used bytes after each block."""
-    used = {}
+    coarsening cannot shrink them and only dropping helps. Returns the bytes queued after each block."""
+    queued = {}
     ob.enqueue("inventory/delta", [delta_fact(i, zone=ZONES[i % 4], gtin=f"{i:014d}") for i in range(1500)])
     ob.enqueue("cmd-result", [Fact(T0, _dumps({"ts": rfc3339(T0), "cmd_id": f"c{i}", "name": "n", "status": "ok"}))
                               for i in range(50)])
     ob.enqueue("esl/alert", [Fact(T0, _dumps({"ts": rfc3339(T0), "label": f"L{i}", "kind": "low_battery"}))
                              for i in range(50)])
-    used["undroppable"] = ob.used_bytes()
+    queued["undroppable"] = ob.disk_use().queued
     ob.enqueue("esl/state", [esl_state_fact(i) for i in range(1500)])
-    used["esl/state"] = ob.used_bytes()
+    queued["esl/state"] = ob.disk_use().queued
     ob.enqueue("traffic/stats", [analytics_fact("traffic/stats", stats_item(f"cam{i}", 0, bucket_s=86400))
                                  for i in range(1200)])
-    used["traffic/stats"] = ob.used_bytes()
+    queued["traffic/stats"] = ob.disk_use().queued
     ob.enqueue("traffic/heatmap", [analytics_fact("traffic/heatmap", heat_item(f"cam{i}", 0, [1.25] * 300, 86400))
                                    for i in range(600)])
-    used["traffic/heatmap"] = ob.used_bytes()
-    return used
+    queued["traffic/heatmap"] = ob.disk_use().queued
+    return queued
 
 
 def sealed_rows(ob: Outbox) -> list[tuple]:
@@ -404,12 +406,12 @@ def seal_one_of_each(ob: Outbox) -> None:
 
 def test_drop_order_heatmap_first_and_never_inventory(tmp_path: Path) -> None:
     ob = new_outbox(tmp_path / "outbox.db")
-    used = fill_for_drops(ob)
+    queued = fill_for_drops(ob)
     full = counts(ob)
-    heat_bytes = used["traffic/heatmap"] - used["traffic/stats"]
-    assert heat_bytes > 0.35 * used["traffic/heatmap"]  # so that dropping half of them brings it under 85 %
+    heat_bytes = queued["traffic/heatmap"] - queued["traffic/stats"]
+    assert heat_bytes > 0.35 * queued["traffic/heatmap"]  # so that dropping half of them brings it under 85 %
     # Room for everything but about half the heatmaps: only heatmaps go.
-    ob.cap_bytes = int((used["traffic/heatmap"] - heat_bytes // 2) / 0.85)
+    ob.cap_bytes = int((queued["traffic/heatmap"] - heat_bytes // 2) / 0.85)
     report = ob.enforce_cap()
     assert report is not None
     assert set(report.dropped) == {"traffic/heatmap"}
@@ -419,17 +421,17 @@ def test_drop_order_heatmap_first_and_never_inventory(tmp_path: Path) -> None:
     }
     assert after.get("traffic/heatmap", 0) == full["traffic/heatmap"] - report.dropped["traffic/heatmap"]
     assert ob.counters()["dropped.traffic/heatmap"] == report.dropped["traffic/heatmap"]
-    assert report.used_after <= ob.cap_bytes
+    assert report.queued_after <= ob.cap_bytes
     ob.close()
 
 
 def test_drop_order_stats_before_esl_state(tmp_path: Path) -> None:
     ob = new_outbox(tmp_path / "outbox.db")
-    used = fill_for_drops(ob)
+    queued = fill_for_drops(ob)
     full = counts(ob)
-    stats_bytes = used["traffic/stats"] - used["esl/state"]
+    stats_bytes = queued["traffic/stats"] - queued["esl/state"]
     # Room for everything up to about half the traffic stats: all heatmaps go, then stats, not ESL state.
-    ob.cap_bytes = int((used["esl/state"] + stats_bytes // 2) / 0.85)
+    ob.cap_bytes = int((queued["esl/state"] + stats_bytes // 2) / 0.85)
     report = ob.enforce_cap()
     assert report is not None
     assert report.dropped["traffic/heatmap"] == full["traffic/heatmap"]
@@ -588,7 +590,7 @@ def test_coarsening_keeps_sums(tmp_path: Path) -> None:
     ob.enqueue("traffic/stats", [analytics_fact("traffic/stats", s) for s in stats])
     ob.enqueue("traffic/heatmap", [analytics_fact("traffic/heatmap", h) for h in heats])
     ob.enqueue("inventory/delta", [delta_fact(i, gtin=GTINS[i % 5]) for i in range(20)])
-    ob.cap_bytes = ob.used_bytes() - 1
+    ob.cap_bytes = ob.disk_use().queued - 1
     report = ob.enforce_cap()
     assert report is not None
     assert report.dropped == {}, "coarsening alone should have been enough"
@@ -665,6 +667,180 @@ def test_coarsen_property(rows: list[tuple], level: int) -> None:
     # coarsening what is already coarse changes nothing but the representation
     again = compaction.coarsen("traffic/stats", map(_dumps, new_stats), level)
     assert len(again) == len(new_stats)
+
+
+def test_coarsening_never_shortens_a_bucket_an_earlier_round_made() -> None:
+    hour = stats_item("a", 0, entries=7, occ=2.0, bucket_s=3600) | {"dwell_median_s": 42.0}  # an earlier round's
+    minutes = [stats_item("a", m, entries=1) for m in range(5, 10)] + [stats_item("b", m) for m in range(3)]
+    out = compaction.coarsen("traffic/stats", map(_dumps, [hour, *minutes]), 900)
+    assert hour in out  # as it was, exact dwell median included: not re-labelled as 15 minutes
+    assert sorted((o["camera"], o["bucket_s"], o["entries"]) for o in out) == [
+        ("a", 900, 5), ("a", 3600, 7), ("b", 900, 3)]
+    heat = heat_item("a", 0, [4.0, 2.0], bucket_s=86400)
+    out = compaction.coarsen("traffic/heatmap", map(_dumps, [heat, heat_item("a", 3, [1.0, 1.0])]), 3600)
+    assert sorted((o["bucket_s"], o["cells"]) for o in out) == [(3600, [1.0, 1.0]), (86400, [4.0, 2.0])]
+
+
+# ---------------------------------------------------------------- what the cap budgets; giving pages back
+
+
+def deliver(ob: Outbox) -> None:
+    """Seal and acknowledge everything pending, as a drain to HQ does."""
+    for stream in ob.streams_with_pending():
+        for m in seal_all(ob, stream):
+            ob.ack_through(m.stream, m.seq, m.id)
+
+
+def big_book(ob: Outbox, keys: int) -> InventoryBook:
+    """An inventory book of ``keys`` (zone, GTIN) rows whose deltas have all been delivered."""
+    book = InventoryBook(ob, ob.clock)
+    for start in range(0, keys, 1000):
+        book.apply([Delta(T0, ZONES[i % 4], f"{i:014d}", 1) for i in range(start, min(keys, start + 1000))])
+    deliver(ob)
+    return book
+
+
+def btree_bytes(ob: Outbox) -> dict[str, int]:
+    return dict(ob.read("SELECT name, sum(pgsize) FROM dbstat GROUP BY name"))
+
+
+def test_disk_use_splits_the_pages_in_use_into_queue_and_book(tmp_path: Path) -> None:
+    ob = new_outbox(tmp_path / "outbox.db")
+    big_book(ob, 2000)
+    ob.enqueue("inventory/delta", [delta_fact(i, gtin=GTINS[i % 40]) for i in range(8000)])
+    ob.seal("inventory/delta")
+    pages = btree_bytes(ob)
+    queue = sum(n for name, n in pages.items() if name in ("pending", "pending_by_stream", "sealed"))
+    assert sum(pages.values()) - queue > 0
+    first = ob.disk_use()  # walks the queue (nothing measured before)
+    assert (first.used, first.queued, first.book) == (ob.used_bytes(), queue, ob.used_bytes() - queue)
+    second = ob.disk_use()  # walks the book, now known to be the smaller side
+    # Pages of no b-tree (auto-vacuum's pointer maps, one in 819) fall on the side not walked.
+    assert second.used == first.used and 0 <= second.queued - first.queued <= 4096 * (1 + first.used // 4096 // 819)
+    # Without dbstat in the SQLite build, everything in use counts as queued: never less than the truth.
+    ob._dbstat = False
+    assert ob.disk_use() == DiskUse(first.used, first.used, 0)
+    ob.close()
+
+
+def test_a_book_larger_than_the_cap_is_not_over_cap(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ob = new_outbox(tmp_path / "outbox.db", cap_bytes=256 * 1024)
+    book = big_book(ob, 20_000)
+    ob.enqueue("inventory/delta", [delta_fact(i, gtin=GTINS[i % 2]) for i in range(10)])  # compactable, yet kept
+    use = ob.disk_use()
+    assert use.book > 2 * ob.cap_bytes and use.queued < ob.cap_bytes // 4
+    with caplog.at_level(logging.DEBUG, logger="edge_agent.sync.outbox"):
+        for _ in range(20):
+            assert ob.enforce_cap() is None
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == []
+    assert ob.read("SELECT count(*) FROM alerts") == [(0,)]
+    assert ob.pending_count() == 10 and "compacted" not in ob.counters()
+    body = HealthReporter(ob, ob.clock, 60, connected=lambda: True).body([], {})
+    HealthBody.model_validate(body)
+    assert body["queued_bytes"] + body["book_bytes"] == body["db_bytes"] > ob.cap_bytes
+    assert body["book_bytes"] > ob.cap_bytes > body["queued_bytes"]
+    assert sum(book.levels().values()) == 20_000
+    ob.close()
+
+
+def test_past_the_cap_beside_a_big_book_only_the_queue_gives_way_in_order(tmp_path: Path) -> None:
+    ob = new_outbox(tmp_path / "outbox.db")
+    book = big_book(ob, 60_000)
+    levels = book.levels()
+    queued = fill_for_drops(ob)
+    full = counts(ob)
+    heat_bytes = queued["traffic/heatmap"] - queued["traffic/stats"]
+    # Room for everything but about half the heatmaps, once the facts below are compacted and coarsened.
+    ob.cap_bytes = int((queued["traffic/heatmap"] - heat_bytes // 2) / 0.85)
+    ob.enqueue("inventory/delta", [delta_fact(i, zone=ZONES[i % 4], gtin=GTINS[0]) for i in range(400)])
+    ob.enqueue("traffic/stats", [analytics_fact("traffic/stats", stats_item(f"minutes{c}", m)) for c in range(3)
+                                 for m in range(120)])
+    assert ob.disk_use().book > ob.cap_bytes
+    report = ob.enforce_cap()
+    assert report is not None
+    assert report.compacted == 396  # first: inventory summed per key, losslessly
+    assert report.coarsened >= 3 * 120 - 3 * 8  # then: minutes into quarter hours (or coarser)
+    assert set(report.dropped) == {"traffic/heatmap"}  # last: the lowest class, and only as much as needed
+    assert 0 < report.dropped["traffic/heatmap"] < full["traffic/heatmap"]
+    assert report.queued_after <= ob.cap_bytes < ob.used_bytes()
+    after = counts(ob)
+    assert after["inventory/delta"] == full["inventory/delta"] + 4
+    assert (after["esl/state"], after["cmd-result"], after["esl/alert"]) == (
+        full["esl/state"], full["cmd-result"], full["esl/alert"])
+    assert book.levels() == levels  # the book is the store's state: the cap never touches it
+    ob.close()
+
+
+def test_over_cap_is_one_episode_warned_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ob = new_outbox(tmp_path / "outbox.db", cap_bytes=256 * 1024)
+    ob.enqueue("inventory/delta", [delta_fact(i, gtin=f"{i:014d}") for i in range(6000)])  # undroppable
+    with caplog.at_level(logging.DEBUG, logger="edge_agent.sync.outbox"):
+        reports = [ob.enforce_cap() for _ in range(10)]
+        warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert all(r is not None and r.queued_after > ob.cap_bytes for r in reports)
+        assert len(warned) == 2, warned  # the episode starts, and the alert that inventory alone is over
+        assert "outbox over its cap" in warned[0] and "alert outbox.cap_exceeded" in warned[1]
+        assert [k for (k,) in ob.read("SELECT kind FROM alerts")] == ["outbox.cap_exceeded"]
+        caplog.clear()
+        deliver(ob)
+        assert ob.enforce_cap() is None
+        (ended,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+        assert ended.startswith("outbox back under its cap after") and "10 rounds" in ended, ended
+        caplog.clear()
+        ob.enqueue("inventory/delta", [delta_fact(i, gtin=f"{i:014d}") for i in range(6000)])
+        ob.enforce_cap()  # a new episode: warned, and alerted, again
+    assert sum(r.levelno >= logging.WARNING for r in caplog.records) == 2
+    ob.close()
+
+
+def test_the_file_shrinks_after_a_drain(tmp_path: Path) -> None:
+    ob = new_outbox(tmp_path / "outbox.db", cap_bytes=2 * 1024 * 1024)
+    book = big_book(ob, 2000)
+    for k in range(40):  # an outage: 8 MB of facts wait
+        ob.enqueue("inventory/delta", [delta_fact(k * 2000 + i, gtin=GTINS[i % 40], delta=1) for i in range(2000)])
+    peak = ob.file_bytes()
+    assert peak > 8 * 1024 * 1024
+    deliver(ob)
+    assert ob.file_bytes() > 0.9 * peak  # the drained pages are free, but still the file's
+    rounds = 0
+    while ob.file_bytes() > ob.used_bytes() + wal_limit(ob.cap_bytes) and rounds < 100:
+        assert ob.enforce_cap() is None  # housekeeping
+        rounds += 1
+    assert ob.file_bytes() <= ob.used_bytes() + wal_limit(ob.cap_bytes) < peak / 10
+    assert rounds <= peak // wal_limit(ob.cap_bytes) + 1  # a WAL's worth a round
+    assert ob.read("PRAGMA quick_check") == [("ok",)]
+    assert sum(book.levels().values()) == 2000
+    ob.close()
+
+
+def test_a_file_made_before_incremental_vacuum_is_converted_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "outbox.db"
+    ob = new_outbox(path, cap_bytes=2 * 1024 * 1024)
+    ob.enqueue("inventory/delta", [delta_fact(i) for i in range(20_000)])
+    sealed = ob.seal("inventory/delta")
+    ob.close()
+    old = sqlite3.connect(path, isolation_level=None)  # as the outbox used to make them
+    old.executescript("PRAGMA auto_vacuum=NONE; VACUUM;")
+    assert old.execute("PRAGMA auto_vacuum").fetchone() == (0,)
+    old.close()
+    with caplog.at_level(logging.INFO, logger="edge_agent.sync.outbox"):
+        ob = new_outbox(path, cap_bytes=2 * 1024 * 1024)
+        assert ob.read("PRAGMA auto_vacuum") == [(2,)]
+        assert "converted to incremental vacuum" in caplog.text
+        caplog.clear()
+        ob.close()
+        ob = new_outbox(path, cap_bytes=2 * 1024 * 1024)  # once: the next start has nothing to do
+        assert "converted" not in caplog.text
+    assert ob.sealed_after("inventory/delta", 0, 10) == [sealed]
+    assert ob.pending_count() == 20_000 - sealed.facts
+    deliver(ob)
+    peak = ob.file_bytes()
+    for _ in range(50):
+        ob.enforce_cap()
+    assert ob.file_bytes() < peak / 3
+    ob.close()
 
 
 # ---------------------------------------------------------------- quarantine

@@ -118,10 +118,20 @@ def fact_key(stream: str, item: dict[str, Any]) -> str | None:
 
 
 def coarsen(stream: str, bodies: Iterable[str], level_s: int) -> list[dict[str, Any]]:
-    """Group analytics items by key and coarse bucket and merge each group."""
+    """Group analytics items by key and coarse bucket and merge each group.
+
+    An item already coarser than ``level_s`` (made by an earlier round of a long outage, which starts
+    again at the finest level) is grouped at its own length: re-bucketed finer, it would claim its
+    counts for a shorter time than they took. A group of one item already at its length is kept as it
+    is, exact dwell median included.
+    """
     key_of, merge = ANALYTICS_MERGE[stream]
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for body in bodies:
         item = json.loads(body)
-        groups.setdefault((key_of(item), _bucket(item, level_s)), []).append(item)
-    return [merge(g, level_s) for g in groups.values()]
+        level = max(level_s, item["bucket_s"])
+        groups.setdefault((key_of(item), level, _bucket(item, level)), []).append(item)
+    return [
+        g[0] if len(g) == 1 and g[0]["bucket_s"] == level else merge(g, level)
+        for (_, level, _), g in groups.items()
+    ]

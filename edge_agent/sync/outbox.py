@@ -24,6 +24,7 @@ import logging
 import shutil
 import sqlite3
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,13 +152,66 @@ class AckResult:
     repended: int = 0
 
 
+# The cap budgets what waits to be sent: the rows of these tables. Everything else in the file (the
+# inventory book, tag presence, source cursors, the price book, commands, quarantine) is "the book":
+# the store's state, not a backlog. No cap could drop it, so it is reported beside the cap, not in it.
+QUEUE_TABLES = ("pending", "sealed")
+# A round past the cap brings what waits down to this share of it, so the next rounds have room.
+CAP_TARGET = 0.85
+
+# Bytes in the pages of the queue's b-trees, indexes included (?1 = 1), or of the book's (?1 = 0,
+# with the schema's own b-tree, which dbstat names sqlite_schema or, before SQLite 3.33, sqlite_master).
+_BTREE_BYTES = f"""
+SELECT coalesce(sum(pgsize), 0) FROM dbstat WHERE aggregate = 1 AND name IN (
+  SELECT name FROM sqlite_master WHERE rootpage > 0 AND (tbl_name IN {QUEUE_TABLES}) = ?1
+  UNION ALL SELECT 'sqlite_schema' WHERE ?1 = 0 UNION ALL SELECT 'sqlite_master' WHERE ?1 = 0)"""
+
+
+def wal_limit(cap_bytes: int) -> int:
+    """The WAL's size limit: a small share of the cap, since it is disk the cap has to cover too."""
+    return max(256 * 1024, min(8 * 1024 * 1024, cap_bytes // 8))
+
+
+def _incremental_vacuum(conn: sqlite3.Connection) -> bool:
+    return conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # 0 NONE, 1 FULL, 2 INCREMENTAL
+
+
+def _has_dbstat(conn: sqlite3.Connection) -> bool:
+    try:
+        conn.execute("SELECT 1 FROM dbstat LIMIT 0")
+    except sqlite3.OperationalError:  # built without SQLITE_ENABLE_DBSTAT_VTAB
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class DiskUse:
+    used: int  # bytes in the file's pages in use (not free)
+    queued: int  # of which what waits to be sent: pending facts and sealed messages not yet acknowledged
+    book: int  # of which everything else
+
+
 @dataclass
 class CapReport:
-    used_before: int
-    used_after: int
+    """One round past the cap."""
+
+    queued_before: int
+    queued_after: int
     compacted: int = 0
     coarsened: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class CapEpisode:
+    """Rounds past the cap, from the first until what waits is back under the target."""
+
+    started: float
+    rounds: int = 0
+    compacted: int = 0
+    coarsened: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    alerted: bool = False  # undroppable facts alone exceeded the cap
 
 
 class OutboxTx:
@@ -217,7 +271,9 @@ class Outbox:
         self._synchronous = synchronous
         self._lock = threading.RLock()
         self._listeners: list[Callable[[], None]] = []
-        self._cap_alerted = False
+        self._over_cap: CapEpisode | None = None
+        self._dbstat = False  # set by _connect
+        self._last_use = DiskUse(0, 0, 0)  # disk_use() walks the side that was smaller last time
         self._dirty: set[str] = set()  # streams enqueued to since the uplink last looked
         self._sign = sign
         self.disk = DiskState()
@@ -231,13 +287,39 @@ class Outbox:
 
     def _connect(self, path: Path) -> sqlite3.Connection:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        # So that housekeeping can give drained pages back (_reclaim). A new file takes the mode only
+        # before anything writes its header, journal_mode included. Set only if missing: setting it
+        # again would write a transaction, and a corrupt file must be moved aside exactly as it was.
+        incremental = _incremental_vacuum(conn)
+        if not incremental:
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
-        # Keep the WAL a small share of the cap: it is disk the cap has to cover too.
-        wal_bytes = max(256 * 1024, min(8 * 1024 * 1024, self.cap_bytes // 8))
+        wal_bytes = wal_limit(self.cap_bytes)
         conn.execute(f"PRAGMA journal_size_limit={wal_bytes}")
         conn.execute(f"PRAGMA wal_autocheckpoint={max(64, wal_bytes // 4096)}")
+        if not incremental:
+            self._convert_to_incremental_vacuum(conn, path)
+        self._dbstat = _has_dbstat(conn)
         return conn
+
+    @staticmethod
+    def _convert_to_incremental_vacuum(conn: sqlite3.Connection, path: Path) -> None:
+        """A file made before incremental vacuum keeps the size of its largest backlog for ever; VACUUM
+        rewrites it once in the new mode. That needs as much free disk again as the file: if it cannot
+        run now (disk full, I/O error) the file works as before without shrinking, and the next start
+        tries again. VACUUM reads every row, so a corrupt file fails it with a DatabaseError, which
+        the caller handles as corruption."""
+        if _incremental_vacuum(conn):  # a new file, which took the mode at once
+            return
+        size = path.stat().st_size if path.exists() else 0
+        try:
+            conn.execute("VACUUM")
+        except sqlite3.OperationalError as e:
+            log.warning("outbox %s could not be converted to incremental vacuum (%s); it will not shrink after"
+                        " a drain until it is (next start)", path, e)
+            return
+        log.info("outbox %s converted to incremental vacuum (%d bytes rewritten)", path, size)
 
     def _open_checked(self) -> sqlite3.Connection:
         try:
@@ -610,11 +692,29 @@ class Outbox:
             return self.conn.execute(sql, params).fetchall()
 
     def used_bytes(self) -> int:
+        """Bytes in the file's pages in use (free pages not counted): cheap, three header fields."""
         with self._lock:
             pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
             free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
             size = self.conn.execute("PRAGMA page_size").fetchone()[0]
         return (pages - free) * size
+
+    def disk_use(self) -> DiskUse:
+        """The pages in use, split into what waits to be sent and the book. SQLite's dbstat walks the
+        pages of one side and the other is the rest; it walks the side that was smaller last time,
+        so a day's backlog beside a small book, or a big book beside an empty queue, cost little (about
+        0.6 ms per MB walked here). Pages of no b-tree (auto-vacuum's pointer maps, one in 819) fall on
+        the side not walked. A SQLite built without dbstat counts everything in use as queued: never
+        less than the truth."""
+        with self._lock:
+            used = self.used_bytes()
+            if not self._dbstat:
+                return DiskUse(used, used, 0)
+            queue_side = self._last_use.queued <= self._last_use.book
+            side = self.conn.execute(_BTREE_BYTES, (int(queue_side),)).fetchone()[0]
+            queued = side if queue_side else used - side
+            self._last_use = DiskUse(used, queued, used - queued)
+            return self._last_use
 
     def file_bytes(self) -> int:
         return sum(
@@ -648,43 +748,100 @@ class Outbox:
     # ------------------------------------------------------------ disk cap
 
     def enforce_cap(self) -> CapReport | None:
-        """Bring the database back under its cap: compact, then coarsen, then drop the lowest classes."""
-        used = self.used_bytes()
-        if used <= self.cap_bytes:
-            self._cap_alerted = False
-            return None
-        target = int(self.cap_bytes * 0.85)
-        report = CapReport(used_before=used, used_after=used)
+        """Bring what waits to be sent back under the cap (compact, then coarsen, then drop the lowest
+        classes), then give free pages back to the file system. Returns the round's report, or None if
+        what waits was within the cap.
+
+        The cap budgets the queue, not the book: a book bigger than the cap is the store's state, which
+        nothing here could shrink. Rounds past the cap make an episode, warned about when it starts,
+        alerted once if undroppable facts alone exceed the cap, and logged when what waits is back under
+        the target (not when it merely dips under the cap between two rounds of a long outage).
+        """
         with self._lock:
-            report.compacted = self._compact_inventory()
-            for level in compaction.COARSEN_LEVELS_S:
-                if self.used_bytes() <= target:
+            report = self._enforce()
+            self._reclaim()
+        return report
+
+    def _enforce(self) -> CapReport | None:
+        target = int(self.cap_bytes * CAP_TARGET)
+        if self.used_bytes() <= target:  # what waits is a part of what is in use: no pages to walk
+            self._end_episode()
+            return None
+        use = self.disk_use()
+        if use.queued <= self.cap_bytes:
+            if use.queued <= target:
+                self._end_episode()
+            return None
+
+        def queued() -> int:
+            # While the lock is held only this round writes, and only to the queue (and a few counters):
+            # the book stays as measured, so what waits is what is in use less the book, without a walk.
+            return self.used_bytes() - use.book
+
+        report = CapReport(queued_before=use.queued, queued_after=use.queued)
+        report.compacted = self._compact_inventory()
+        for level in compaction.COARSEN_LEVELS_S:
+            if queued() <= target:
+                break
+            report.coarsened += self._coarsen(level)
+        for spec in sorted((s for s in STREAMS.values() if s.droppable), key=lambda s: s.drop_order):
+            while queued() > target:
+                # Small steps, so only the oldest go: the figure is checked again after each.
+                n = self._drop_oldest(spec.name, 200)
+                if not n:
                     break
-                report.coarsened += self._coarsen(level)
-            for spec in sorted((s for s in STREAMS.values() if s.droppable), key=lambda s: s.drop_order):
-                while self.used_bytes() > target:
-                    # Small steps, so only the oldest go: the figure is checked again after each.
-                    n = self._drop_oldest(spec.name, 200)
-                    if not n:
-                        break
-                    report.dropped[spec.name] = report.dropped.get(spec.name, 0) + n
-            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            report.used_after = self.used_bytes()
-            if report.used_after > self.cap_bytes and not self._cap_alerted:
-                self._cap_alerted = True
-                self.alert(
-                    "outbox.cap_exceeded",
-                    f"outbox holds {report.used_after} bytes of undroppable facts, over its cap of {self.cap_bytes}",
-                )
-        log.warning(
-            "outbox over cap: %d -> %d bytes; compacted %d, coarsened %d, dropped %s",
-            report.used_before,
-            report.used_after,
-            report.compacted,
-            report.coarsened,
+                report.dropped[spec.name] = report.dropped.get(spec.name, 0) + n
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        report.queued_after = queued()
+        self._record(report, use.book)
+        return report
+
+    def _record(self, report: CapReport, book: int) -> None:
+        ep = self._over_cap
+        first = ep is None
+        if ep is None:
+            ep = self._over_cap = CapEpisode(self.clock.now())
+        ep.rounds += 1
+        ep.compacted += report.compacted
+        ep.coarsened += report.coarsened
+        ep.dropped.update(report.dropped)
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "outbox over its cap of %d bytes: %d -> %d bytes wait to be sent (book %d, not capped); compacted %d,"
+            " coarsened %d, dropped %s",
+            self.cap_bytes, report.queued_before, report.queued_after, book, report.compacted, report.coarsened,
             report.dropped,
         )
-        return report
+        if report.queued_after > self.cap_bytes and not ep.alerted:
+            ep.alerted = True
+            self.alert(
+                "outbox.cap_exceeded",
+                f"{report.queued_after} bytes of undroppable facts wait to be sent, over the outbox's cap of"
+                f" {self.cap_bytes}",
+            )
+
+    def _end_episode(self) -> None:
+        ep, self._over_cap = self._over_cap, None
+        if ep is not None:
+            log.info(
+                "outbox back under its cap after %.0f s and %d rounds: compacted %d, coarsened %d, dropped %s",
+                self.clock.now() - ep.started, ep.rounds, ep.compacted, ep.coarsened, dict(ep.dropped),
+            )
+
+    def _reclaim(self) -> None:
+        """Give free pages beyond a WAL's worth back to the file system, a WAL's worth per round (so the
+        pages moved fit the WAL's bound), once what waits is down to that much too: after a drain. The
+        file shrinks from its end, so until then every page of the backlog still at the end would be moved
+        to the front, competing with the drain for the disk. The slack left is reused by the queue's
+        churn: shrinking the file only to grow it again would be I/O for nothing."""
+        size = self.conn.execute("PRAGMA page_size").fetchone()[0]
+        slack = wal_limit(self.cap_bytes) // size
+        excess = self.conn.execute("PRAGMA freelist_count").fetchone()[0] - slack
+        if excess <= 0 or self.disk_use().queued > slack * size:
+            return
+        # executescript steps the pragma to the end; execute would free one page per call.
+        self.conn.executescript(f"PRAGMA incremental_vacuum({min(excess, slack)});")
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _replace_group(self, stream: str, ids: list[int], merged: list[tuple[str | None, float, float, str]]) -> None:
         self.conn.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in ids])
