@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from ulid import ULID
 from ..clock import Clock, rfc3339
 from ..config import MqttConfig, OutboxConfig
 from ..contract import CONTRACT_VERSION, STATUS_STREAM, STATUS_TYPE, STREAMS, Ack, ack_topic, uplink_topic
+from .diskstate import refusal_kind
 from .mqtt_client import Connection
 from .outbox import Outbox, SealedMessage
 
@@ -243,6 +245,14 @@ class Uplink:
                     self._check_resend()
                     self._fill()
                 self._check_silent()
+            except sqlite3.Error as e:
+                if (kind := refusal_kind(e)) is None:
+                    log.exception("uplink pump round failed")
+                elif self.outbox.disk.refused(kind, self.clock.now(), str(e)):
+                    # Sealing and forgetting acked messages write too; they wait like the sources do, and
+                    # the episode is one line here and one alert when a transaction commits again.
+                    log.error("outbox write refused while sealing or taking an ack (%s); the uplink waits", e)
+                time.sleep(0.5)
             except Exception:  # the pump must outlive any one bad round
                 log.exception("uplink pump round failed")
                 time.sleep(0.2)
