@@ -53,6 +53,7 @@ class HqReceiver:
             sign=hq_encoder(cfg.hq.signing),
         )
         self._acked_at = 0.0
+        self._hello = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.conn = Connection(
@@ -88,6 +89,9 @@ class HqReceiver:
 
     def _on_up(self, client: mqtt.Client, _no: int) -> None:
         client.subscribe(f"{self.cfg.mqtt.topic_prefix}/+/#", qos=1)
+        # Tell every store where HQ stands as soon as it is back: what a store published while HQ was
+        # away may be lost with the broker's session, and an ack after a silence makes it send again.
+        self._hello = True
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         # Applied before paho sends the PUBACK (it acks after this callback returns), so a crash
@@ -123,6 +127,9 @@ class HqReceiver:
             try:
                 with self._lock:
                     out = self.applier.tick()
+                    if self._hello:
+                        self._hello = False
+                        self.applier.ack_due |= {r[0] for r in self.db.read("SELECT DISTINCT store FROM streams")}
                     out += self._take_acks()
                 self._send(out)
                 if self.cfg.hq.print_applied and time.monotonic() - last_print >= 1.0:

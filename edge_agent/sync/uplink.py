@@ -108,6 +108,7 @@ class Uplink:
         self._rto: dict[str, float] = {}
         self._silent_alerted = False
         self._taken: dict[str, tuple[int, str]] = {}  # the last ack mark applied, per stream
+        self._last_ack_at = monotonic()  # a (re)connection sends everything again anyway
         # Figures read by health and benchmarks.
         self.published_messages = 0
         self.acked_messages = 0  # forgotten on HQ's ack
@@ -290,10 +291,24 @@ class Uplink:
 
     def _apply_hq_ack(self, ack: Ack) -> None:
         now = self._mono()
+        # The first ack after a silence: HQ is back (or the link to it). What it lacks may have died with
+        # a broker's session meanwhile, so a stream this ack does not move is sent again now rather than
+        # when its (doubled) resend timer runs out. While acks flow, as during a drain, this never fires.
+        back = now - self._last_ack_at >= self.resend_after_s
+        self._last_ack_at = now
+        if back:
+            for stream in STREAM_ORDER:
+                self._rto[stream] = self.resend_after_s
+                if stream not in ack.streams and self.outbox.unacked(stream):
+                    self._progress_at[stream] = now - self.resend_after_s
         for stream, mark in ack.streams.items():
             # HQ repeats its whole position in every ack; a mark already taken changes nothing (this
             # outbox only moves forward while the process lives), so it costs no transaction.
-            if stream not in STREAMS or self._taken.get(stream) == (mark.seq, mark.id):
+            if stream not in STREAMS:
+                continue
+            if self._taken.get(stream) == (mark.seq, mark.id):
+                if back and self.outbox.unacked(stream):
+                    self._progress_at[stream] = now - self.resend_after_s
                 continue
             self._taken[stream] = (mark.seq, mark.id)
             result = self.outbox.ack_through(stream, mark.seq, mark.id)
@@ -313,6 +328,8 @@ class Uplink:
                     self._progress_at[stream] = now
                 else:
                     self._progress_at.pop(stream, None)
+            elif back and self.outbox.unacked(stream):
+                self._progress_at[stream] = now - self.resend_after_s  # due at the next round
 
     def _check_resend(self) -> None:
         """Publish again what HQ has not acknowledged for too long (the broker may have lost it)."""
@@ -349,6 +366,7 @@ class Uplink:
         self._inflight.clear()
         self._published.clear()
         self._backlog_seqs.clear()
+        self._last_ack_at = self._mono()
         self._first_live_seq = {s: self.outbox.last_seq(s) + 1 for s in STREAMS}
         self._resend = set(self.outbox.sealed_streams())
         self._backlog = set(self.outbox.streams_with_pending())
