@@ -490,8 +490,11 @@ class HqApplier:
         c.execute("DELETE FROM snapshot_parts WHERE store = ? AND snapshot_id = ?", (store, sid))
         last, last_id = self._last(c, store, DELTA)
         # The delta message HQ holds at as_of, if it still knows it: the snapshot must speak of that one.
-        held = last_id if as_of == last else next(iter(c.execute(
-            "SELECT id FROM inv_journal WHERE store = ? AND seq = ?", (store, as_of)).fetchone() or ()), "")
+        if as_of == last:
+            held = last_id
+        else:
+            row = c.execute("SELECT id FROM inv_journal WHERE store = ? AND seq = ?", (store, as_of)).fetchone()
+            held = row[0] if row else ""
         if as_of_id and held and as_of_id != held:
             self._rewind(c, store, DELTA, f"snapshot {sid} is as of {as_of_id} at seq {as_of}, HQ applied {held}")
             c.execute(

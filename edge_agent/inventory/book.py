@@ -116,8 +116,7 @@ class InventoryBook:
     def snapshot(self, reason: str) -> SnapshotInfo:
         """Enqueue the book as of the last sealed inventory/delta seq, in parts that fit the byte bound."""
         with self.outbox.transaction() as tx:
-            as_of, as_of_id = tx.conn.execute(
-                "SELECT last, last_id FROM seqs WHERE stream = ?", (DELTA_STREAM,)).fetchone() or (0, "")
+            as_of, as_of_id = self.outbox.last_mark(DELTA_STREAM, tx.conn)
             levels = {(z, g): q for z, g, q in tx.conn.execute("SELECT zone, gtin, qty FROM stock")}
             for (body,) in tx.conn.execute("SELECT body FROM pending WHERE stream = ?", (DELTA_STREAM,)):
                 item = json.loads(body)

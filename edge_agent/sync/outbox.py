@@ -144,8 +144,8 @@ class SealedMessage:
 
 @dataclass(frozen=True, slots=True)
 class AckResult:
-    """What an ack from HQ did: ``deleted`` messages forgotten; ``rewound`` messages put back to
-    pending because HQ's position shows this outbox went back in time (0 and False otherwise)."""
+    """What an ack from HQ did: ``deleted`` messages forgotten; or, when HQ's position shows this outbox
+    went back in time, ``rewind`` and the ``repended`` facts put back to pending."""
 
     deleted: int = 0
     rewind: bool = False
@@ -328,7 +328,7 @@ class Outbox:
             if row is None or row[0] != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {row[0] if row else 'no answer'}")
             conn.executescript(SCHEMA)
-            _migrate(conn)
+            add_missing_columns(conn, MIGRATIONS)
             return conn
         except sqlite3.DatabaseError as e:
             with contextlib.suppress(Exception):
@@ -541,9 +541,7 @@ class Outbox:
                 else:
                     body = rows[0][3]
                 msg_id = str(ULID())
-                last, prev = self.conn.execute(
-                    "SELECT last, last_id FROM seqs WHERE stream = ?", (stream,)
-                ).fetchone() or (0, "")
+                last, prev = self.last_mark(stream)
                 seq = last + 1
                 self.conn.execute(
                     "INSERT OR REPLACE INTO seqs(stream, last, last_id) VALUES (?,?,?)", (stream, seq, msg_id)
@@ -602,9 +600,7 @@ class Outbox:
                 self.conn.execute("PRAGMA synchronous=NORMAL")
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
-                last, last_id = self.conn.execute(
-                    "SELECT last, last_id FROM seqs WHERE stream = ?", (stream,)
-                ).fetchone() or (0, "")
+                last, last_id = self.last_mark(stream)
                 held = self.conn.execute(
                     "SELECT id FROM sealed WHERE stream = ? AND seq = ?", (stream, seq)
                 ).fetchone()
@@ -681,9 +677,13 @@ class Outbox:
         return {str(k): int(v) for k, v in json.loads(rows[0][0]).items()} if rows else {}
 
     def last_seq(self, stream: str, conn: sqlite3.Connection | None = None) -> int:
+        return self.last_mark(stream, conn)[0]
+
+    def last_mark(self, stream: str, conn: sqlite3.Connection | None = None) -> tuple[int, str]:
+        """The last sealed seq of ``stream`` and that message's id ((0, "") before the first)."""
         with self._lock:
-            row = (conn or self.conn).execute("SELECT last FROM seqs WHERE stream = ?", (stream,)).fetchone()
-        return row[0] if row else 0
+            row = (conn or self.conn).execute("SELECT last, last_id FROM seqs WHERE stream = ?", (stream,)).fetchone()
+        return (row[0], row[1]) if row else (0, "")
 
     # ------------------------------------------------------------ figures
 
@@ -931,10 +931,6 @@ def _item_ts(item: object) -> float:
             if isinstance(item.get(k), str):
                 return parse_rfc3339(item[k])
     return 0.0
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    add_missing_columns(conn, MIGRATIONS)
 
 
 def add_missing_columns(conn: sqlite3.Connection, migrations: Sequence[tuple[str, str, str]]) -> None:

@@ -291,28 +291,16 @@ class Uplink:
 
     def _apply_hq_ack(self, ack: Ack) -> None:
         now = self._mono()
-        # The first ack after a silence: HQ is back (or the link to it). What it lacks may have died with
-        # a broker's session meanwhile, so a stream this ack does not move is sent again now rather than
-        # when its (doubled) resend timer runs out. While acks flow, as during a drain, this never fires.
-        back = now - self._last_ack_at >= self.resend_after_s
-        self._last_ack_at = now
-        if back:
-            for stream in STREAM_ORDER:
-                self._rto[stream] = self.resend_after_s
-                if stream not in ack.streams and self.outbox.unacked(stream):
-                    self._progress_at[stream] = now - self.resend_after_s
+        moved: set[str] = set()  # streams this ack made progress on (or rewound)
         for stream, mark in ack.streams.items():
             # HQ repeats its whole position in every ack; a mark already taken changes nothing (this
             # outbox only moves forward while the process lives), so it costs no transaction.
-            if stream not in STREAMS:
-                continue
-            if self._taken.get(stream) == (mark.seq, mark.id):
-                if back and self.outbox.unacked(stream):
-                    self._progress_at[stream] = now - self.resend_after_s
+            if stream not in STREAMS or self._taken.get(stream) == (mark.seq, mark.id):
                 continue
             self._taken[stream] = (mark.seq, mark.id)
             result = self.outbox.ack_through(stream, mark.seq, mark.id)
             if result.rewind:
+                moved.add(stream)
                 self.rewinds += 1
                 self._published.pop(stream, None)
                 self._first_live_seq[stream] = self.outbox.last_seq(stream) + 1
@@ -320,16 +308,23 @@ class Uplink:
                 self._backlog.add(stream)  # the facts put back to pending wait there now
                 self._progress_at.pop(stream, None)
                 self._on_rewind(stream)
-                continue
-            if result.deleted:
+            elif result.deleted:
+                moved.add(stream)
                 self.acked_messages += result.deleted
                 self._rto[stream] = self.resend_after_s
                 if self.outbox.unacked(stream):
                     self._progress_at[stream] = now
                 else:
                     self._progress_at.pop(stream, None)
-            elif back and self.outbox.unacked(stream):
-                self._progress_at[stream] = now - self.resend_after_s  # due at the next round
+        # The first ack after a silence: HQ is back (or the link to it). What it lacks may have died with
+        # a broker's session meanwhile, so a stream this ack does not move is due again now rather than
+        # when its (doubled) resend timer runs out. While acks flow, as during a drain, this never fires.
+        if now - self._last_ack_at >= self.resend_after_s:
+            for stream in STREAM_ORDER:
+                self._rto[stream] = self.resend_after_s
+                if stream not in moved and self.outbox.unacked(stream):
+                    self._progress_at[stream] = now - self.resend_after_s
+        self._last_ack_at = now
 
     def _check_resend(self) -> None:
         """Publish again what HQ has not acknowledged for too long (the broker may have lost it)."""
