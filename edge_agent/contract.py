@@ -421,7 +421,8 @@ class CycleCountArgs(Strict):
 
 Price = Annotated[str, StringConstraints(pattern=r"^(0|[1-9][0-9]{0,8})(\.[0-9]{1,4})?$")]
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
-LabelId = Annotated[str, StringConstraints(pattern=r"^[0-9A-F]{12,16}$")]
+# 12 or 16 hex digits, as the OEPL firmware's hex2mac takes them: it leaves any other length unanswered.
+LabelId = Annotated[str, StringConstraints(pattern=r"^(?:[0-9A-F]{12}|[0-9A-F]{16})$")]
 
 
 class PriceSetArgs(Strict):

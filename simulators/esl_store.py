@@ -53,7 +53,9 @@ class EslStore:
     def __init__(self, workdir: Path, *, labels: int = 1000, gtins: int = 500, seed: int = 1,
                  checkin_s: float = 40.0, refresh_s: float = 4.0, transfer_fail_rate: float = 0.0,
                  upload_fail_rate: float = 0.0, silent: float = 0.0, low_battery: float = 0.0,
-                 **esl: Any) -> None:
+                 firmware: dict[str, float] | None = None, **esl: Any) -> None:
+        """``firmware``: more of the simulated AP's behaviours (``render_s``, ``timeout_rate``,
+        ``reboots_per_day``); ``esl``: the agent's ``[esl]`` settings."""
         self.clock = VirtualClock()
         macs = label_macs(labels, seed)
         self.gtin_of = {mac: gtin(i % gtins) for i, mac in enumerate(macs)}
@@ -61,7 +63,8 @@ class EslStore:
         initial = {mac: LabelContent(gtin=g, price="9.99", currency="EUR") for mac, g in self.gtin_of.items()}
         self.ap = SimulatedAccessPoint(labels, seed, self.clock, checkin_s=checkin_s, refresh_s=refresh_s,
                                        transfer_fail_rate=transfer_fail_rate, upload_fail_rate=upload_fail_rate,
-                                       silent=silent, low_battery=low_battery, initial=initial).start()
+                                       silent=silent, low_battery=low_battery, initial=initial,
+                                       **(firmware or {})).start()
         self.outbox = Outbox(workdir / "outbox.db", self.clock)
         self.cfg = EslConfig.model_validate({"enabled": True, "urls": [self.ap.url], **esl})
         self.service = EslService(self.cfg, OpenEPaperLinkController(self.ap.url, timeout=5.0), self.outbox,
@@ -140,6 +143,18 @@ class EslStore:
         """Labels whose e-paper does not show HQ's price in effect now (ground truth, not the agent's view)."""
         return [m for m in self.gtin_of if (include_silent or m not in self.silent)
                 and self.hq_price(m) is not None and self.shows(m) != self.hq_price(m)]
+
+    def lies(self) -> list[str]:
+        """Labels the agent reports as showing HQ's price while their e-paper shows something else: the one
+        failure the price-integrity figure must never hide."""
+        out = []
+        for mac, st in self.service.engine.labels.items():
+            want = self.hq_price(mac)
+            shown = st.shown
+            if want is not None and shown is not None and (shown.price, shown.currency, shown.promo) == want \
+                    and self.shows(mac) != want:
+                out.append(mac)
+        return out
 
     def uplinked(self, stream: str) -> list[dict[str, Any]]:
         """Items of a stream waiting in the outbox (this driver has no uplink)."""

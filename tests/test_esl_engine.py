@@ -208,6 +208,6 @@ def test_without_an_advance_hash_a_new_hash_from_a_later_checkin_is_the_proof() 
     e.observe(report(T0 + 30, "old", False), T0 + 31)  # checked in but never took it: not proof
     assert e.labels[LABEL].shown is None
     e.observe(report(T0 + 70, "new", False), T0 + 71)
-    assert e.labels[LABEL].shown == WANT and e.labels[LABEL].sent_hash == "new"
+    assert e.labels[LABEL].shown == WANT and e.labels[LABEL].shown_hash == "new"
     e.observe(report(T0 + 110, "other", False), T0 + 111)  # later overwritten by someone else
     assert e.labels[LABEL].shown is None

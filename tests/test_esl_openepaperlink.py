@@ -72,7 +72,7 @@ def test_poll_walks_every_page_of_a_thousand_labels(make_ap: MakeAp, clock: Virt
     assert sum(r.battery_mv is not None and r.battery_mv < 2400 for r in result.reports) == 100
     stale = [r for r in result.reports if r.last_seen is not None and clock.now() - r.last_seen.timestamp() > 3600]
     assert len(stale) == 50  # the silent ones
-    assert all(r.content_hash == "0" * 32 and not r.pending for r in result.reports)  # nothing uploaded yet
+    assert all(r.content_hash is None and not r.pending for r in result.reports)  # nothing uploaded yet: zero hash
 
 
 def test_a_firmware_that_wraps_pos_past_255_is_flagged_not_looped(make_ap: MakeAp) -> None:
@@ -305,8 +305,12 @@ def test_push_messages_that_are_not_about_tags_are_ignored_and_garbage_is_reject
     assert odd is not None and odd.rejected and not odd.reports
 
 
-def test_pick_content_also_flashes_the_led(make_ap: MakeAp) -> None:
+def test_pick_content_flashes_the_led_when_asked(make_ap: MakeAp, clock: VirtualClock) -> None:
     mac = label_macs(40, 7)[4]
     ap = make_ap()
+    controller(ap).send(mac, NEW.model_copy(update={"pick": True}), flash=True)
+    assert ap.stats().led_commands == 1 and not ap.flashing(mac)  # queued: the tag runs it at its check-in
+    clock.advance(ONE_CHECKIN)
+    assert ap.flashing(mac)
     controller(ap).send(mac, NEW.model_copy(update={"pick": True}))
-    assert ap.flashing(mac) and ap.stats().led_commands == 1
+    assert ap.stats().led_commands == 1

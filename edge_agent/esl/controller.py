@@ -26,7 +26,16 @@ class LabelReport(BaseModel):
     rssi: int | None = Field(default=None, ge=-150, le=20)
     lqi: int | None = Field(default=None, ge=0, le=255)
     pending: bool = False  # content is waiting on the controller for the label to fetch it
-    content_hash: str | None = None  # the controller's hash of the content it holds for the label
+    # The controller's hash of the content the label last confirmed; None when what the controller reports
+    # is not a hash of content (the firmware zeroes it, or puts a command's payload there).
+    content_hash: str | None = None
+    # How many transfers the label has confirmed, as the controller counts them (None: not reported).
+    # A count that moved is the only clock-free proof that a transfer completed after a send.
+    update_count: int | None = Field(default=None, ge=0)
+    # The label restarted since it last confirmed a transfer: its own boot screen replaced what it showed.
+    rebooted: bool = False
+    # The controller's clock was not set when it stamped this report, so ``last_seen`` is unknown.
+    clock_unset: bool = False
 
 
 class LabelContent(BaseModel):
@@ -65,12 +74,13 @@ class PollResult:
 class SendReceipt:
     """The controller accepted content for a label. ``content_hash`` is the hash the controller will
     report once the label holds this content, if the controller can tell in advance; otherwise it is
-    None and ``hash_before`` is what the controller reported for the label just after accepting: a
-    later report with another hash, not pending, from a check-in after the send, is the evidence."""
+    None and ``hash_before`` and ``count_before`` are what the controller reported for the label just
+    after accepting: the engine (``reconcile``) says what later report counts as evidence."""
 
     label: str
     content_hash: str | None
     hash_before: str | None = None
+    count_before: int | None = None
 
 
 class ControllerError(Exception):
@@ -82,6 +92,7 @@ class EslController(Protocol):
         """Every label the controller knows, with bad records set aside (never raised)."""
         ...
 
-    def send(self, label: str, content: LabelContent) -> SendReceipt:
-        """Hand content to the controller for one label. Raises ControllerError."""
+    def send(self, label: str, content: LabelContent, flash: bool = False) -> SendReceipt:
+        """Hand content to the controller for one label, and with ``flash`` also have its LED flash
+        (best effort). Raises ControllerError."""
         ...

@@ -50,12 +50,12 @@ class ControllerGroup:
         out.reports = [rep for rep, _ in best.values()]
         return out
 
-    def send(self, label: str, content: LabelContent) -> SendReceipt:
+    def send(self, label: str, content: LabelContent, flash: bool = False) -> SendReceipt:
         with self._lock:
             i = self._home.get(label, 0 if len(self.controllers) == 1 else None)
         if i is None:
             raise ControllerError(f"no access point has reported label {label} yet")
-        return self.controllers[i].send(label, content)
+        return self.controllers[i].send(label, content, flash)
 
     def listen(self, on_result: Callable[[PollResult], None], stop: threading.Event) -> None:
         """Follow every controller that pushes, until ``stop`` is set."""

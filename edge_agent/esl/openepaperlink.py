@@ -22,14 +22,33 @@ Shapes are the firmware's, read from OpenEPaperLink/OpenEPaperLink, ``ESP32_AP-F
   rendered JPEGs to ``/imgupload`` (multipart). Here the AP draws the text itself from a ``/jsonupload``
   template, so the agent needs no image library and the upload stays a few hundred bytes.
 
-Two firmware facts the engine should know about:
+Firmware facts the adapter and the engine depend on:
 
 * ``web.cpp`` parses ``pos`` into a ``uint8_t``, so on an AP with more than ~255 tags a later page wraps
   round to the start. ``poll`` notices (``continu`` not past ``pos``), quarantines that page and stops.
-* ``newproto.cpp`` ``processXferComplete`` sets ``hash`` only when the tag confirms a transfer (8 bytes of
-  the data's md5, zero-padded), and the AP renders a template asynchronously after ``/jsonupload``. So the
-  hash read back right after an upload is still the previous content's; ``send`` returns it as
-  ``hash_before``, and each upload carries a small reference so that its image, and hash, are new.
+* Firmware on ArduinoJson 6 builds a page in a ``DynamicJsonDocument(5000)``: a 5,000-byte memory pool
+  (``tag_db.cpp`` ``tagDBtoJson``, e.g. in ``jjwbruijn/OpenEPaperLink`` and ``skiphansen/OpenEPaperLink``).
+  A page ends when the pool is nearly full, and a record that does not fit loses its trailing fields
+  silently, ``"continu"`` included. Only the fields ``fillNode`` writes first (``mac``, ``hash``,
+  ``lastseen``, ``pending``) are required; battery, radio and counters may be missing (unknown). A page
+  whose last record was cut and that has no ``continu`` is followed on at the next record all the same.
+* ``newproto.cpp`` ``processXferComplete`` sets ``hash`` when the tag confirms a transfer: 8 bytes of the
+  queued item's ``dataVer`` and 8 zero bytes, and adds one to ``updatecount``. For an image ``dataVer`` is
+  its md5; for a tag command (``sendTagCommand``, e.g. the ``/tag_cmd`` LED flashes) it is the command's
+  payload, so a completed LED flash puts a fixed, known value in ``hash``. ``processDataReq`` zeroes the
+  hash when a tag boots (``wakeupReason`` 0xE0 and up) with nothing pending, and ``updateContent`` (the
+  ``refresh`` command) zeroes it too. Neither a zero hash nor a command's payload is content: the report
+  carries ``content_hash=None`` for both, and ``rebooted`` while a boot reason stands.
+* The AP renders a template asynchronously after ``/jsonupload``. So the hash read back right after an
+  upload is still the previous content's; ``send`` returns it and the update count as ``hash_before`` and
+  ``count_before``, and each upload carries a small reference so that its image, and hash, are new.
+* ``processDataReq`` takes ``RSSI``/``LQI`` only from a packet with a non-zero RSSI: ``RSSI 0`` is "no
+  reading" (a tag that never checked in), not 0 dBm.
+* ``lastseen`` and ``updatelast`` are the AP's ``time()``: before NTP or ``/set_time`` (after every AP
+  reboot without a network) that is seconds since 1970. Such a report is kept with ``last_seen`` unknown
+  and ``clock_unset`` set, for the service's ``esl.ap_clock_unset`` alert.
+* ``doJsonUpload`` and ``/tag_cmd`` send no HTTP answer at all for a MAC ``hex2mac`` refuses (the handler
+  just returns): a malformed MAC costs the client its whole timeout. ``send`` checks the MAC first.
 
 Text in a template goes through the AP's ``{variable}`` substitution, so braces in a promo are not drawn
 literally.
@@ -66,7 +85,28 @@ MAX_RAW = 2000  # characters of a bad record or page kept for the quarantine
 MAX_BODY = 1 << 20  # a page is ~5 kB; a longer answer is garbage, cut so it cannot exhaust memory
 EARLIEST_LASTSEEN = 1_577_836_800  # 2020-01-01: before that the AP's clock was not set (no NTP, no /set_time)
 UINT32_MAX = 2**32 - 1  # lastseen is a uint32_t in tagRecord
-REQUIRED_FIELDS = ("mac", "hash", "lastseen", "pending", "batteryMv", "RSSI", "LQI")
+REQUIRED_FIELDS = ("mac", "hash", "lastseen", "pending")  # fillNode writes these first: a full pool keeps them
+LAST_FIELD = "ver"  # fillNode's last field: a record without it was cut short by the pool
+WAKEUP_BOOT = 0xE0  # processDataReq: wakeup reasons from here up are boots (first boot, watchdog, failed OTA...)
+
+
+def _led_payload(mode: int, duration: int, *phases: tuple[int, int, int, int]) -> bytes:
+    """The first 8 bytes of web.cpp's ``struct ledFlash`` (mode and flashDuration share a byte, as do each
+    phase's flashCount and flashSpeed), which sendTagCommand puts in ``dataVer``."""
+    out = bytearray([mode | duration << 4])
+    for color, count, speed, delay in phases:
+        out += bytes([color, count | speed << 4, delay])
+    return bytes(out + bytes(8))[:8]
+
+
+# What ``hash`` becomes when each of web.cpp's ``/tag_cmd`` LED commands completes (8 payload bytes, 8 zero).
+COMMAND_HASHES = frozenset(
+    (p.hex() + "0" * 16) for p in (
+        _led_payload(1, 8, (0x3C, 3, 1, 10), (0xE4, 3, 5, 10), (0x03, 3, 10, 10)),  # ledflash
+        _led_payload(1, 1, (0xE4, 3, 3, 50)),  # ledflash_long, the PICK flash
+    )
+)
+ZERO_HASH = "0" * 32  # also ledflash_stop's and every command without a payload (reboot, scan...)
 
 _MAC = re.compile(r"[0-9A-Fa-f]{12}|[0-9A-Fa-f]{16}")
 _HASH = re.compile(r"[0-9A-Fa-f]{32}")
@@ -166,6 +206,10 @@ def _raw_text(raw: object) -> str:
     return text[:MAX_RAW]
 
 
+def _optional(rec: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
+    return _int(rec, name, lo, hi) if name in rec else None
+
+
 def _report(rec: object) -> LabelReport:
     if not isinstance(rec, dict):
         raise _Bad(f"tag record is not a JSON object: {_short(rec)}")
@@ -178,21 +222,27 @@ def _report(rec: object) -> LabelReport:
     content_hash = rec["hash"]
     if not isinstance(content_hash, str) or not _HASH.fullmatch(content_hash):
         raise _Bad(f"hash is not 32 hex digits: {_short(content_hash)}")
+    content_hash = content_hash.lower()
     lastseen = _int(rec, "lastseen", 0, UINT32_MAX)
-    if 0 < lastseen < EARLIEST_LASTSEEN:
-        raise _Bad(f"lastseen {lastseen} is before 2020: the AP's clock is not set")
+    clock_unset = 0 < lastseen < EARLIEST_LASTSEEN
     pending = rec["pending"]
     if not isinstance(pending, bool):  # older firmware: a bool; current: pendingCount
         pending = _int(rec, "pending", 0, 65_535) > 0
-    battery = _int(rec, "batteryMv", 0, 10_000)
+    battery = _optional(rec, "batteryMv", 0, 10_000)
+    rssi = _optional(rec, "RSSI", -128, 20)
+    lqi = _optional(rec, "LQI", 0, 255)
+    wakeup = _optional(rec, "wakeupReason", 0, 255)
     return LabelReport(
         label=mac.upper(),
-        last_seen=datetime.fromtimestamp(lastseen, UTC) if lastseen else None,  # 0: never seen
+        last_seen=datetime.fromtimestamp(lastseen, UTC) if lastseen and not clock_unset else None,  # 0: never seen
         battery_mv=battery or None,  # 0: the tag has not reported one yet
-        rssi=_int(rec, "RSSI", -128, 20),
-        lqi=_int(rec, "LQI", 0, 255),
+        rssi=rssi or None,  # 0: no packet heard yet (processDataReq ignores RSSI 0), and then no LQI either
+        lqi=lqi if rssi else None,
         pending=pending,
-        content_hash=content_hash.lower(),
+        content_hash=None if content_hash == ZERO_HASH or content_hash in COMMAND_HASHES else content_hash,
+        update_count=_optional(rec, "updatecount", 0, UINT32_MAX),
+        rebooted=wakeup is not None and wakeup >= WAKEUP_BOOT,
+        clock_unset=clock_unset,
     )
 
 
@@ -243,6 +293,11 @@ def parse_push(message: str | bytes) -> PollResult | None:
         else:
             result.rejected.append(r)
     return result
+
+
+def _cut(records: list[Any]) -> bool:
+    """Whether a page's last record lost its trailing fields to the AP's JSON pool."""
+    return bool(records) and isinstance(records[-1], dict) and LAST_FIELD not in records[-1]
 
 
 def _snippet(body: bytes) -> str:
@@ -306,6 +361,8 @@ class OpenEPaperLinkController:
                 else:
                     result.rejected.append(r)
             nxt = page.get("continu")
+            if (nxt is None or nxt == 0) and _cut(page["tags"]):
+                nxt = pos + len(page["tags"])  # the pool ran out before "continu": a later record may repeat
             if nxt is None or nxt == 0:  # the last page has none (0 from some AP builds)
                 break
             if isinstance(nxt, bool) or not isinstance(nxt, int) or nxt <= pos:
@@ -317,7 +374,16 @@ class OpenEPaperLinkController:
         result.reports = list(reports.values())
         return result
 
-    def send(self, label: str, content: LabelContent) -> SendReceipt:
+    def send(self, label: str, content: LabelContent, flash: bool = False) -> SendReceipt:
+        if not _MAC.fullmatch(label):  # the AP would not answer at all, only the timeout would
+            raise ControllerError(f"label {label!r} is not a MAC of 12 or 16 hex digits; not sent to the AP")
+        if flash:
+            # Before the content: the AP queues the command ahead of the image it has yet to render, so the
+            # command's payload is never the last hash the label reports for this send (see _led_payload).
+            try:
+                self._request("/tag_cmd", urllib.parse.urlencode({"mac": label, "cmd": "ledflash_long"}).encode())
+            except ControllerError as e:
+                log.info("LED flash for %s not sent: %s", label, e)
         form = urllib.parse.urlencode({"mac": label, "json": render_template(content, secrets.token_hex(2))}).encode()
         self._request("/jsonupload", form)
         path = "/get_db?" + urllib.parse.urlencode({"mac": label})
@@ -329,14 +395,9 @@ class OpenEPaperLinkController:
         r = parse_tag(page["tags"][0])
         if isinstance(r, Rejected):
             raise ControllerError(f"{path}: {r.reason}")
-        if content.pick:  # tags with an LED flash it too; the firmware's own pattern, best effort
-            try:
-                self._request("/tag_cmd", urllib.parse.urlencode({"mac": label, "cmd": "ledflash_long"}).encode())
-            except ControllerError as e:
-                log.info("LED flash for %s not sent: %s", label, e)
         # The AP sets a tag's hash only when the tag confirms a transfer (processXferComplete), so what it
-        # reports now is the hash of what the label had: the engine waits for it to change.
-        return SendReceipt(label, None, hash_before=r.content_hash)
+        # reports now is what the label had: the engine waits for a transfer after this one.
+        return SendReceipt(label, None, hash_before=r.content_hash, count_before=r.update_count)
 
     def _request(self, path: str, form: bytes | None = None) -> bytes:
         method = "GET" if form is None else "POST"

@@ -3,12 +3,24 @@
 Pure: it is told the time and what the controller reported, and answers with the labels to send,
 the ``esl/state`` changes and the alerts. The service does the I/O.
 
-What a label shows is known only from evidence: content counts as displayed once the controller
-reports, for that label, the hash it gave back when it accepted our content, and no longer pending.
-Anything else (a hash we never sent, content lost by a rebooted access point) is "unknown", which
-is never the HQ price, so it gets sent again. A label that already holds our content but has not
-fetched it yet is left alone (the label retries by itself at each check-in) until ``resend_after_s``;
-a send that fails is retried with exponential backoff and jitter.
+What a label shows is known only from evidence, and the rule is built from the ways an OpenEPaperLink
+access point changes a tag's hash for reasons other than our content (its firmware's ``newproto.cpp``;
+the adapter's docstring lists them). Content we sent counts as displayed only when a report shows:
+
+1. a content hash (not a zero hash from a reboot or a refresh, not a command's payload: the adapter
+   reports those as no hash), other than the one the controller reported right after accepting the send;
+2. a transfer completed after the send: the controller's update count moved past its count at the send
+   (without counts, a check-in no earlier than the send's second);
+3. nothing pending, and no reboot standing (a booting tag draws its own screen);
+4. only one of our sends could have produced it: a send made while an earlier one of other content was
+   still unconfirmed takes the first such change as the earlier send's and waits for the next.
+
+That hash is then learnt as the content's: the same hash again (the AP re-sending the same image after a
+refresh or a reboot) shows it again; any other hash, no hash, or a reboot makes it "unknown", which is
+never the HQ price, so it gets sent again. A send the label holds but has not fetched is left alone (the
+label retries at each check-in) until ``resend_after_s``, unless the controller dropped it: neither pending
+nor changed after it was seen pending, or after a check-in ``dropped_after_s`` past the send with no
+transfer (a transfer that timed out, a rebooted AP that forgot its queue); then it goes again at once. A send that fails is retried with exponential backoff and jitter.
 
 An alert or ``esl/state`` change counts as raised only once the service has committed it: inside
 ``atomic()``, what ``assess`` and ``state_changes`` mark is unmarked again if the block raises.
@@ -32,6 +44,9 @@ ALERT_KINDS = ("price_mismatch", "stuck_pending", "low_battery", "label_silent")
 @dataclass(frozen=True)
 class ReconcileParams:
     resend_after_s: float = 300.0  # a label pending this long gets its content sent again
+    # A label that checked in this long after a send, took nothing and holds nothing: the controller dropped
+    # it (or never queued it). Long enough for the AP to have drawn the template by then.
+    dropped_after_s: float = 30.0
     mismatch_deadline_s: float = 600.0  # wrong this long: price_mismatch alert
     pending_deadline_s: float = 900.0  # pending this long: stuck_pending alert
     silent_after_s: float = 3600.0  # not seen this long: label_silent alert
@@ -48,9 +63,14 @@ class LabelState:
     first_known: float
     report: LabelReport | None = None
     sent: LabelContent | None = None  # last content the controller accepted for this label
-    sent_hash: str | None = None  # the controller's hash of the sent content, once known
+    sent_hash: str | None = None  # the hash the controller said the sent content would have, if it could tell
+    shown_hash: str | None = None  # the hash the label reported when ``shown`` was proven
     hash_before: str | None = None  # the controller's hash for the label when it accepted the send
+    count_before: int | None = None  # and its count of completed transfers then
     sent_at: float | None = None
+    confirmed: bool = False  # the last send was seen displayed
+    overlap: bool = False  # the last send went while an earlier one was unconfirmed: one change is ambiguous
+    queued_seen: bool = False  # the controller was seen holding content after the last send
     shown: LabelContent | None = None  # confirmed displayed; None = unknown
     attempts: int = 0  # consecutive failed or unconfirmed sends
     next_try: float = 0.0  # after a refused send: not before this
@@ -124,31 +144,62 @@ class Reconciler:
             return
         st.report = r
         self.dirty.add(r.label)
-        if st.sent is not None and st.sent_at is not None:
-            if st.sent_hash is not None:
-                holds_ours = r.content_hash == st.sent_hash
-            else:  # the controller could not tell the hash in advance: a new hash since the send is the proof
-                # (lastseen is whole seconds: a check-in in the second of the send counts)
-                holds_ours = (r.content_hash != st.hash_before and r.last_seen is not None
-                              and r.last_seen.timestamp() >= math.floor(st.sent_at))
-            if holds_ours and not r.pending:
-                st.shown = st.sent
-                st.sent_hash = r.content_hash  # learnt: another hash later means someone else's content
-                st.attempts = 0
-            elif not holds_ours and st.sent_hash is not None and r.content_hash is not None:
-                st.shown = None  # the label holds something we did not send
+        if r.rebooted or r.content_hash is None:
+            st.shown = None  # a boot screen, a refreshed or a flashed label: whatever it shows, unproven
+        else:
+            if st.sent is not None and st.sent_at is not None and not st.confirmed and not r.pending:
+                if st.sent_hash is not None:
+                    ours = r.content_hash == st.sent_hash
+                else:
+                    ours = self._transferred(st, r)
+                    if ours and st.overlap:  # perhaps the earlier send's image: wait for the next transfer
+                        st.hash_before, st.count_before, st.overlap, ours = r.content_hash, r.update_count, False, False
+                if ours:
+                    st.shown, st.shown_hash, st.confirmed, st.attempts = st.sent, r.content_hash, True, 0
+            if r.content_hash != st.shown_hash:
+                st.shown = None  # the label holds something we did not prove
+            elif st.shown is None and st.confirmed and not r.pending:
+                st.shown = st.sent  # the controller sent the same image again (after a refresh or a reboot)
         if r.pending:
             if st.pending_since is None:
                 st.pending_since = st.sent_at if st.sent_at is not None else now
+            st.queued_seen = st.sent_at is not None
         else:
             st.pending_since = None
 
+    @staticmethod
+    def _transferred(st: LabelState, r: LabelReport) -> bool:
+        """Whether the report shows a transfer of new content completed since the last send."""
+        if r.content_hash == st.hash_before:
+            return False
+        if r.update_count is not None and st.count_before is not None:
+            return r.update_count > st.count_before
+        # no counts: lastseen is whole seconds, so a check-in in the second of the send counts
+        return r.last_seen is not None and st.sent_at is not None and r.last_seen.timestamp() >= math.floor(st.sent_at)
+
+    def _idle_checkin(self, st: LabelState, r: LabelReport) -> bool:
+        """A check-in well after the send with no transfer completed since (by the controller's clock: an
+        unset or wrong one only delays this to ``resend_after_s``)."""
+        return (st.sent_at is not None and r.last_seen is not None and r.update_count == st.count_before
+                and r.last_seen.timestamp() >= st.sent_at + self.p.dropped_after_s)
+
     def sent(self, rc: SendReceipt, content: LabelContent, now: float) -> None:
         st = self.state(rc.label, now)
+        # An unconfirmed earlier send of other content may yet be what the next transfer brings; of the same
+        # content (a resend) it would be proof all the same.
+        st.overlap = (st.sent is not None and st.sent != content and not st.confirmed and rc.content_hash is None) \
+            or (st.overlap and st.sent == content)
         st.sent, st.sent_hash, st.sent_at, st.hash_before = content, rc.content_hash, now, rc.hash_before
+        st.count_before, st.confirmed, st.queued_seen = rc.count_before, False, False
         st.attempts += 1
         st.next_try = 0.0
         self.dirty.add(rc.label)
+
+    def flash_due(self, label: str, content: LabelContent) -> bool:
+        """Whether sending ``content`` should flash the label's LED: when a PICK first goes to it, not on a
+        resend (each flash is a command transfer the label pays for with its battery)."""
+        st = self.labels.get(label)
+        return content.pick and (st is None or st.sent is None or not st.sent.pick)
 
     def failed(self, label: str, now: float) -> None:
         st = self.state(label, now)
@@ -167,8 +218,11 @@ class Reconciler:
                 continue
             if st.sent == want and st.sent_at is not None:
                 r = st.report
-                lost = (r is not None and st.observed_at > st.sent_at and st.sent_hash is not None
-                        and r.content_hash != st.sent_hash)
+                lost = r is not None and st.observed_at > st.sent_at and (
+                    (st.sent_hash is not None and r.content_hash != st.sent_hash)
+                    or (st.confirmed and (r.rebooted or r.content_hash != st.shown_hash))
+                    or (not r.pending and not st.confirmed and r.content_hash in (st.hash_before, None)
+                        and (st.queued_seen or self._idle_checkin(st, r))))
                 # The controller holds it and the label fetches it at its next check-in: wait,
                 # unless the controller lost it or the label has been pending too long.
                 if not lost and now < st.sent_at + self.p.resend_after_s:

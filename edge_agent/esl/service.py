@@ -84,6 +84,7 @@ class EslService:
         self.counters: Counter[str] = Counter()
         self.integrity: tuple[int, int] = (0, 0)
         self._pruned_at = 0.0
+        self._clock_unset = False  # an esl.ap_clock_unset episode is open
         self.bindings: dict[str, str] = {}
         self.picks: dict[tuple[str, str], float] = {}
         with outbox.transaction() as tx:
@@ -233,9 +234,10 @@ class EslService:
                     self.engine.observe(r, now)
             desired, _ = self._desired(now)
             plan = self.engine.plan(desired, now, self.cfg.max_sends_per_poll) if polled is not None else []
-        for label, content in plan:  # I/O outside the lock: commands are never held up by a slow controller
+            plan = [(label, content, self.engine.flash_due(label, content)) for label, content in plan]
+        for label, content, flash in plan:  # I/O outside the lock: commands are never held up by a slow controller
             try:
-                receipt = self.controller.send(label, content)
+                receipt = self.controller.send(label, content, flash)
             except ControllerError as e:
                 rep.failed += 1
                 log.info("ESL send to %s failed: %s", label, e)
@@ -265,10 +267,25 @@ class EslService:
                     ])
                 if changes:
                     tx.enqueue("esl/state", [self._state_fact(st, matches, now) for st, matches in changes])
+                clock_unset = self._clock_episode(tx, polled)
                 self._save(tx, now)
             self.engine.dirty.clear()  # saved in that transaction
+            self._clock_unset = clock_unset
         rep.alerts, rep.state_items = len(alerts), len(changes)
         return rep
+
+    def _clock_episode(self, tx: OutboxTx, polled: PollResult | None) -> bool:
+        """Raise ``esl.ap_clock_unset`` once while a poll finds reports stamped by an unset clock; the reports
+        are used all the same, with their check-in times unknown. Whether the episode is open afterwards."""
+        if polled is None or not polled.reports:
+            return self._clock_unset
+        unset = sum(r.clock_unset for r in polled.reports)
+        if unset and not self._clock_unset:
+            tx.alert("esl.ap_clock_unset", (
+                f"{unset} of {len(polled.reports)} label reports carry times from before 2020: the access point's "
+                "clock is not set (no NTP since it restarted). Labels are still reconciled; their last check-in "
+                "times are unknown until the AP's time is set (NTP, or POST /set_time)"))
+        return unset > 0
 
     def _desired(self, now: float) -> tuple[dict[str, LabelContent], dict[str, LabelContent]]:
         """(what each label should show, overlays included; HQ's bare price per label)."""
