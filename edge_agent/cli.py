@@ -23,9 +23,14 @@ def _report(e: ConfigError) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     try:
-        load_config(args.file)
+        cfg = load_config(args.file)
     except ConfigError as e:
         return _report(e)
+    if cfg.rfid.epcis:
+        from .rfid.epcis import EpcisEvents
+
+        for zone, sgln in EpcisEvents.from_config(cfg.rfid).locations.items():
+            print(f"rfid.epcis: zone {zone!r} -> {sgln}")
     print(f"{args.file}: ok")
     return 0
 
@@ -69,6 +74,38 @@ def _hq(args: argparse.Namespace) -> int:
 def _schema(args: argparse.Namespace) -> int:
     for p in write_schemas(Path(args.out)):
         print(p)
+    return 0
+
+
+def _epcis_export(args: argparse.Namespace) -> int:
+    """An EPCISDocument of one store's events in [--from, --to), from HQ's store of what it applied."""
+    import json
+    import math
+    import time
+
+    from .clock import parse_rfc3339
+    from .hq.store import HqStore
+    from .rfid.epcis import document
+
+    cfg = _load_or_exit(args.config, HqFileConfig)
+    db = Path(args.db) if args.db else cfg.hq.db_path
+    if not db.exists():
+        print(f"no HQ database at {db}", file=sys.stderr)
+        return 1
+    try:
+        since, until = parse_rfc3339(args.since) if args.since else 0.0, parse_rfc3339(args.until) if args.until else math.inf
+    except ValueError as e:
+        print(f"--from/--to must be RFC 3339 times: {e}", file=sys.stderr)
+        return 2
+    store = HqStore(db, synchronous="NORMAL")
+    doc = document(store.epcis_events(args.store, since, until), time.time())
+    store.conn.close()
+    text = json.dumps(doc, indent=1) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"{args.out}: {len(doc['epcisBody']['eventList'])} events", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -121,6 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("schema", help="write a JSON Schema per message type")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=_schema)
+    e = sub.add_parser("epcis", help="EPCIS 2.0 documents of what HQ applied").add_subparsers(dest="epcis_cmd",
+                                                                                           required=True)
+    x = e.add_parser("export", help="write an EPCISDocument of a store's events in a time range")
+    x.add_argument("-c", "--config", required=True, help="HQ's config (hq.db_path)")
+    x.add_argument("--db", help="override hq.db_path")
+    x.add_argument("--store", required=True)
+    x.add_argument("--from", dest="since", help="RFC 3339 time, inclusive (default: the first event)")
+    x.add_argument("--to", dest="until", help="RFC 3339 time, exclusive (default: the last event)")
+    x.add_argument("--out", help="file to write (default: standard output)")
+    x.set_defaults(fn=_epcis_export)
     k = sub.add_parser("keygen", help="make an Ed25519 key pair: a store's (--name) or HQ's")
     k.add_argument("--out", required=True, help="folder for <name>.key (0600) and <name>.pub")
     k.add_argument("--name", help="the store id; without it, HQ's pair hq.key/hq.pub")

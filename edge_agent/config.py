@@ -28,6 +28,9 @@ from pydantic import (
 
 from . import signing
 from .contract import DEFAULT_PREFIX, StoreId
+from .rfid.epcis import check_extension as epcis_check_extension
+from .rfid.epcis import check_store_location as epcis_check_store_location
+from .rfid.epcis import zone_problems as epcis_zone_problems
 from .vision.analytics import TrafficAnalyticsConfig
 from .vision.storewide import STORE_WIDE
 
@@ -160,12 +163,29 @@ class RfidConfig(Section):
     # "reads": the newest read timestamp does, so a recorded or simulated feed replays at any speed.
     clock: Literal["wall", "reads"] = "wall"
     queue_max: int = Field(10_000, ge=10)
-    # EPCIS 2.0 ObjectEvents on their own stream, for HQ systems that speak EPCIS.
+    # EPCIS 2.0 ObjectEvents on their own stream, for HQ systems that speak EPCIS (rfid/epcis.py).
     epcis: bool = False
-    epcis_location: str = Field("urn:epc:id:sgln:0614141.00001", min_length=1)
+    # The store's own SGLN without extension, urn:epc:id:sgln:<company prefix>.<location reference>:
+    # required when epcis is on (no default: an example GLN would put every store at GS1's address).
+    epcis_location: str | None = Field(None, validate_default=True)
+    # Zone -> SGLN extension (GS1 AI 254: 1-20 characters of GS1 set 82); a zone not listed uses its name,
+    # which must then be a valid extension itself ("sales floor" is not: no spaces).
+    epcis_zones: dict[str, Annotated[str, AfterValidator(epcis_check_extension)]] = {}
+    # Zones shoppers cannot reach (a backroom): what is there is sellable_not_accessible, not _accessible.
+    epcis_stockroom_zones: list[str] = []
     mqtt: ReaderMqttConfig = ReaderMqttConfig()
     http: ReaderHttpConfig = ReaderHttpConfig()
     llrp: list[LlrpReaderConfig] = []
+
+    @field_validator("epcis_location")
+    @classmethod
+    def _epcis_location(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            if info.data.get("epcis"):
+                raise ValueError("required when rfid.epcis is on: the store's SGLN, urn:epc:id:sgln:<company "
+                                 "prefix>.<location reference>")
+            return v
+        return epcis_check_store_location(v)
 
     @model_validator(mode="after")
     def _unique_antennas(self) -> RfidConfig:
@@ -463,7 +483,29 @@ def load_config(path: str | Path, env: dict[str, str] | None = None, model: type
     data = _parse(path, text)
     from_env = _apply_env(data, dict(os.environ) if env is None else env)
     cfg = _resolve_paths(_validate(path, text, data, model, from_env), path.parent)
+    if isinstance(cfg, AgentConfig):
+        _check_epcis_zones(cfg.rfid, path, text)
     return _load_key_files(cfg, path, text)
+
+
+def _check_epcis_zones(rfid: RfidConfig, path: Path, text: str) -> None:
+    """With EPCIS on, every antenna's zone needs a valid SGLN extension of its own: the error names the
+    antenna's zone (or its [rfid.epcis_zones] entry) and its line."""
+    if not rfid.epcis:
+        return
+    zones = [a.zone for a in rfid.antennas]
+    lines = key_lines(text)
+    issues = []
+    for zone, why in epcis_zone_problems(zones, rfid.epcis_zones):
+        key = f"rfid.epcis_zones.{zone}" if zone in rfid.epcis_zones else f"rfid.antennas.{zones.index(zone)}.zone"
+        issues.append(ConfigIssue(key, _nearest_line(lines, key), why))
+    for name, listed in (("epcis_zones", list(rfid.epcis_zones)), ("epcis_stockroom_zones", rfid.epcis_stockroom_zones)):
+        for zone in listed:
+            if zone not in zones:
+                key = f"rfid.{name}.{zone}" if name == "epcis_zones" else f"rfid.{name}"
+                issues.append(ConfigIssue(key, _nearest_line(lines, key), f"zone {zone!r} is no antenna's zone"))
+    if issues:
+        raise ConfigError(path, issues)
 
 
 class _StoreKeys(RootModel[dict[StoreId, PublicKeyText]]):

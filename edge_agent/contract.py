@@ -94,13 +94,26 @@ class EpcisLocation(Strict):
     id: str
 
 
-class EpcisObjectEvent(Strict):
-    """An EPCIS 2.0 ObjectEvent in its JSON-LD form, for HQ systems that speak EPCIS."""
+EPCIS_CONTEXT = "https://ref.gs1.org/standards/epcis/epcis-context.jsonld"
 
+
+class EpcisObjectEvent(Strict):
+    """An EPCIS 2.0 ObjectEvent in its JSON-LD form, for HQ systems that speak EPCIS (built by
+    edge_agent/rfid/epcis.py). ``eventID`` is the CBV 2.0 event hash; ``@context`` and ``eventID`` are
+    optional here only so that events of agents from before they were added still parse."""
+
+    # "@context" is no Python name: the field is "context", written and read as "@context".
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_alias=True, validate_by_name=False,
+                              serialize_by_alias=True)
+
+    context: str | list[str] | None = Field(None, alias="@context")
+    eventID: Annotated[str, StringConstraints(pattern=r"^(ni:///sha-256;[0-9a-f]{64}\?ver=CBV2\.0|urn:uuid:.+)$")] | None = None
     type: Literal["ObjectEvent"] = "ObjectEvent"
     eventTime: datetime
     eventTimeZoneOffset: str = "+00:00"
     epcList: list[str]
+    # OBSERVE is all this agent sends (an arrival or a sale observes an object, it neither makes nor ends
+    # one); ADD and DELETE are still accepted from agents from before that.
     action: Literal["ADD", "OBSERVE", "DELETE"]
     bizStep: str
     disposition: str | None = None

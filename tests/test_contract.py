@@ -54,10 +54,12 @@ SAMPLE_FACTS: dict[str, list[dict[str, Any]]] = {
          "missing": ["3074257BF7194E4000001A85"], "unexpected": [], "accuracy": 0.9, "outcome": "completed"},
     ],
     "epcis/events": [
-        {"type": "ObjectEvent", "eventTime": TS, "eventTimeZoneOffset": "+00:00",
-         "epcList": ["urn:epc:id:sgtin:0614141.812345.6789"], "action": "ADD", "bizStep": "arriving",
-         "disposition": "sellable_accessible", "readPoint": {"id": "urn:epc:id:sgln:0614141.00001.backroom"},
-         "bizLocation": {"id": "urn:epc:id:sgln:0614141.00001.backroom"}},
+        {"@context": "https://ref.gs1.org/standards/epcis/epcis-context.jsonld",
+         "eventID": "ni:///sha-256;" + "0" * 64 + "?ver=CBV2.0", "type": "ObjectEvent", "eventTime": TS,
+         "eventTimeZoneOffset": "+00:00", "epcList": ["urn:epc:id:sgtin:0614141.812345.6789"], "action": "OBSERVE",
+         "bizStep": "arriving", "disposition": "sellable_not_accessible",
+         "readPoint": {"id": "urn:epc:id:sgln:9521234.56789.backroom"},
+         "bizLocation": {"id": "urn:epc:id:sgln:9521234.56789.backroom"}},
     ],
     "cmd-result": [
         {"ts": TS, "cmd_id": "c1", "name": "inventory.resync", "status": "ok", "reason": None, "detail": {"parts": 1}},

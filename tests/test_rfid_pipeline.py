@@ -263,7 +263,7 @@ def test_silent_antenna_raises_an_alert(tmp_path: Path) -> None:
 def test_epcis_object_events_follow_presence(tmp_path: Path) -> None:
     from edge_agent.contract import EpcisObjectEvent
 
-    clock, ob, _book, pipe = make(tmp_path, epcis=True)
+    clock, ob, _book, pipe = make(tmp_path, epcis=True, epcis_location="urn:epc:id:sgln:9521234.56789")
     for _ in range(2):
         pipe.ingest(json.dumps([generic(EPCS[0], 1, clock.now())]).encode())
         clock.advance(1)
@@ -271,7 +271,7 @@ def test_epcis_object_events_follow_presence(tmp_path: Path) -> None:
     events = [EpcisObjectEvent.model_validate_json(b)
               for (b,) in ob.read("SELECT body FROM pending WHERE stream='epcis/events' ORDER BY id")]
     assert [(e.action, e.bizStep, e.disposition) for e in events] == [
-        ("ADD", "arriving", "sellable_accessible"), ("DELETE", "departing", "retail_sold")]
+        ("OBSERVE", "arriving", "sellable_accessible"), ("OBSERVE", "entering_exiting", "retail_sold")]
     assert events[0].epcList == ["urn:epc:id:sgtin:0614141.812345.1"]
     assert events[0].bizLocation is not None and events[0].bizLocation.id.endswith(".salesfloor")
     ob.close()

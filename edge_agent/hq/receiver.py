@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import threading
 import time
@@ -17,9 +18,10 @@ from urllib.parse import parse_qs, urlparse
 import paho.mqtt.client as mqtt
 
 from ..authenticity import hq_encoder, uplink_check
-from ..clock import Clock, RealClock
+from ..clock import Clock, RealClock, parse_rfc3339
 from ..config import HqFileConfig
 from ..httpbody import read_body
+from ..rfid.epcis import document as epcis_document
 from ..sync.mqtt_client import Connection
 from .applier import Applied, HqApplier, Outgoing
 from .store import HqStore
@@ -217,6 +219,16 @@ def _handler(rx: HqReceiver) -> type[BaseHTTPRequestHandler]:
                 with rx._lock:
                     traffic = rx.db.traffic(q["store"][0])
                 self._json(200, traffic)
+            elif url.path == "/epcis" and "store" in q:  # an EPCISDocument: ?store=S001[&from=T][&to=T]
+                try:
+                    since = parse_rfc3339(q["from"][0]) if "from" in q else 0.0
+                    until = parse_rfc3339(q["to"][0]) if "to" in q else math.inf
+                except ValueError as e:
+                    self._json(400, {"error": f"bad from/to (RFC 3339 times): {e}"})
+                    return
+                with rx._lock:
+                    events = rx.db.epcis_events(q["store"][0], since, until)
+                self._json(200, epcis_document(events, time.time()))
             elif url.path == "/labels" and "store" in q:
                 with rx._lock:
                     labels = rx.db.labels(q["store"][0])

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..clock import parse_rfc3339
 from ..sync.outbox import add_missing_columns
 
 SCHEMA = """
@@ -136,6 +137,15 @@ class HqStore:
             if (h["cols"], h["rows"]) == (grid["cols"], grid["rows"]):
                 grid["cells"] = [a + b for a, b in zip(grid["cells"], h["cells"], strict=True)]
         return {"stats": stats, "heatmap": grid}
+
+    def epcis_events(self, store: str, since: float, until: float) -> list[dict]:
+        """A store's EPCIS events with eventTime in [since, until), in the order HQ applied them. HQ keeps
+        every message it applies (the store forgets its own once acked): the record an export reads."""
+        out = []
+        for (body,) in self.read("SELECT body FROM messages WHERE store = ? AND stream = 'epcis/events' ORDER BY seq",
+                                 (store,)):
+            out += [it for it in json.loads(body)["items"] if since <= parse_rfc3339(it["eventTime"]) < until]
+        return out
 
     def stream_stats(self) -> list[dict]:
         cols = ("store", "stream", "last_seq", "hwm", "applied", "facts", "historical", "duplicates", "gaps", "lost",

@@ -29,19 +29,14 @@ from ..inventory.book import Delta, InventoryBook
 from ..sync.diskstate import WriteFailed
 from ..sync.outbox import Fact, Outbox, OutboxTx
 from .epc import EpcError, decode_epc
+from .epcis import EpcisEvents
 from .formats import parse_payload
 from .presence import PresenceEngine, PresenceEvent, PresenceParams
 
 log = logging.getLogger(__name__)
 
 COUNT_STREAM = "inventory/count"
-EPCIS_STREAM = "epcis/events"
-# CBV 2.0 business steps and dispositions for what presence observed.
-EPCIS_VOCAB = {
-    "arrived": ("ADD", "arriving", "sellable_accessible"),
-    "moved": ("OBSERVE", "storing", "sellable_accessible"),
-    "departed": ("DELETE", "departing", None),
-}
+EPCIS_STREAM = "epcis/events"  # bodies built by epcis.py
 MAX_QUARANTINE_PER_PAYLOAD = 50  # a flood of garbage is counted in full but stored only in part
 
 
@@ -85,6 +80,7 @@ class RfidPipeline:
         self.reads_clock = ReadsClock(0.0) if cfg.clock == "reads" else None
         self.clock: Clock = self.reads_clock or clock
         self.zones = {(a.reader, a.port): a.zone for a in cfg.antennas}
+        self.epcis = EpcisEvents.from_config(cfg) if cfg.epcis else None
         self.engine = PresenceEngine(
             PresenceParams(
                 departure_timeout_s=cfg.departure_timeout_s,
@@ -239,20 +235,7 @@ class RfidPipeline:
                 tx.enqueue(stream, [fact])
 
     def _epcis(self, ev: PresenceEvent) -> Fact:
-        action, step, disposition = EPCIS_VOCAB[ev.kind]
-        if ev.kind == "departed" and ev.reason.startswith("read at"):
-            disposition = "retail_sold"
-        where = {"id": f"{self.cfg.epcis_location}.{ev.zone}"}
-        item: dict[str, object] = {
-            "type": "ObjectEvent", "eventTime": rfc3339(ev.ts), "eventTimeZoneOffset": "+00:00",
-            "epcList": [decode_epc(ev.epc).uri or f"urn:epc:raw:{len(ev.epc) * 4}.x{ev.epc}"],
-            "action": action, "bizStep": step, "readPoint": where,
-        }
-        if disposition:
-            item["disposition"] = disposition
-        if ev.kind != "departed":
-            item["bizLocation"] = where
-        return Fact(ts=ev.ts, body=json.dumps(item, separators=(",", ":")))
+        return Fact(ts=ev.ts, body=self.epcis.body(ev))  # type: ignore[union-attr]
 
     def _write(self, tx: OutboxTx, deltas: list[Delta], upserts: list, deletes: list) -> None:
         self.book.apply_in(tx, deltas)
