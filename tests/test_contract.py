@@ -386,7 +386,8 @@ def _valid_envelopes(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 mutation = st.sampled_from(["retype", "delete", "extra", "huge", "negative_seq", "huge_seq"])
-FREE_DICTS = {"detail", "args", "dropped_facts", "quarantined", "refused_commands", "counters"}  # dict[str, Any] fields
+FREE_DICTS = {"detail", "args", "dropped_facts", "quarantined", "refused_commands", "counters",
+              "seq_floor"}  # maps keyed by name (a stream, a counter): any new key with a fitting value is valid
 COMMAND_REQUIRED = {"id", "name", "store", "ts"}
 
 
