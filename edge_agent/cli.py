@@ -23,10 +23,15 @@ def _report(e: ConfigError) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     try:
-        load_config(args.file)
+        cfg = load_config(args.file)
     except ConfigError as e:
         return _report(e)
     print(f"{args.file}: ok")
+    if cfg.rfid.enabled:
+        from .rfid.setups import describe
+
+        for note in describe(cfg.rfid):
+            print(f"note: {note}")
     return 0
 
 
