@@ -393,3 +393,30 @@ def test_name_identified_antennas_and_reader_defaults_from_config(tmp_path: Path
     assert levels(book) == {("backroom", _gtin(EPCS[0])): 1, ("salesfloor", _gtin(EPCS[1])): 1}
     assert pipe.health()["rfid.reads_per_s.impinj-1.dock door"] >= 0
     ob.close()
+
+
+def test_mixed_reader_setups_keep_the_book_exact_and_account_for_every_lost_or_foreign_read(tmp_path: Path) -> None:
+    """The simulated store with the issue-13 set-ups at once (as bench/rfid_accuracy.py runs them): r1 by antenna
+    name, r3 a Zebra reader sending objects back to back and named by its MAC, Impinj overflow events, 1% foreign
+    products. The book equals the truth, and health counts exactly the foreign reads and purged events sent."""
+    sim = StoreSim(SimConfig(seed=11, n_items=300, n_gtins=30, read_cycle_s=5.0, name_readers=("r1",),
+                             reader_formats=(("r3", "zebra"),), zebra_concatenated=True, overflow_rate=0.02,
+                             foreign_share=0.01, purchase_per_h=120, tryon_per_h=60))
+    clock = VirtualClock(sim.now)
+    ob = Outbox(tmp_path / "o.db", clock, synchronous="NORMAL")
+    book = InventoryBook(ob, clock)
+    antennas = [{"reader": "r1", "name": a["name"], "zone": a["zone"]} if a["reader"] == "r1"
+                else {"reader": a["mac"] if a["reader"] == "r3" else a["reader"], "port": a["port"], "zone": a["zone"]}
+                for a in sim.layout()]
+    cfg = RfidConfig(enabled=True, antennas=antennas, snapshot_interval_s=0,  # type: ignore[arg-type]
+                     company_prefixes=list(sim.cfg.company_prefixes), recent_s=12.5)
+    pipe = RfidPipeline(cfg, book, ob, clock)
+    replay(sim, clock, pipe, 1800)
+    assert levels(book) == sim.stock_truth()
+    h = pipe.health()
+    assert sim.stats["foreign_items"] == 3 and sim.stats["overflows"] > 0
+    assert sum(v for k, v in h.items() if k.startswith("rfid.foreign_reads.")) == sim.stats["foreign_reads"] > 0
+    assert sum(v for k, v in h.items() if k.startswith("rfid.reader_purged.")) == sim.stats["purged"]
+    assert h["rfid.ignored.overflow"] == sim.stats["overflows"]
+    assert len(_alerts(ob, "rfid.reader_overflow")) == sim.stats["overflows"]
+    ob.close()
