@@ -418,6 +418,10 @@ def test_zebra_objects_back_to_back_are_split_and_a_broken_one_is_quarantined_al
     compact = b"".join(json.dumps(e, separators=(",", ":")).encode() for e in (ZEBRA, dict(ZEBRA, timestamp="x")))
     reads, bad = parse(compact, reader_hint="fx9600-dock")
     assert reads == [ZEBRA_READ] and len(bad) == 1 and "not RFC 3339" in bad[0].reason
+    # Garbage costs linear time: only }{ boundaries are tried, a bounded number of times, then one bad record.
+    for garbage in (b'{"a":' * 200_000, b'}{"a":[' * 200_000):
+        reads, bad = parse(garbage)
+        assert not reads and len(bad) == 1 and "invalid JSON" in bad[0].reason
 
 
 def test_impinj_antenna_identified_by_name() -> None:

@@ -535,12 +535,15 @@ def _split(payload: bytes) -> list[tuple[bytes | None, Any]]:
 
 
 _decoder = json.JSONDecoder()
-_NEXT_DOC = re.compile(r"[{\[]")
+_NEXT_DOC = re.compile(r"\}\s*(?=\{)")  # where one object ends and the next begins
+MAX_RESYNCS = 1000  # failed attempts to find the next document in one line; then the rest is one bad record
 
 
 def _concatenated(line: bytes, first_error: BaseException) -> list[tuple[bytes | None, Any]]:
-    """JSON documents written back to back. A document that does not parse is quarantined with its reason
-    from where it starts up to the next ``{`` or ``[`` at which a document does parse; the rest still count."""
+    """JSON documents written back to back. A document that does not parse is quarantined with its reason, from
+    where it starts up to the next ``}{`` boundary at which a document does parse; the rest still count. Only
+    those boundaries are tried (as barnowl-zebra splits), and at most MAX_RESYNCS of them, so that a large
+    garbage line costs linear time, not one parse attempt per character."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
@@ -550,6 +553,7 @@ def _concatenated(line: bytes, first_error: BaseException) -> list[tuple[bytes |
     i, n = 0, len(text)
     bad_from: int | None = None  # start of a run of text that did not parse
     bad_exc: BaseException = first_error
+    resyncs = 0
     while i < n:
         if text[i].isspace():
             i += 1
@@ -559,8 +563,9 @@ def _concatenated(line: bytes, first_error: BaseException) -> list[tuple[bytes |
         except (ValueError, RecursionError) as exc:
             if bad_from is None:
                 bad_from, bad_exc = i, exc
-            m = _NEXT_DOC.search(text, i + 1)
-            i = m.start() if m else n
+            resyncs += 1
+            m = _NEXT_DOC.search(text, i) if resyncs < MAX_RESYNCS else None
+            i = m.end() if m else n
             continue
         if bad_from is not None:
             out.append(_bad_text(text[bad_from:i], bad_exc))
