@@ -11,6 +11,16 @@ inventory is compared with the truth:
 
 Items at the exit are leaving the store: by definition not stock, so not compared.
 
+The readers are not all alike (issue 13): r1 (backroom) identifies its antennas by name (Impinj
+antennaIdentifier = antennaName), r3 (fitting room) is a Zebra IoT Connector reader whose messages are JSON
+objects back to back, every Impinj reader purges a cycle's events now and then (``--overflow``, reported by an
+overflowEvent), and ``--foreign`` of the items are other companies' products. Every read lost or foreign must be
+accounted for in the agent's health, exactly:
+
+- ``rfid_foreign_reads_injected`` / ``_counted``: reads of other companies' SGTINs sent / in rfid.foreign_reads.*
+- ``rfid_overflow_events_injected`` / ``_counted`` and ``rfid_purged_reads_injected`` / ``_counted``
+- ``rfid_accounting_exact``: 1 when both pairs match
+
     python bench/rfid_accuracy.py                         # full size: 5,000 items, 12 h day
     python bench/rfid_accuracy.py --items 500 --hours 1   # CI size
 """
@@ -39,11 +49,16 @@ def main() -> None:
     ap.add_argument("--cycle", type=float, default=5.0, help="read cycle of every antenna, seconds")
     ap.add_argument("--miss", type=float, default=0.10)
     ap.add_argument("--cross", type=float, default=0.02)
+    ap.add_argument("--overflow", type=float, default=0.002, help="P(an Impinj reader purges a cycle's events)")
+    ap.add_argument("--foreign", type=float, default=0.01, help="share of items that are other companies' products")
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args()
-    header("rfid_accuracy", items=a.items, hours=a.hours, cycle_s=a.cycle, miss=a.miss, cross=a.cross, seed=a.seed)
+    header("rfid_accuracy", items=a.items, hours=a.hours, cycle_s=a.cycle, miss=a.miss, cross=a.cross,
+           overflow=a.overflow, foreign=a.foreign, seed=a.seed)
     sim = StoreSim(SimConfig(seed=a.seed, n_items=a.items, n_gtins=a.gtins, read_cycle_s=a.cycle,
-                             miss_rate=a.miss, cross_read_rate=a.cross))
+                             miss_rate=a.miss, cross_read_rate=a.cross, name_readers=(BY_NAME,),
+                             reader_formats=((ZEBRA, "zebra"),), zebra_concatenated=True,
+                             overflow_rate=a.overflow, foreign_share=a.foreign))
     clock = VirtualClock(sim.now)
     work = Path(tempfile.mkdtemp(prefix="bench-rfid-acc-"))
     broker = Mosquitto(workdir=work / "mosquitto").start()
@@ -61,7 +76,8 @@ def main() -> None:
             "arrive_window_s": max(30.0, 6 * a.cycle),
             "recent_s": max(5.0, 2.5 * a.cycle),
             "silent_antenna_s": 3600.0,
-            "antennas": [{k: x[k] for k in ("reader", "port", "zone")} for x in sim.layout()],
+            "antennas": [_antenna(x) for x in sim.layout()],
+            "company_prefixes": list(sim.cfg.company_prefixes),
         },
     })
     agent = Agent(cfg, clock)
@@ -89,6 +105,19 @@ def main() -> None:
         emit("rfid_keys_compared", len(keys))
         emit("rfid_reads_replayed", reads)
         emit("rfid_replay_reads_per_s", reads / elapsed)
+        h = pipe.health()
+        counted = {
+            "foreign_reads": sum(v for k, v in h.items() if k.startswith("rfid.foreign_reads.")),
+            "overflow_events": h.get("rfid.ignored.overflow", 0.0),
+            "purged_reads": sum(v for k, v in h.items() if k.startswith("rfid.reader_purged.")),
+        }
+        injected = {"foreign_reads": st["foreign_reads"], "overflow_events": st["overflows"], "purged_reads": st["purged"]}
+        for name in counted:
+            emit(f"rfid_{name}_injected", injected[name])
+            emit(f"rfid_{name}_counted", int(counted[name]))
+        emit("rfid_foreign_tags_counted", int(h["rfid.foreign_tags"]))
+        emit("rfid_bad_reads", int(sum(v for k, v in h.items() if k.startswith("rfid.bad."))))
+        emit("rfid_accounting_exact", int(all(counted[k] == injected[k] for k in counted)))
         wrong = sorted((k, truth.get(k, 0), got.get(k, 0)) for k in keys if truth.get(k, 0) != got.get(k, 0))
         for k, want, have in wrong[:10]:
             note(f"mismatch {k}: truth {want}, HQ {have}")
@@ -96,6 +125,17 @@ def main() -> None:
         agent.stop(flush_timeout=2)
         hq.stop()
         broker.stop()
+
+
+BY_NAME = "r1"  # identifies its antennas by name
+ZEBRA = "r3"  # a Zebra reader: its events name it by MAC, several JSON objects back to back per message
+
+
+def _antenna(x: dict) -> dict:
+    """[[rfid.antennas]] for one simulated antenna, as each reader's set-up names it."""
+    if x["reader"] == BY_NAME:
+        return {"reader": x["reader"], "name": x["name"], "zone": x["zone"]}
+    return {"reader": x["mac"] if x["reader"] == ZEBRA else x["reader"], "port": x["port"], "zone": x["zone"]}
 
 
 if __name__ == "__main__":

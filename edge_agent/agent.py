@@ -145,6 +145,8 @@ class Agent:
         self.downlink.register("price.set", self.esl.price_set)
         self.downlink.register("esl.bind", self.esl.bind)
         self.downlink.register("esl.flash", self.esl.flash)
+        if self.rfid is not None:  # what HQ has priced is what the store sells: RFID's catalogue
+            self.rfid.catalogue = self.esl.book
 
     def _cycle_count(self, cmd: Command, args: CycleCountArgs) -> dict:  # type: ignore[override]
         assert self.rfid is not None

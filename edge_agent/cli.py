@@ -32,6 +32,11 @@ def _check_config(args: argparse.Namespace) -> int:
         for zone, sgln in EpcisEvents.from_config(cfg.rfid).locations.items():
             print(f"rfid.epcis: zone {zone!r} -> {sgln}")
     print(f"{args.file}: ok")
+    if cfg.rfid.enabled:
+        from .rfid.setups import describe
+
+        for note in describe(cfg.rfid):
+            print(f"note: {note}")
     return 0
 
 

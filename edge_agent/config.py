@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     AfterValidator,
@@ -112,8 +113,38 @@ class SourcesConfig(Section):
 
 class AntennaConfig(Section):
     reader: str = Field(min_length=1, max_length=128)
-    port: int = Field(ge=1, le=64)
+    # One of the two: the port, or the name for an Impinj preset with antennaIdentifier = "antennaName".
+    port: int | None = Field(None, ge=1, le=64)
+    name: str | None = Field(None, min_length=1, max_length=128)
     zone: str = Field(min_length=1, max_length=128)
+
+    @model_validator(mode="after")
+    def _port_or_name(self) -> AntennaConfig:
+        if (self.port is None) == (self.name is None):
+            raise ValueError("give the antenna's port or its name (antennaIdentifier = antennaName), one of them")
+        return self
+
+    @property
+    def key(self) -> tuple[str, int | str]:
+        """How reads name this antenna: (reader, port) or (reader, name)."""
+        return (self.reader, self.port if self.port is not None else self.name)  # type: ignore[return-value]
+
+
+def _time_zone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r} (an IANA name, e.g. Europe/Berlin)") from None
+    return name
+
+
+class RfidReaderConfig(Section):
+    """What one reader's events leave out, supplied here (the reader id as reads name it: Impinj hostname,
+    the topic's reader, the HTTP ?reader=, or a Zebra reader's MAC)."""
+
+    name: str = Field(min_length=1, max_length=128)
+    default_antenna: int | None = Field(None, ge=1, le=64)  # for events without one (Zebra SIMPLE mode)
+    timezone: Annotated[str, AfterValidator(_time_zone)] | None = None  # for timestamps without a UTC offset
 
 
 class ReaderMqttConfig(Section):
@@ -176,6 +207,10 @@ class RfidConfig(Section):
     mqtt: ReaderMqttConfig = ReaderMqttConfig()
     http: ReaderHttpConfig = ReaderHttpConfig()
     llrp: list[LlrpReaderConfig] = []
+    readers: list[RfidReaderConfig] = []
+    # GS1 company prefixes of the products this store sells; with HQ's catalogue (the price book), what keeps
+    # other companies' tagged goods out of the book. Empty and no catalogue: every GTIN is taken, "unverified".
+    company_prefixes: list[Annotated[str, StringConstraints(pattern=r"^[0-9]{6,12}$")]] = []
 
     @field_validator("epcis_location")
     @classmethod
@@ -189,11 +224,18 @@ class RfidConfig(Section):
 
     @model_validator(mode="after")
     def _unique_antennas(self) -> RfidConfig:
-        seen: set[tuple[str, int]] = set()
+        seen: set[tuple[str, int | str]] = set()
         for a in self.antennas:
-            if (a.reader, a.port) in seen:
-                raise ValueError(f"antenna {a.reader} port {a.port} is mapped twice")
-            seen.add((a.reader, a.port))
+            if a.key in seen:
+                raise ValueError(f"antenna {a.reader} {'port' if a.port else 'name'} {a.key[1]} is mapped twice")
+            seen.add(a.key)
+        names = [r.name for r in self.readers]
+        for r in self.readers:
+            if names.count(r.name) > 1:
+                raise ValueError(f"reader {r.name} is listed twice in [[rfid.readers]]")
+            if r.default_antenna is not None and (r.name, r.default_antenna) not in seen:
+                raise ValueError(f"reader {r.name}: default_antenna {r.default_antenna} is not mapped to a zone in"
+                                 " [[rfid.antennas]]; every read without an antenna would be quarantined")
         return self
 
 

@@ -34,6 +34,19 @@ Radio (random stream "<seed>:rf"):
 * RSSI: the home RSSI of a tag is its base plus Gaussian noise, re-drawn for a random ``rssi_refresh_rate``
   share of tags each cycle (slow fading); a report carries the antenna's dwell time within the cycle
   (antennas of a reader are multiplexed) and a hop channel.
+* foreign tags: a ``foreign_share`` of the initial items are other companies' products (SGTIN-96 of company
+  prefix ``FOREIGN_COMPANY_PREFIX``: a shopper's coat, a neighbour's parcel). They sit on their shelf, are read
+  like any tag, and are never stock (not in ``truth()``). ``stats["foreign_reads"]`` counts every delivered read
+  whose EPC is an SGTIN-96 of a prefix the store does not sell, ghosts that happen to decode so included.
+* overflow: with probability ``overflow_rate`` per Impinj reader and cycle the reader purges the events of its
+  first antenna that has any (the oldest in its buffer) and says so with an ``overflowEvent`` carrying
+  ``eventsPurged`` (Impinj Reader Configuration API OverflowEvent); ``stats["purged"]`` counts them.
+
+Reader set-ups: ``reader_formats`` gives a reader its own shape (Impinj, Zebra, generic); a Zebra reader's
+events name it by ``data.MAC`` (see ``layout()``), and with ``zebra_concatenated`` its message is the events'
+JSON objects back to back, ``{...}{...}``, as the IoT Connector's WebSocket and MQTT endpoints may send them.
+Impinj readers in ``name_readers`` identify antennas by ``antennaName`` only (preset ``antennaIdentifier =
+antennaName``, ``antennaPort`` off).
 
 Speed: a cycle costs Python work only for the exceptions (misses, cross-reads, ghosts, bursts, RSSI
 refreshes, moves); the reads themselves are pre-rendered byte fragments, sliced and joined in C.
@@ -95,6 +108,7 @@ _SGTIN_PARTITIONS = {
 }
 _PARTITION_BY_PREFIX_DIGITS = {v[1]: k for k, v in _SGTIN_PARTITIONS.items()}
 SGTIN96_HEADER = 0x30
+FOREIGN_COMPANY_PREFIX = "4012345"  # other companies' products in the store (foreign tags)
 
 
 def gs1_check_digit(digits: str) -> str:
@@ -239,6 +253,11 @@ class SimConfig:
     exit_cycles: tuple[int, int] = (1, 2)
     # Output
     format: str = "impinj"  # impinj | zebra | generic
+    reader_formats: tuple[tuple[str, str], ...] = ()  # (reader, format) for readers that differ from ``format``
+    zebra_concatenated: bool = False  # Zebra messages: objects back to back instead of a JSON array
+    name_readers: tuple[str, ...] = ()  # Impinj readers that report antennaName instead of antennaPort
+    overflow_rate: float = 0.0  # P(an Impinj reader purges its first antenna's events in a cycle)
+    foreign_share: float = 0.0  # share of the initial items that are other companies' products
     max_events_per_payload: int = 0  # 0 = one payload per reader per cycle
     timestamp_digits: int = 3  # fractional-second digits of RFC 3339 timestamps (Impinj firmware sends 9)
 
@@ -266,8 +285,13 @@ class SimConfig:
             raise ValueError("ghost_rate >= 0, read_cycle_s > 0, n_items >= 0, n_gtins >= 1")
         if round(self.read_cycle_s * 1000) < 1:
             raise ValueError("read_cycle_s must be at least 1 ms")
-        if self.format not in ("impinj", "zebra", "generic"):
+        if self.format not in ("impinj", "zebra", "generic") or any(
+                f not in ("impinj", "zebra", "generic") for _r, f in self.reader_formats):
             raise ValueError("format must be impinj, zebra or generic")
+        if not (0.0 <= self.overflow_rate < 1.0 and 0.0 <= self.foreign_share < 1.0):
+            raise ValueError("overflow_rate and foreign_share must be in [0, 1)")
+        if FOREIGN_COMPANY_PREFIX in self.company_prefixes:
+            raise ValueError(f"company prefix {FOREIGN_COMPANY_PREFIX} is the foreign products' one")
         if self.region not in _CHANNELS:
             raise ValueError(f"region must be one of {sorted(_CHANNELS)}")
         if self.timestamp_digits not in (3, 6, 9):
@@ -334,12 +358,15 @@ class _Item:
 
 
 class _Antenna:
-    __slots__ = ("zone", "reader", "port", "name", "tx", "mid", "items", "frags", "pieces", "mac")
+    __slots__ = ("zone", "reader", "port", "name", "tx", "mid", "items", "frags", "pieces", "mac", "rs")
 
-    def __init__(self, zone: str, reader: str, port: int, tx: int, fmt: str, mac: str) -> None:
-        self.zone, self.reader, self.port, self.tx, self.mac = zone, reader, port, tx, mac
+    def __init__(self, zone: str, reader: str, port: int, tx: int, fmt: str, mac: str, by_name: bool,
+                 rs: list[bytes]) -> None:
+        self.zone, self.reader, self.port, self.tx, self.mac, self.rs = zone, reader, port, tx, mac, rs
         self.name = f"{zone}-{port}"
-        if fmt == "impinj":
+        if fmt == "impinj" and by_name:
+            self.mid = f'","antennaName":"{self.name}","peakRssiCdbm":'.encode()
+        elif fmt == "impinj":
             self.mid = f'","antennaPort":{port},"antennaName":"{self.name}","peakRssiCdbm":'.encode()
         elif fmt == "zebra":
             self.mid = f'","antenna":{port},"peakRssi":'.encode()
@@ -351,10 +378,10 @@ class _Antenna:
 
 
 class _Reader:
-    __slots__ = ("name", "ants", "mac", "event_num")
+    __slots__ = ("name", "ants", "mac", "event_num", "fmt")
 
-    def __init__(self, name: str, mac: str) -> None:
-        self.name, self.mac = name, mac
+    def __init__(self, name: str, mac: str, fmt: str) -> None:
+        self.name, self.mac, self.fmt = name, mac, fmt
         self.ants: list[_Antenna] = []
         self.event_num = 0
 
@@ -409,9 +436,9 @@ class StoreSim:
         self._cycle_ms = int(round(cfg.read_cycle_s * 1000))
         self._t0_ms = int(round(cfg.start_ts * 1000))
         self._k = 0  # index of the next cycle
-        self._fmt = cfg.format
-        self._rs = _rssi_table(cfg.format)
-        self._rs_max = len(self._rs) - 1
+        fmts = dict(cfg.reader_formats)
+        rs_of = {f: _rssi_table(f) for f in ("impinj", "zebra", "generic")}
+        self._rs_max = len(rs_of["impinj"]) - 1
         self._channels = _CHANNELS[cfg.region]
         noise_steps = cfg.rssi_noise_db * 100 / _RSSI_STEP
         self._noise = [max(-12, min(12, int(round(self._rf.gauss(0.0, noise_steps))))) for _ in range(_NOISE_POOL)]
@@ -427,10 +454,11 @@ class StoreSim:
         for z in cfg.zones:
             if z.reader not in self._readers:
                 n = len(self._readers) + 1
-                self._readers[z.reader] = _Reader(z.reader, f"02:00:00:00:00:{n:02X}")
+                self._readers[z.reader] = _Reader(z.reader, f"02:00:00:00:00:{n:02X}", fmts.get(z.reader, cfg.format))
             rdr = self._readers[z.reader]
             for port in z.ports:
-                ant = _Antenna(z.name, z.reader, port, z.tx_power_cdbm, self._fmt, rdr.mac)
+                ant = _Antenna(z.name, z.reader, port, z.tx_power_cdbm, rdr.fmt, rdr.mac, z.reader in cfg.name_readers,
+                               rs_of[rdr.fmt])
                 rdr.ants.append(ant)
                 self._antennas.append(ant)
                 self._zone_ants.setdefault(z.name, []).append(ant)
@@ -465,13 +493,17 @@ class StoreSim:
         self.stats: dict[str, int] = dict(
             cycles=0, payloads=0, events=0, home_reads=0, misses=0, cross_reads=0, ghosts=0, bursts=0,
             burst_extra=0, delivered=0, sold=0, moves=0, deliveries=0, restocks=0, tryons=0, purchases=0,
+            foreign_items=0, foreign_reads=0, overflows=0, purged=0,
         )
+        self._foreign_epcs: set[bytes] = set()  # EPCs of other companies' SGTINs: items and ghosts
 
         w = self._world
         for _ in range(cfg.n_items):
             g = w.randrange(cfg.n_gtins)
             zone = "backroom" if w.random() < cfg.initial_backroom_share else "salesfloor"
             self._place(self._new_item(g), zone)
+        for k in range(int(round(cfg.n_items * cfg.foreign_share))):
+            self._place_foreign(k, "backroom" if w.random() < cfg.initial_backroom_share else "salesfloor")
         self.initial_truth = self.truth()
         self.initial_total = len(self._present)
         # Next arrival of each Poisson process, in ms of virtual time
@@ -555,7 +587,7 @@ class StoreSim:
 
     def layout(self) -> list[dict]:
         """Every antenna: reader, port, antenna name and zone (what the agent's [[rfid.antennas]] should say)."""
-        return [dict(reader=a.reader, port=a.port, name=a.name, zone=a.zone) for a in self._antennas]
+        return [dict(reader=a.reader, port=a.port, name=a.name, zone=a.zone, mac=a.mac) for a in self._antennas]
 
     def total(self) -> int:
         return len(self._present)
@@ -575,6 +607,24 @@ class StoreSim:
         self._items.append(it)
         return it
 
+    def _place_foreign(self, k: int, zone: str) -> None:
+        """Another company's product on a shelf: read like any tag (home antenna only), never stock."""
+        ref = "0" + str(k % 100_000).zfill(5)
+        epc = sgtin96_hex(FOREIGN_COMPANY_PREFIX, ref, 1 + k // 100_000, self.cfg.filter_value)
+        it = _Item(epc, gtin14(FOREIGN_COMPANY_PREFIX, ref))
+        self._known_epcs.add(epc)
+        self._foreign_epcs.add(it.epc_b)
+        rf = self._rf
+        ants = self._zone_ants[zone]
+        ant = ants[rf.randrange(len(ants))]
+        it.zone, it.ant = zone, ant
+        it.base = rf.randint(self._lo_rssi, self._hi_rssi)
+        it.head = it.epc_b + ant.mid
+        it.aidx = len(ant.items)
+        ant.items.append(it)
+        ant.frags.append(it.head + ant.rs[it.base])
+        self.stats["foreign_items"] += 1
+
     def _place(self, it: _Item, zone: str) -> None:
         """Put an item (not in any zone) into ``zone``, with a home antenna and its pre-rendered reports."""
         rf = self._rf
@@ -585,14 +635,14 @@ class StoreSim:
         it.head = it.epc_b + ant.mid
         it.aidx = len(ant.items)
         ant.items.append(it)
-        ant.frags.append(it.head + self._rs[min(self._rs_max, max(0, it.base + self._noise[rf.getrandbits(12)]))])
+        ant.frags.append(it.head + ant.rs[min(self._rs_max, max(0, it.base + self._noise[rf.getrandbits(12)]))])
         lo, hi = self.cfg.cross_read_drop_db
         cross = []
         for nz in self._neigh[zone]:
             nants = self._zone_ants[nz]
             na = nants[rf.randrange(len(nants))] if len(nants) > 1 else nants[0]
             idx = max(0, it.base - int(round(rf.uniform(lo, hi) * 100 / _RSSI_STEP)))
-            cross.append((na, it.epc_b + na.mid + self._rs[idx]))
+            cross.append((na, it.epc_b + na.mid + na.rs[idx]))
         it.cross = cross
         _bag_add(self._zone_items[zone], it, "zidx")
         key = (zone, it.gtin)
@@ -731,7 +781,7 @@ class StoreSim:
 
     def _radio(self) -> None:
         cfg, rf, st = self.cfg, self._rf, self.stats
-        rs, noise, rs_max = self._rs, self._noise, self._rs_max
+        noise, rs_max = self._noise, self._rs_max
         l_miss, l_ref = self._log1m["miss_rate"], self._log1m["rssi_refresh_rate"]
         getbits = rf.getrandbits
         for ant in self._antennas:
@@ -741,7 +791,7 @@ class StoreSim:
                 ant.pieces = []
                 continue
             if cfg.rssi_refresh_rate > 0:
-                items = ant.items
+                items, rs = ant.items, ant.rs
                 for j in _positions(rf, n, cfg.rssi_refresh_rate, l_ref):
                     it = items[j]
                     frags[j] = it.head + rs[min(rs_max, max(0, it.base + noise[getbits(12)]))]
@@ -773,7 +823,7 @@ class StoreSim:
             ant = self._antennas[rf.randrange(len(self._antennas))]
             epc = self._ghost_epc()
             idx = _rssi_index(rf.uniform(-85.0, -70.0) * 100)
-            ant.pieces.append(epc.encode() + ant.mid + rs[idx])
+            ant.pieces.append(epc.encode() + ant.mid + ant.rs[idx])
             st["ghosts"] += 1
         # bursts: a report repeated so it appears 2-5 times in a row
         if cfg.burst_rate > 0:
@@ -800,7 +850,16 @@ class StoreSim:
                 epc = f"{rf.getrandbits(96):024X}"
             if epc not in self._known_epcs:
                 self._known_epcs.add(epc)
+                if self._is_foreign(epc):
+                    self._foreign_epcs.add(epc.encode())
                 return epc
+
+    def _is_foreign(self, epc: str) -> bool:
+        try:
+            _f, cp, _ir, _s = sgtin96_decode(epc)
+        except ValueError:
+            return False
+        return cp not in self.cfg.company_prefixes
 
     # ---- rendering -------------------------------------------------------------------------------------
 
@@ -818,11 +877,27 @@ class StoreSim:
         ants = rdr.ants
         n_ants = len(ants)
         limit = self.cfg.max_events_per_payload
-        parts: list[bytes] = [b"["]
+        fmt = rdr.fmt
+        zebra = fmt == "zebra"
+        glued = zebra and self.cfg.zebra_concatenated  # {...}{...}: no brackets, no commas
+        opening = b"" if glued else b"["
+        comma = b"" if glued else b","
+        parts: list[bytes] = [opening]
         out: list[bytes] = []
         count = 0
         st = self.stats
-        zebra = self._fmt == "zebra"
+        if fmt == "impinj" and self.cfg.overflow_rate > 0 and self._rf.random() < self.cfg.overflow_rate:
+            purged = next((a for a in ants if a.pieces), None)
+            if purged is not None:
+                n_purged, purged.pieces = len(purged.pieces), []
+                st["overflows"] += 1
+                st["purged"] += n_purged
+                ts = self._iso(t_ms)
+                parts.append(f'{{"timestamp":"{ts}","hostname":"{rdr.name}","eventType":"overflow","overflowEvent":'
+                             f'{{"firstEventTimestamp":"{ts}","lastEventTimestamp":"{ts}","eventsPurged":{n_purged},'
+                             f'"eventsRemaining":0}}}}'.encode())
+                count += 1
+        foreign = self._foreign_epcs
         for k, ant in enumerate(ants):
             pieces = ant.pieces
             if not pieces:
@@ -831,25 +906,27 @@ class StoreSim:
             ms = t_ms + (k * self._cycle_ms) // n_ants  # antennas are multiplexed through the cycle
             freq = self._channels[self._rf.randrange(len(self._channels))]
             st["events"] += len(pieces)
-            if self._fmt == "impinj":
+            if foreign:
+                st["foreign_reads"] += sum(1 for p in pieces if p[:24] in foreign)
+            if fmt == "impinj":
                 ts = self._iso(ms)
                 a = (f'{{"timestamp":"{ts}","hostname":"{rdr.name}","eventType":"tagInventory",'
                      f'"tagInventoryEvent":{{"epcHex":"').encode()
                 c = f',"frequency":{freq},"transmitPowerCdbm":{ant.tx},"lastSeenTime":"{ts}"}}}}'.encode()
-            elif self._fmt == "generic":
+            elif fmt == "generic":
                 a = b'{"epc":"'
                 c = f',"ts":{ms // 1000}.{ms % 1000:03d},"reader":"{rdr.name}"}}'.encode()
             else:
                 a = (f'{{"type":"SIMPLE","timestamp":"{self._iso(ms, zebra=True)}","data":{{"MAC":"{rdr.mac}",'
                      f'"format":"epc","channel":{freq / 1000:.2f},"idHex":"').encode()
                 c = b"}}"
-            sep = c + b"," + a
+            sep = c + comma + a
             i, n = 0, len(pieces)
             while i < n:
                 take = n - i if not limit else min(n - i, limit - count)
                 sub = pieces if (i == 0 and take == n) else pieces[i:i + take]
                 if count:
-                    parts.append(b",")
+                    parts.append(comma)
                 if zebra:  # eventNum counts up per reader: one small join per event
                     n0 = rdr.event_num
                     rdr.event_num += take
@@ -862,11 +939,11 @@ class StoreSim:
                 i += take
                 count += take
                 if limit and count >= limit:
-                    parts.append(b"]")
+                    parts.append(b"" if glued else b"]")
                     out.append(b"".join(parts))
-                    parts, count = [b"["], 0
+                    parts, count = [opening], 0
         if count:
-            parts.append(b"]")
+            parts.append(b"" if glued else b"]")
             out.append(b"".join(parts))
         return out
 

@@ -361,3 +361,53 @@ def test_keys_file_merges_with_the_table_but_never_twice(tmp_path: Path) -> None
         load_config(conf, env={}, model=HqFileConfig)
     (issue,) = e.value.issues
     assert (issue.key, issue.line) == ("hq.signing.keys.S001", 4) and "also in" in issue.message
+
+
+RFID_SETUPS = """\
+[store]
+id = "S001"
+
+[rfid]
+enabled = true
+
+[[rfid.antennas]]
+reader = "r1"
+name = "dock door"
+zone = "backroom"
+
+[[rfid.antennas]]
+reader = "fx"
+port = 1
+zone = "salesfloor"
+
+[[rfid.readers]]
+name = "fx"
+default_antenna = 1
+timezone = "Europe/Berlin"
+"""
+
+
+def test_rfid_reader_setups_are_checked_and_explained(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 13: name-identified antennas, a reader's default antenna and time zone. check-config accepts them
+    and says what each set-up cannot tell; a mistake names its key and line."""
+    path = tmp_path / "agent.toml"
+    path.write_text(RFID_SETUPS)
+    rc, err, out = check_config(path, capsys)
+    assert rc == 0, err
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    assert any("'dock door'" in n and "by name" in n for n in notes)
+    assert any("fx" in n and "cannot tell its antennas apart" in n for n in notes)
+    assert any("Europe/Berlin" in n for n in notes) and any("company_prefixes is empty" in n for n in notes)
+    bad = (RFID_SETUPS.replace('timezone = "Europe/Berlin"', 'timezone = "Mars/Olympus"')
+           .replace("port = 1\n", "port = 1\nname = \"both\"\n"))
+    path.write_text(bad)
+    with pytest.raises(ConfigError) as ei:
+        load_config(path, env={})
+    where = {i.key: i.line for i in ei.value.issues}
+    lines = bad.splitlines()
+    assert "Mars/Olympus" in lines[where["rfid.readers.0.timezone"] - 1]
+    assert "rfid.antennas.1" in where and any("port or its name" in i.message for i in ei.value.issues)
+    path.write_text(RFID_SETUPS.replace("default_antenna = 1", "default_antenna = 2"))
+    with pytest.raises(ConfigError) as ei:
+        load_config(path, env={})
+    assert any("default_antenna 2 is not mapped" in i.message for i in ei.value.issues)

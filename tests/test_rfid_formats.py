@@ -6,6 +6,7 @@ import dataclasses
 import json
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -176,7 +177,7 @@ def test_mixed_formats_in_one_array() -> None:
         ({"epcHex": None, "epc": None}, "no EPC"),
         ({"antennaPort": 0}, "antenna port 0 out of range 1-64"),
         ({"antennaPort": 65}, "antenna port 65 out of range"),
-        ({"antennaPort": None}, "missing antenna port"),
+        ({"antennaPort": None, "antennaName": None}, "missing antenna port"),  # no port and no name
         ({"antennaPort": "two"}, "antennaPort"),
         ({"lastSeenTime": "1999-12-31T23:59:59Z"}, "before 2000"),
         ({"lastSeenTime": "2025-06-16T12:00:01Z"}, "more than 1 day after now"),
@@ -324,7 +325,11 @@ def test_mutated_valid_payloads_never_raise(mutations: list[tuple[int, str, byte
     reads, bad = parse(bytes(data), reader_hint="fx9600-dock")
     _no_internal_errors(bad)
     for r in reads:
-        assert r.epc == r.epc.upper() and 1 <= r.antenna <= 64 and formats.TS_MIN <= r.ts <= NOW + 86_400
+        assert r.epc == r.epc.upper() and formats.TS_MIN <= r.ts <= NOW + 86_400
+        if isinstance(r.antenna, str):  # an antenna identified by name (its antennaPort key was mutated away)
+            assert 0 < len(r.antenna) <= 128 and r.antenna.isprintable()
+        else:
+            assert 1 <= r.antenna <= 64
 
 
 json_values = st.recursive(
@@ -372,3 +377,78 @@ def test_every_event_is_either_a_read_or_quarantined(plan: list[tuple[str, bool,
     assert len(reads) + len(bad) == len(events)
     assert len(reads) >= expect_good
     assert st_.events == len(events)
+
+
+# ------------------------------------------------------------------------------- reader set-ups (issue 13)
+
+
+def test_impinj_overflow_event_is_kept_per_reader_with_its_count() -> None:
+    """The R700 sends ``overflowEvent`` when it purged events it could not deliver: ``eventsPurged``,
+    ``eventsRemaining``, ``firstEventTimestamp``, ``lastEventTimestamp`` (Impinj Reader Configuration API v1.7.0,
+    ReaderEvent.overflow_event / OverflowEvent, as generated in saji-ttarius/impinj-reader-config-api-v1.7.0
+    docs/OverflowEvent.md and docs/ReaderEvent.md). Before: counted only in ``ignored``, count and reader lost."""
+    st_ = ParseStats()
+    overflow = {"timestamp": "2025-06-15T11:59:59Z", "hostname": "impinj-14-2f-f4", "eventType": "overflow",
+                "overflowEvent": {"firstEventTimestamp": "2025-06-15T11:59:50Z",
+                                  "lastEventTimestamp": "2025-06-15T11:59:58Z", "eventsPurged": 1200,
+                                  "eventsRemaining": 5000}}
+    v1 = {"timestamp": "2025-06-15T11:59:59Z", "overflowEvent": {}}  # no eventType, no count
+    assert parse(enc([overflow, IMPINJ, v1]), stats=st_, reader_hint="r9") == ([IMPINJ_READ], [])
+    assert st_.overflows == [("impinj-14-2f-f4", 1200), ("r9", None)]
+    assert st_.ignored == {"overflow": 2}
+    broken = dict(overflow, overflowEvent={"eventsPurged": "lots"})
+    reads, bad = parse(enc([broken]), stats=(st2 := ParseStats()))
+    assert not reads and "eventsPurged" in bad[0].reason and st2.overflows == []
+
+
+def test_zebra_objects_back_to_back_are_split_and_a_broken_one_is_quarantined_alone() -> None:
+    """Zebra's IoT Connector may send several events in one message with no separator, ``{...}{...}``:
+    reelyActive/barnowl-zebra lib/zebradecoder.js (extractTagDataEvents: "each chunk of data contains one or more
+    JSON strings, however, together these are not valid JSON, nor are they separated by a delimiter") and
+    ZebraDevs/RFID_ZIOTC_Examples RFID-Monitor/pkg/html/index.html (parsePotentiallyConcatenatedJson). Before:
+    the whole message was one "invalid JSON" record and every read in it was lost."""
+    second = json.loads(json.dumps(ZEBRA))
+    second["data"]["idHex"] = "3074257bf7194e4000001a85"
+    glued = enc(ZEBRA) + enc(second) + b'{"data": {"idHex": "30", oops}' + enc(ZEBRA) + b"\r\n"
+    reads, bad = parse(glued, reader_hint="fx9600-dock")
+    assert [r.epc for r in reads] == ["3005FB63AC1F3681EC880468", "3074257BF7194E4000001A85",
+                                      "3005FB63AC1F3681EC880468"]
+    assert len(bad) == 1 and "invalid JSON" in bad[0].reason and bad[0].raw == b'{"data": {"idHex": "30", oops}'
+    # Compact, as the reader writes them, and a bad event among good ones keeps its own reason.
+    compact = b"".join(json.dumps(e, separators=(",", ":")).encode() for e in (ZEBRA, dict(ZEBRA, timestamp="x")))
+    reads, bad = parse(compact, reader_hint="fx9600-dock")
+    assert reads == [ZEBRA_READ] and len(bad) == 1 and "not RFC 3339" in bad[0].reason
+    # Garbage costs linear time: only }{ boundaries are tried, a bounded number of times, then one bad record.
+    for garbage in (b'{"a":' * 200_000, b'}{"a":[' * 200_000):
+        reads, bad = parse(garbage)
+        assert not reads and len(bad) == 1 and "invalid JSON" in bad[0].reason
+
+
+def test_impinj_antenna_identified_by_name() -> None:
+    """An R700 preset's ``eventConfig.tagInventory.tagReporting.antennaIdentifier`` is "antennaPort" by default
+    and may be "antennaName" (Impinj Reader Configuration API v1.7.0 TagReportingConfiguration.antenna_identifier,
+    saji-ttarius/impinj-reader-config-api-v1.7.0 docs/TagReportingConfiguration.md); ``antennaPort`` can be
+    switched off (docs/TagInventoryEventConfiguration.md). Before: "missing antenna port", quarantined."""
+    ev = impinj(3)
+    del ev["tagInventoryEvent"]["antennaPort"]
+    assert parse(enc([ev]))[0][0].antenna == "dock door"
+    ev["tagInventoryEvent"]["antennaName"] = "dock\x00door"
+    assert "invalid antenna name" in parse(enc([ev]))[1][0].reason
+
+
+def test_zebra_simple_mode_and_local_timestamps_take_the_reader_defaults() -> None:
+    """Zebra's IoT Connector sends ``antenna`` and ``peakRssi`` only when the operating mode's metadata enables
+    them (SIMPLE-mode and access-operation events carry eventNum, format and idHex alone: zebradevs.github.io/
+    rfid-ziotc-docs; reelyActive/barnowl-zebra lib/zebradecoder.js adds antenna and RSSI only ``if(hasMac &&
+    hasAntenna && hasPeakRssi)``). Such a reader's antenna, and the zone of a timestamp written without an
+    offset, come from ``[[rfid.readers]]``. Before: both quarantined whatever the configuration."""
+    simple = {"data": {"eventNum": 5036, "format": "epc", "idHex": "e2806894000040017790e471"},
+              "timestamp": "2025-06-15T13:50:36.194", "type": "SIMPLE"}
+    reads, bad = parse(enc(simple), reader_hint="fx")
+    assert not reads and ("missing antenna port" in bad[0].reason or "no UTC offset" in bad[0].reason)
+    defaults = {"fx": formats.ReaderDefaults(antenna=2, tz=ZoneInfo("Europe/Berlin"))}
+    reads, bad = parse(enc(simple), reader_hint="fx", defaults=defaults)
+    assert not bad and reads == [TagRead("E2806894000040017790E471", "fx", 2, None, ts("2025-06-15T11:50:36.194+00:00"))]
+    # An explicit antenna and offset still win, on both paths; another reader gets no defaults.
+    assert parse(enc([ZEBRA]), reader_hint="fx", defaults=defaults)[0][0].antenna == 1
+    assert parse(enc(simple), reader_hint="other", defaults=defaults)[0] == []

@@ -121,3 +121,10 @@ class PriceBook:
 
     def gtins(self) -> set[str]:
         return {g for g, vs in self._by_gtin.items() if vs}
+
+    def knows(self, gtin: str) -> bool:
+        """HQ has priced this GTIN: a product the store sells (RFID's catalogue)."""
+        return bool(self._by_gtin.get(gtin))
+
+    def __len__(self) -> int:
+        return len(self._by_gtin)

@@ -27,6 +27,11 @@ Impinj IoT device interface (R700/R720 firmware 7.x/8.x), ``tagInventory`` event
   GpiTransitionVm). They are not tag reads: they are ignored without quarantine and counted by type in
   ``ParseStats.ignored``. Some events carry no ``eventType`` (a public TypeScript model of the v1 ReaderEvent
   has only ``timestamp`` plus one ``<type>Event`` key); the ``*Event`` key then names the type.
+  ``overflowEvent`` says the reader purged ``eventsPurged`` events from its buffer (firstEventTimestamp,
+  lastEventTimestamp, eventsRemaining; all optional): reads lost at the source, so besides being counted it is
+  kept per reader in ``ParseStats.overflows`` for the caller to raise.
+  A preset's ``tagReporting.antennaIdentifier`` may be ``antennaName`` instead of the default ``antennaPort``:
+  the event then names its antenna and carries no port, and ``TagRead.antenna`` is that name (a str).
 
 Zebra FX7500/FX9600/ATR7000 IoT Connector tag data events::
 
@@ -43,7 +48,15 @@ Zebra FX7500/FX9600/ATR7000 IoT Connector tag data events::
   ``tagMetaData`` switches on; Zebra's access-operation example events carry only eventNum, format and idHex.
   A tag event without ``antenna`` cannot be placed in a zone and is quarantined with that reason. A ``format``
   other than ``"epc"`` means ``idHex`` is not an EPC: quarantined. The event names no reader, so
-  ``reader_hint`` is used, falling back to ``data.MAC`` when that metadata is enabled.
+  ``reader_hint`` is used, falling back to ``data.MAC`` when that metadata is enabled. Zebra's WebSocket and
+  MQTT endpoints may pack several events into one message as JSON objects back to back (``{...}{...}``, no
+  separator: reelyActive/barnowl-zebra lib/zebradecoder.js extractTagDataEvents, ZebraDevs/RFID_ZIOTC_Examples
+  RFID-Monitor parsePotentiallyConcatenatedJson): they are split, and a broken object among them is quarantined
+  alone.
+
+Reader defaults (``ReaderDefaults``, from ``[[rfid.readers]]``): a reader whose events carry no antenna (Zebra
+SIMPLE mode without the antenna metadata) may be given a ``default_antenna``, and a reader whose timestamps
+carry no UTC offset a time zone in which to read them. Without them such events are quarantined, as before.
 
 Generic (this project's own shape, e.g. from gateways or the simulator), extra keys forbidden::
 
@@ -64,8 +77,10 @@ import binascii
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, tzinfo
+from types import MappingProxyType
 from typing import Annotated, Any, Literal, NotRequired, Union
 
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
@@ -76,6 +91,7 @@ from edge_agent.rfid.reads import BadRead, TagRead
 __all__ = [
     "MAX_PAYLOAD_BYTES",
     "ParseStats",
+    "ReaderDefaults",
     "parse_payload",
     "ImpinjTagInventory",
     "ImpinjTagEvent",
@@ -114,6 +130,7 @@ class ImpinjTagInventory(TypedDict):
     epcHex: NotRequired[str | None]
     epc: NotRequired[str | None]  # base64 of the EPC bytes
     antennaPort: NotRequired[int | None]
+    antennaName: NotRequired[str | None]
     peakRssiCdbm: NotRequired[float | None]  # centi-dBm
     lastSeenTime: NotRequired[str | None]
 
@@ -156,6 +173,12 @@ class GenericRead(TypedDict):
     reader: NotRequired[str | None]
 
 
+class ImpinjOverflow(TypedDict):
+    __pydantic_config__ = _VENDOR  # type: ignore[misc]
+    eventsPurged: NotRequired[Annotated[int, Field(ge=0)] | None]
+    eventsRemaining: NotRequired[int | None]
+
+
 _AnyTagEvent = Annotated[
     Union[ImpinjTagEvent, ZebraTagEvent, GenericRead],  # noqa: UP007
     Field(union_mode="left_to_right"),
@@ -165,6 +188,7 @@ _FAST_ONE: TypeAdapter[dict[str, Any]] = TypeAdapter(_AnyTagEvent)
 _IMPINJ: TypeAdapter[ImpinjTagEvent] = TypeAdapter(ImpinjTagEvent)
 _ZEBRA: TypeAdapter[ZebraTagEvent] = TypeAdapter(ZebraTagEvent)
 _GENERIC: TypeAdapter[GenericRead] = TypeAdapter(GenericRead)
+_OVERFLOW: TypeAdapter[ImpinjOverflow] = TypeAdapter(ImpinjOverflow)
 
 
 # ---------------------------------------------------------------------------------------------------- stats
@@ -180,6 +204,20 @@ class ParseStats:
     bad: int = 0
     fast_path: int = 0  # payloads handled entirely by the whole-payload validation
     ignored: dict[str, int] = field(default_factory=dict)  # non-tag events by type, e.g. {"inventoryStatus": 3}
+    # One entry per overflow event: (reader, events it purged; None when the event does not say).
+    overflows: list[tuple[str, int | None]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderDefaults:
+    """What a reader's events may leave out, supplied by configuration."""
+
+    antenna: int | None = None  # for events without an antenna (Zebra SIMPLE mode without metadata)
+    tz: tzinfo | None = None  # for timestamps without a UTC offset
+
+
+_NONE = ReaderDefaults()
+_NO_DEFAULTS: Mapping[str, ReaderDefaults] = MappingProxyType({})
 
 
 # ------------------------------------------------------------------------------------------------- checking
@@ -217,7 +255,7 @@ def _epc_from_base64(value: str) -> str:
     return _epc_from_hex(raw.hex())
 
 
-def _ts_seconds(value: str | float, now: float) -> float:
+def _ts_seconds(value: str | float, now: float, tz: tzinfo | None = None) -> float:
     if type(value) is str:
         try:
             dt = _fromiso(value)
@@ -228,7 +266,9 @@ def _ts_seconds(value: str | float, now: float) -> float:
                 raise ValueError(f"timestamp is not RFC 3339: {value[:64]!r}") from None
         else:
             if dt.tzinfo is None:
-                raise ValueError(f"timestamp has no UTC offset: {value[:64]!r}")
+                if tz is None:
+                    raise ValueError(f"timestamp has no UTC offset: {value[:64]!r}")
+                dt = dt.replace(tzinfo=tz)
             try:
                 ts = dt.timestamp()
             except (ValueError, OverflowError):
@@ -249,6 +289,12 @@ def _antenna(value: int | None) -> int:
         raise ValueError("missing antenna port")
     if not (MIN_ANTENNA <= value <= MAX_ANTENNA):
         raise ValueError(f"antenna port {value} out of range {MIN_ANTENNA}-{MAX_ANTENNA}")
+    return value
+
+
+def _antenna_name(value: str) -> str:
+    if not (0 < len(value) <= MAX_READER_LEN) or not value.isprintable():
+        raise ValueError(f"invalid antenna name {value[:64]!r}")
     return value
 
 
@@ -286,7 +332,7 @@ _set_epc, _set_reader, _set_antenna, _set_rssi, _set_ts = (
 )
 
 
-def _tag_read(epc: str, reader: str, antenna: int, rssi: float | None, ts: float) -> TagRead:
+def _tag_read(epc: str, reader: str, antenna: int | str, rssi: float | None, ts: float) -> TagRead:
     r = _new(TagRead)
     _set_epc(r, epc)
     _set_reader(r, reader)
@@ -296,8 +342,9 @@ def _tag_read(epc: str, reader: str, antenna: int, rssi: float | None, ts: float
     return r
 
 
-def _to_read(ev: dict[str, Any], now: float, hint: str | None) -> TagRead:
-    """One validated event -> TagRead, or ValueError with the reason. The hot path: keep it lean."""
+def _to_read(ev: dict[str, Any], now: float, hint: str | None, defaults: Mapping[str, ReaderDefaults]) -> TagRead:
+    """One validated event -> TagRead, or ValueError with the reason. The hot path: keep it lean (reader
+    defaults are looked up only when an event lacks an antenna or a UTC offset)."""
     if "data" in ev:  # Zebra (checked first: a Zebra-validated dict may also hold the Impinj keys)
         if "eventType" in ev or "tagInventoryEvent" in ev:
             raise ValueError("ambiguous event: Impinj keys next to Zebra data")  # the per-event path sorts it out
@@ -305,12 +352,20 @@ def _to_read(ev: dict[str, Any], now: float, hint: str | None) -> TagRead:
         fmt = d.get("format")
         if fmt is not None and fmt != "epc":
             raise ValueError(f"Zebra idHex is not an EPC (format {fmt[:32]!r})")
+        epc = _epc_from_hex(d["idHex"])
+        reader = _reader(hint if hint is not None else d.get("MAC"))
+        antenna = d.get("antenna")
+        when = ev["timestamp"]
+        try:
+            ts = _ts_seconds(when, now)
+        except ValueError:
+            ts = _ts_seconds(when, now, defaults.get(reader, _NONE).tz)
         return _tag_read(
-            _epc_from_hex(d["idHex"]),
-            _reader(hint if hint is not None else d.get("MAC")),
-            _antenna(d.get("antenna")),
+            epc,
+            reader,
+            _antenna(antenna if antenna is not None else defaults.get(reader, _NONE).antenna),
             _rssi(d.get("peakRssi")),
-            _ts_seconds(ev["timestamp"], now),
+            ts,
         )
     tie = ev.get("tagInventoryEvent")
     if tie is not None:  # Impinj
@@ -324,9 +379,15 @@ def _to_read(ev: dict[str, Any], now: float, hint: str | None) -> TagRead:
             epc = _epc_from_hex(epc)  # raises with the reason
         else:
             epc = epc.upper()
-        antenna = tie.get("antennaPort")
-        if antenna is None or not (MIN_ANTENNA <= antenna <= MAX_ANTENNA):
-            _antenna(antenna)
+        reader = ev.get("hostname") or hint
+        if reader not in _READERS_OK:
+            _reader(reader)
+        antenna: int | str | None = tie.get("antennaPort")
+        if antenna is None:
+            name = tie.get("antennaName")
+            antenna = _antenna_name(name) if name else _antenna(defaults.get(reader, _NONE).antenna)  # type: ignore[arg-type]
+        elif not (MIN_ANTENNA <= antenna <= MAX_ANTENNA):  # type: ignore[operator]
+            _antenna(antenna)  # type: ignore[arg-type]
         rssi = tie.get("peakRssiCdbm")
         if rssi is not None:
             rssi = rssi / 100.0
@@ -335,10 +396,11 @@ def _to_read(ev: dict[str, Any], now: float, hint: str | None) -> TagRead:
         when = tie.get("lastSeenTime") or ev.get("timestamp")
         if when is None:
             raise ValueError("no timestamp: neither lastSeenTime nor timestamp")
-        reader = ev.get("hostname") or hint
-        if reader not in _READERS_OK:
-            _reader(reader)
-        return _tag_read(epc, reader, antenna, rssi, _ts_seconds(when, now))  # type: ignore[arg-type]
+        try:
+            ts = _ts_seconds(when, now)
+        except ValueError:
+            ts = _ts_seconds(when, now, defaults.get(reader, _NONE).tz)  # type: ignore[arg-type]
+        return _tag_read(epc, reader, antenna, rssi, ts)  # type: ignore[arg-type]
     # Generic
     reader = ev.get("reader")
     return _tag_read(
@@ -359,12 +421,15 @@ def parse_payload(
     now: float,
     reader_hint: str | None = None,
     stats: ParseStats | None = None,
+    defaults: Mapping[str, ReaderDefaults] | None = None,
 ) -> tuple[list[TagRead], list[BadRead]]:
     """Parse one reader message. Never raises: anything unusable comes back as a BadRead with its reason.
 
     ``now`` (epoch seconds, from the injected clock) bounds timestamps: a read more than a day ahead of it
-    is absurd. ``stats``, when given, is updated in place.
+    is absurd. ``stats``, when given, is updated in place. ``defaults`` maps a reader id to what its events
+    may leave out.
     """
+    dflt = defaults if defaults is not None else _NO_DEFAULTS
     st = stats if stats is not None else ParseStats()
     st.payloads += 1
     try:
@@ -378,11 +443,11 @@ def parse_payload(
         if len(payload) > MAX_PAYLOAD_BYTES:
             bad = BadRead(f"payload too large: {len(payload)} bytes > {MAX_PAYLOAD_BYTES}", payload[:RAW_MAX_BYTES])
             return _finish(st, [], [bad], 1)
-        fast = _fast(payload, now, reader_hint)
+        fast = _fast(payload, now, reader_hint, dflt)
         if fast is not None:
             st.fast_path += 1
             return _finish(st, fast, [], len(fast))
-        return _slow(payload, now, reader_hint, st)
+        return _slow(payload, now, reader_hint, st, dflt)
     except Exception as exc:  # a parser bug must not take the agent down; the payload is kept for the post-mortem
         raw = payload[:RAW_MAX_BYTES] if isinstance(payload, bytes) else b""
         return _finish(st, [], [BadRead(f"internal parser error: {type(exc).__name__}: {str(exc)[:200]}", raw)], 1)
@@ -397,7 +462,9 @@ def _finish(
     return reads, bad
 
 
-def _fast(payload: bytes, now: float, hint: str | None) -> list[TagRead] | None:
+def _fast(
+    payload: bytes, now: float, hint: str | None, defaults: Mapping[str, ReaderDefaults]
+) -> list[TagRead] | None:
     """Whole-payload validation. None means "take the slow path" (any failure at all, or not a plain case)."""
     head = payload.lstrip()[:1]
     try:
@@ -413,12 +480,14 @@ def _fast(payload: bytes, now: float, hint: str | None) -> list[TagRead] | None:
                 events = _FAST_LIST.validate_json(b"[" + b",".join(lines) + b"]")
         else:
             return None
-        return [_to_read(ev, now, hint) for ev in events]
+        return [_to_read(ev, now, hint, defaults) for ev in events]
     except (ValueError, RecursionError):  # ValidationError is a ValueError; so are the content checks
         return None
 
 
-def _slow(payload: bytes, now: float, hint: str | None, st: ParseStats) -> tuple[list[TagRead], list[BadRead]]:
+def _slow(
+    payload: bytes, now: float, hint: str | None, st: ParseStats, defaults: Mapping[str, ReaderDefaults] = _NO_DEFAULTS
+) -> tuple[list[TagRead], list[BadRead]]:
     reads: list[TagRead] = []
     bad: list[BadRead] = []
     events = 0
@@ -428,7 +497,7 @@ def _slow(payload: bytes, now: float, hint: str | None, st: ParseStats) -> tuple
             bad.append(item)
             continue
         try:
-            read = _one(item, now, hint, st)
+            read = _one(item, now, hint, st, defaults)
         except ValidationError as exc:
             bad.append(BadRead(_reason(exc), raw if raw is not None else _dump(item)))
             continue
@@ -450,19 +519,67 @@ def _split(payload: bytes) -> list[tuple[bytes | None, Any]]:
         pass
     else:
         return _flatten(None, doc)
-    # Not one JSON document: newline-delimited JSON, one record (or array of records) per line.
+    # Not one JSON document: newline-delimited JSON, one record (or array of records) per line, and a line may
+    # hold several documents back to back (Zebra's {...}{...}).
     out: list[tuple[bytes | None, Any]] = []
     for line in payload.split(b"\n"):
         if not line.strip():
             continue
-        raw = line[:RAW_MAX_BYTES]
         try:
             doc = json.loads(line)
         except (ValueError, RecursionError) as exc:
-            out.append((raw, BadRead(f"invalid JSON: {_short(exc)}", raw)))
+            out.extend(_concatenated(line, exc))
             continue
-        out.extend(_flatten(raw, doc))
+        out.extend(_flatten(line[:RAW_MAX_BYTES], doc))
     return out
+
+
+_decoder = json.JSONDecoder()
+_NEXT_DOC = re.compile(r"\}\s*(?=\{)")  # where one object ends and the next begins
+MAX_RESYNCS = 1000  # failed attempts to find the next document in one line; then the rest is one bad record
+
+
+def _concatenated(line: bytes, first_error: BaseException) -> list[tuple[bytes | None, Any]]:
+    """JSON documents written back to back. A document that does not parse is quarantined with its reason, from
+    where it starts up to the next ``}{`` boundary at which a document does parse; the rest still count. Only
+    those boundaries are tried (as barnowl-zebra splits), and at most MAX_RESYNCS of them, so that a large
+    garbage line costs linear time, not one parse attempt per character."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raw = line[:RAW_MAX_BYTES]
+        return [(raw, BadRead(f"invalid JSON: {_short(first_error)}", raw))]
+    out: list[tuple[bytes | None, Any]] = []
+    i, n = 0, len(text)
+    bad_from: int | None = None  # start of a run of text that did not parse
+    bad_exc: BaseException = first_error
+    resyncs = 0
+    while i < n:
+        if text[i].isspace():
+            i += 1
+            continue
+        try:
+            doc, end = _decoder.raw_decode(text, i)
+        except (ValueError, RecursionError) as exc:
+            if bad_from is None:
+                bad_from, bad_exc = i, exc
+            resyncs += 1
+            m = _NEXT_DOC.search(text, i) if resyncs < MAX_RESYNCS else None
+            i = m.end() if m else n
+            continue
+        if bad_from is not None:
+            out.append(_bad_text(text[bad_from:i], bad_exc))
+            bad_from = None
+        out.extend(_flatten(text[i:end].encode()[:RAW_MAX_BYTES], doc))
+        i = end
+    if bad_from is not None:
+        out.append(_bad_text(text[bad_from:], bad_exc))
+    return out
+
+
+def _bad_text(text: str, exc: BaseException) -> tuple[bytes, BadRead]:
+    raw = text.encode("utf-8", "replace")[:RAW_MAX_BYTES]
+    return raw, BadRead(f"invalid JSON: {_short(exc)}", raw)
 
 
 def _flatten(raw: bytes | None, doc: Any) -> list[tuple[bytes | None, Any]]:
@@ -471,7 +588,9 @@ def _flatten(raw: bytes | None, doc: Any) -> list[tuple[bytes | None, Any]]:
     return [(raw, doc)]
 
 
-def _one(ev: Any, now: float, hint: str | None, st: ParseStats) -> TagRead | None:
+def _one(
+    ev: Any, now: float, hint: str | None, st: ParseStats, defaults: Mapping[str, ReaderDefaults]
+) -> TagRead | None:
     """One decoded JSON record -> TagRead, None (a non-tag event, counted), or ValueError/ValidationError."""
     if not isinstance(ev, dict):
         raise ValueError(f"event is a JSON {_json_type(ev)}, not an object")
@@ -480,24 +599,29 @@ def _one(ev: Any, now: float, hint: str | None, st: ParseStats) -> TagRead | Non
         if not isinstance(kind, str):
             raise ValueError(f"Impinj eventType is a JSON {_json_type(kind)}, not a string")
         if kind != "tagInventory":
-            _ignore(st, kind)
+            _ignore(st, kind, ev, hint)
             return None
-        return _to_read(_IMPINJ.validate_python(ev), now, hint)
+        return _to_read(_IMPINJ.validate_python(ev), now, hint, defaults)
     if "tagInventoryEvent" in ev:
-        return _to_read(_IMPINJ.validate_python(ev), now, hint)
+        return _to_read(_IMPINJ.validate_python(ev), now, hint, defaults)
     if "data" in ev:
-        return _to_read(_ZEBRA.validate_python(ev), now, hint)
+        return _to_read(_ZEBRA.validate_python(ev), now, hint, defaults)
     if "epc" in ev:
-        return _to_read(_GENERIC.validate_python(ev), now, hint)
+        return _to_read(_GENERIC.validate_python(ev), now, hint, defaults)
     for key, value in ev.items():  # Impinj firmware without eventType: {"timestamp", "<type>Event": {...}}
         if isinstance(key, str) and key.endswith("Event") and len(key) > 5 and isinstance(value, dict):
-            _ignore(st, key[:-5])
+            _ignore(st, key[:-5], ev, hint)
             return None
     keys = ", ".join(sorted(str(k)[:32] for k in list(ev)[:8]))
     raise ValueError(f"unrecognised event shape (keys: {keys})")
 
 
-def _ignore(st: ParseStats, kind: str) -> None:
+def _ignore(st: ParseStats, kind: str, ev: dict[str, Any], hint: str | None) -> None:
+    if kind == "overflow":
+        # Validated before it is counted: a malformed one is quarantined with its reason, never taken as 0.
+        purged = _OVERFLOW.validate_python(ev.get("overflowEvent")).get("eventsPurged")
+        reader = ev.get("hostname") or hint
+        st.overflows.append((reader if isinstance(reader, str) and reader else "unknown reader", purged))
     kind = kind[:64]
     st.ignored[kind] = st.ignored.get(kind, 0) + 1
 

@@ -9,6 +9,18 @@ payload can be given again, with the same outcome as if the first attempt had ne
 
 Liveness and hold-off use the agent's clock at ingest (reader clocks drift and are often wrong);
 on a replay that clock is the simulator's virtual clock, so replays are deterministic.
+
+What never becomes stock is still accounted for, in ``health()``:
+
+- Reader events that are not tag reads, by type (``rfid.ignored.<type>``). An Impinj overflow event means the
+  reader purged events it could not deliver, reads lost at the source: it also raises ``rfid.reader_overflow``
+  with the reader and the count, and the counts add up per reader in ``rfid.reader_purged.<reader>``.
+- Products the store does not sell. A tag's header may say SGTIN-96 for goods of any company (a shopper's own
+  coat, a neighbour's delivery; Zebra's documentation example decodes to GTIN 96810064511308). A GTIN is taken
+  when the EPC's GS1 company prefix is in ``rfid.company_prefixes`` or HQ's catalogue (the price book: a GTIN
+  HQ has priced) knows it. Other reads are counted per reason (``rfid.foreign_reads.<reason>``) and each
+  foreign EPC's first read is quarantined with its reason. With no prefixes configured and an empty catalogue
+  there is nothing to check against: every GTIN is taken, as before, and counted in ``rfid.unverified_reads``.
 """
 
 from __future__ import annotations
@@ -20,6 +32,8 @@ import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
+from zoneinfo import ZoneInfo
 
 from ulid import ULID
 
@@ -28,9 +42,9 @@ from ..config import RfidConfig
 from ..inventory.book import Delta, InventoryBook
 from ..sync.diskstate import WriteFailed
 from ..sync.outbox import Fact, Outbox, OutboxTx
-from .epc import EpcError, decode_epc
+from .epc import DecodedEpc, EpcError, decode_epc
 from .epcis import EpcisEvents
-from .formats import parse_payload
+from .formats import ParseStats, ReaderDefaults, parse_payload
 from .presence import PresenceEngine, PresenceEvent, PresenceParams
 
 log = logging.getLogger(__name__)
@@ -38,6 +52,16 @@ log = logging.getLogger(__name__)
 COUNT_STREAM = "inventory/count"
 EPCIS_STREAM = "epcis/events"  # bodies built by epcis.py
 MAX_QUARANTINE_PER_PAYLOAD = 50  # a flood of garbage is counted in full but stored only in part
+MAX_FOREIGN_REMEMBERED = 100_000  # foreign EPCs whose first read was quarantined; past this, only counted
+SGTIN_URI = "urn:epc:id:sgtin:"  # then <company prefix>.<indicator + item reference>.<serial>
+
+
+class Catalogue(Protocol):
+    """HQ's list of the products the store sells (the ESL price book implements it)."""
+
+    def knows(self, gtin: str) -> bool: ...
+
+    def __len__(self) -> int: ...
 
 
 class ReadsClock:
@@ -69,18 +93,27 @@ class IngestResult:
     reads: int = 0
     bad: int = 0
     events: int = 0
+    foreign: int = 0
 
 
 class RfidPipeline:
-    def __init__(self, cfg: RfidConfig, book: InventoryBook, outbox: Outbox, clock: Clock) -> None:
+    def __init__(
+        self, cfg: RfidConfig, book: InventoryBook, outbox: Outbox, clock: Clock, catalogue: Catalogue | None = None
+    ) -> None:
         self.cfg = cfg
+        self.catalogue = catalogue  # the agent sets it when ESL runs
         self.book = book
         self.outbox = outbox
         self.wall = clock  # judges absurd timestamps whatever drives presence
         self.reads_clock = ReadsClock(0.0) if cfg.clock == "reads" else None
         self.clock: Clock = self.reads_clock or clock
-        self.zones = {(a.reader, a.port): a.zone for a in cfg.antennas}
+        self.zones: dict[tuple[str, int | str], str] = {a.key: a.zone for a in cfg.antennas}
         self.epcis = EpcisEvents.from_config(cfg) if cfg.epcis else None
+        self.reader_defaults = {
+            r.name: ReaderDefaults(r.default_antenna, ZoneInfo(r.timezone) if r.timezone else None)
+            for r in cfg.readers
+        }
+        self.company_prefixes = frozenset(cfg.company_prefixes)
         self.engine = PresenceEngine(
             PresenceParams(
                 departure_timeout_s=cfg.departure_timeout_s,
@@ -96,13 +129,18 @@ class RfidPipeline:
         )
         self.lock = threading.RLock()  # ingest, tick and commands come from different threads
         self.counts: dict[str, CycleCount] = {}
-        self.reads_by_antenna: Counter[tuple[str, int]] = Counter()
-        self.last_read_at: dict[tuple[str, int], float] = {}
+        self.reads_by_antenna: Counter[tuple[str, int | str]] = Counter()
+        self.last_read_at: dict[tuple[str, int | str], float] = {}
         self.bad_by_reason: Counter[str] = Counter()
         self.raw_epcs = 0
-        self._silent_alerted: set[tuple[str, int]] = set()
+        self.ignored: Counter[str] = Counter()
+        self.purged: Counter[str] = Counter()
+        self.foreign_reads: Counter[str] = Counter()
+        self.unverified_reads = 0
+        self._foreign_seen: set[str] = set()
+        self._silent_alerted: set[tuple[str, int | str]] = set()
         self._last_snapshot = clock.now()
-        self._rate_base: dict[tuple[str, int], int] = {}
+        self._rate_base: dict[tuple[str, int | str], int] = {}
         self._rate_since = clock.now()
         with outbox.transaction() as tx:
             tx.conn.execute(
@@ -129,21 +167,28 @@ class RfidPipeline:
 
     def ingest(self, payload: bytes, source: str = "rfid", reader_hint: str | None = None) -> IngestResult:
         """``reader_hint`` names the reader for formats whose events do not (Zebra's)."""
-        reads, bad = parse_payload(payload, now=self.wall.now(), reader_hint=reader_hint)
+        st = ParseStats()
+        reads, bad = parse_payload(payload, now=self.wall.now(), reader_hint=reader_hint, stats=st,
+                                   defaults=self.reader_defaults)
+        self._alert_overflows(st)
         rewind = self.reads_clock.t if self.reads_clock is not None else None
         if self.reads_clock is not None and reads:
             self.reads_clock.saw(max(r.ts for r in reads))
         now = self.clock.now()
         if self._fresh_start:
             if not reads:
-                return self._bad_only(source, bad)
+                return self._bad_only(source, bad, st)
             self._start_clock(now)
         res = IngestResult(reads=len(reads), bad=len(bad))
         quarantine: list[tuple[str, bytes]] = [(b.reason, b.raw) for b in bad]
         events: list[PresenceEvent] = []
-        by_antenna: Counter[tuple[str, int]] = Counter()
+        by_antenna: Counter[tuple[str, int | str]] = Counter()
         counted: list[tuple[set[str], str]] = []  # (a cycle count's seen set, EPC), added once committed
-        raw = 0
+        raw = unverified = 0
+        foreign: Counter[str] = Counter()
+        first_foreign: dict[str, str] = {}  # EPC -> reason, for EPCs not reported before
+        prefixes, catalogue = self.company_prefixes, self.catalogue
+        verify = bool(prefixes) or (catalogue is not None and len(catalogue) > 0)
         with self.lock:
             with self.engine.atomic(), self._rewinding(rewind):
                 zones = self.zones
@@ -166,6 +211,15 @@ class RfidPipeline:
                     if dec.gtin is None:
                         raw += 1
                         continue
+                    if not verify:
+                        unverified += 1
+                    else:
+                        why = _foreign(dec, prefixes, catalogue)
+                        if why is not None:
+                            foreign[why[0]] += 1
+                            if r.epc not in self._foreign_seen:
+                                first_foreign.setdefault(r.epc, why[1])
+                            continue
                     if counts:
                         counted.extend((c.seen, r.epc) for c in counts.values() if c.zone == zone)
                     ev = observe(r.epc, dec.gtin, zone, r.rssi_dbm, now)
@@ -179,10 +233,31 @@ class RfidPipeline:
             self.raw_epcs += raw
             for seen, epc in counted:
                 seen.add(epc)
+            self._count_events(st)
+            self.unverified_reads += unverified
+            self.foreign_reads.update(foreign)
+            if len(self._foreign_seen) < MAX_FOREIGN_REMEMBERED:
+                self._foreign_seen.update(first_foreign)
         res.events = len(events)
+        res.foreign = sum(foreign.values())
         if quarantine:
             self._quarantine(source, quarantine)
+        if first_foreign:
+            self._keep_copies(source, [(why, epc.encode()) for epc, why in first_foreign.items()])
         return res
+
+    def _alert_overflows(self, st: ParseStats) -> None:
+        """Raised before the batch is taken in: if the batch's transaction is then refused, the payload given
+        again raises it a second time, which is better than losing it (the counts are kept only once)."""
+        for reader, purged in st.overflows:
+            told = f"{purged} events" if purged is not None else "an unknown number of events"
+            self.outbox.alert("rfid.reader_overflow", f"reader {reader} purged {told} from its buffer: reads lost "
+                              "at the source (the reader could not deliver them in time)")
+
+    def _count_events(self, st: ParseStats) -> None:
+        self.ignored.update(st.ignored)
+        for reader, purged in st.overflows:
+            self.purged[reader] += purged or 0
 
     @contextlib.contextmanager
     def _rewinding(self, to: float | None) -> Iterator[None]:
@@ -194,13 +269,18 @@ class RfidPipeline:
                 self.reads_clock.t = to
             raise
 
-    def _bad_only(self, source: str, bad: list) -> IngestResult:
+    def _bad_only(self, source: str, bad: list, st: ParseStats) -> IngestResult:
+        with self.lock:
+            self._count_events(st)
         self._quarantine(source, [(b.reason, b.raw) for b in bad])
         return IngestResult(bad=len(bad))
 
     def _quarantine(self, source: str, bad: Sequence[tuple[str, bytes]]) -> None:
         for reason, _ in bad:
             self.bad_by_reason[reason.split(":")[0].split(" ")[0]] += 1
+        self._keep_copies(source, bad)
+
+    def _keep_copies(self, source: str, bad: Sequence[tuple[str, bytes]]) -> None:
         try:
             self.outbox.quarantine_many(source, bad, MAX_QUARANTINE_PER_PAYLOAD)
         except WriteFailed:
@@ -335,5 +415,28 @@ class RfidPipeline:
             self._rate_base, self._rate_since = dict(self.reads_by_antenna), now
             for reason, n in self.bad_by_reason.items():
                 figures[f"rfid.bad.{reason}"] = float(n)
+            for kind, n in self.ignored.items():
+                figures[f"rfid.ignored.{kind}"] = float(n)
+            for reader, n in self.purged.items():
+                figures[f"rfid.reader_purged.{reader}"] = float(n)
+            for reason, n in self.foreign_reads.items():
+                figures[f"rfid.foreign_reads.{reason}"] = float(n)
+            figures["rfid.foreign_tags"] = float(len(self._foreign_seen))
+            figures["rfid.unverified_reads"] = float(self.unverified_reads)
             figures["rfid.silent_antennas"] = float(len(self._silent_alerted))
         return figures
+
+
+def _foreign(dec: DecodedEpc, prefixes: frozenset[str], catalogue: Catalogue | None) -> tuple[str, str] | None:
+    """None when the store sells this GTIN, else (reason key, reason). Only called when there is something
+    to check against: prefixes, or a catalogue that knows at least one product."""
+    gtin = dec.gtin
+    assert gtin is not None and dec.uri is not None
+    uri = dec.uri
+    prefix = uri[len(SGTIN_URI):uri.index(".", len(SGTIN_URI))]
+    if prefix in prefixes or (catalogue is not None and catalogue.knows(gtin)):
+        return None
+    if prefixes:
+        return "company_prefix", (f"foreign tag: GTIN {gtin} of company prefix {prefix}, not in rfid.company_prefixes"
+                                  " and not in HQ's catalogue")
+    return "not_in_catalogue", f"foreign tag: GTIN {gtin} is not in HQ's catalogue (the price book)"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class TagRead:
     epc: str  # upper-case hex, as read from the EPC memory bank (no CRC/PC words)
     reader: str  # reader hostname or configured id
-    antenna: int  # antenna port, 1-based
+    antenna: int | str  # antenna port, 1-based; or its name, from readers that identify antennas by name
     rssi_dbm: float | None  # peak RSSI in dBm (Impinj reports centi-dBm: -5350 -> -53.5)
     ts: float  # epoch seconds, from the reader's own timestamp
 
