@@ -60,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
 def _hq(args: argparse.Namespace) -> int:
     cfg = _load_or_exit(args.config, HqFileConfig)
     if args.db:
-        cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"db_path": Path(args.db)})})
+        cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"db_path": Path(args.db), "database": None})})
     if args.http_port is not None:
         cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"http_port": args.http_port})})
     setup_logging(cfg.log.level)
@@ -89,22 +89,22 @@ def _epcis_export(args: argparse.Namespace) -> int:
     import time
 
     from .clock import parse_rfc3339
-    from .hq.store import HqStore
+    from .hq.store import open_store
     from .rfid.epcis import document
 
     cfg = _load_or_exit(args.config, HqFileConfig)
-    db = Path(args.db) if args.db else cfg.hq.db_path
-    if not db.exists():
-        print(f"no HQ database at {db}", file=sys.stderr)
+    hq = cfg.hq.model_copy(update={"db_path": Path(args.db), "database": None}) if args.db else cfg.hq
+    if hq.database is None and not hq.db_path.exists():
+        print(f"no HQ database at {hq.db_path}", file=sys.stderr)
         return 1
     try:
         since, until = parse_rfc3339(args.since) if args.since else 0.0, parse_rfc3339(args.until) if args.until else math.inf
     except ValueError as e:
         print(f"--from/--to must be RFC 3339 times: {e}", file=sys.stderr)
         return 2
-    store = HqStore(db, synchronous="NORMAL")
+    store = open_store(hq)
     doc = document(store.epcis_events(args.store, since, until), time.time())
-    store.conn.close()
+    store.close()
     text = json.dumps(doc, indent=1) + "\n"
     if args.out:
         Path(args.out).write_text(text)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     r.set_defaults(fn=_run)
     h = sub.add_parser("hq", help="run the reference HQ receiver")
     h.add_argument("-c", "--config", required=True)
-    h.add_argument("--db", help="override hq.db_path")
+    h.add_argument("--db", help="override hq.db_path (and hq.database): run on this SQLite file")
     h.add_argument("--http-port", type=int, help="override hq.http_port (0 = no HTTP)")
     h.set_defaults(fn=_hq)
     s = sub.add_parser("schema", help="write a JSON Schema per message type")
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                            required=True)
     x = e.add_parser("export", help="write an EPCISDocument of a store's events in a time range")
     x.add_argument("-c", "--config", required=True, help="HQ's config (hq.db_path)")
-    x.add_argument("--db", help="override hq.db_path")
+    x.add_argument("--db", help="override hq.db_path (and hq.database): read this SQLite file")
     x.add_argument("--store", required=True)
     x.add_argument("--from", dest="since", help="RFC 3339 time, inclusive (default: the first event)")
     x.add_argument("--to", dest="until", help="RFC 3339 time, exclusive (default: the last event)")

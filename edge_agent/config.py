@@ -291,7 +291,10 @@ class LogConfig(Section):
 
 
 class HqConfig(Section):
-    db_path: Path = Path("var/hq.db")
+    db_path: Path = Path("var/hq.db")  # SQLite, unless database is given
+    # PostgreSQL instead: a libpq URI (postgresql://user@host:5432/hq); a password may come from
+    # PGPASSWORD or ~/.pgpass rather than this file.
+    database: str | None = None
     client_id: str = "edge-hq"
     reorder_window_s: float = Field(2.0, ge=0)
     resync_retry_s: float = Field(15.0, gt=0)
@@ -304,6 +307,19 @@ class HqConfig(Section):
     http_port: int = Field(8780, ge=0, le=65535)
     print_applied: bool = True
     signing: HqSigningConfig = HqSigningConfig()
+
+    @field_validator("database")
+    @classmethod
+    def _postgres_uri(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a PostgreSQL URI, postgresql://[user@]host[:port]/dbname (for SQLite use db_path)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_database(self) -> HqConfig:
+        if self.database is not None and "db_path" in self.model_fields_set:
+            raise ValueError("give hq.database (PostgreSQL) or hq.db_path (SQLite), not both")
+        return self
 
 
 class CameraConfig(TrafficAnalyticsConfig):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up everything edge_agent needs on a fresh Debian/Ubuntu machine: mosquitto (apt, if missing),
-# a Python >= 3.11 virtual environment in .venv, and the package with its test extras.
+# Sets up everything edge_agent needs on a fresh Debian/Ubuntu machine: mosquitto and PostgreSQL (apt, if
+# missing), a Python >= 3.11 virtual environment in .venv, and the package with its test extras.
 # Idempotent: a second run only re-installs when pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,9 @@ pick_python() {
 
 apt_pkgs=()
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then apt_pkgs+=(mosquitto); fi
+# initdb and pg_ctl, for the HQ tests' private PostgreSQL cluster (simulators/postgres.py looks in the same places).
+if ! command -v initdb >/dev/null 2>&1 && ! [ -x "$(pg_config --bindir 2>/dev/null)/initdb" ] \
+    && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then apt_pkgs+=(postgresql); fi
 PY=$(pick_python || true)
 if [ -z "$PY" ]; then apt_pkgs+=(python3 python3-venv); fi
 if [ -n "$PY" ] && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then apt_pkgs+=(python3-venv); fi
@@ -25,7 +28,8 @@ if [ ${#apt_pkgs[@]} -gt 0 ]; then
   echo "bootstrap: installing ${apt_pkgs[*]} with apt" >&2
   sudo_ apt-get update -qq
   sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >/dev/null
-  # The Debian package may start a system-wide broker on :1883; edge_agent starts its own on a free port.
+  # The Debian packages may start a system-wide broker on :1883 and a cluster on :5432; the tests start their
+  # own on free ports and use neither.
   PY=${PY:-$(pick_python)}
 fi
 

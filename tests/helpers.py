@@ -14,7 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.config import HqFileConfig
+from edge_agent.hq.pg_store import PgStore
 from edge_agent.hq.receiver import HqReceiver
+from edge_agent.hq.sqlite_store import SqliteStore
+from edge_agent.hq.store import HqStore
+from simulators.postgres import Postgres
 from simulators.toml_files import write_toml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,8 +88,9 @@ def start_hq(
     cfg = HqFileConfig.model_validate(
         {
             "mqtt": {"port": port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5, **(mqtt or {})},
-            "hq": {"db_path": str(tmp / f"{name}.db"), "http_port": 0, "print_applied": False,
-                   "reorder_window_s": reorder_window_s, "resync_retry_s": 3.0, **hq},
+            # hq={"database": ...} (HqBackend.config) puts HQ on PostgreSQL instead of its SQLite file.
+            "hq": ({} if "database" in hq else {"db_path": str(tmp / f"{name}.db")})
+            | {"http_port": 0, "print_applied": False, "reorder_window_s": reorder_window_s, "resync_retry_s": 3.0, **hq},
         }
     )
     rx = HqReceiver(cfg)
@@ -187,3 +192,29 @@ class CuttableLink:
         self._listener.close()
         for link in links:
             self._close(link)
+
+
+class HqBackend:
+    """One test's HQ store of record on one backend: ``config(name)`` gives the [hq] keys that name it
+    (for a receiver), ``store(name)`` opens it (for an applier); the same name is the same database,
+    so a test can reopen it as a restarted HQ would."""
+
+    def __init__(self, tmp: Path, pg: Postgres | None) -> None:
+        self._tmp = tmp
+        self._pg = pg
+        self._urls: dict[str, str] = {}
+        self.opened: list[HqStore] = []
+
+    def config(self, name: str = "hq") -> dict[str, Any]:
+        if self._pg is None:
+            return {"db_path": str(self._tmp / f"{name}.db")}
+        if name not in self._urls:
+            self._urls[name] = self._pg.create_database()
+        return {"database": self._urls[name]}
+
+    def store(self, name: str = "hq", synchronous: str = "FULL") -> HqStore:
+        """``synchronous``: SQLite's, for tests that open many stores (the test cluster runs without fsync)."""
+        keys = self.config(name)
+        store = SqliteStore(keys["db_path"], synchronous) if self._pg is None else PgStore(keys["database"])
+        self.opened.append(store)
+        return store

@@ -11,12 +11,11 @@ from edge_agent.agent import Agent
 from edge_agent.clock import VirtualClock
 from edge_agent.config import AgentConfig
 from edge_agent.hq.applier import HqApplier
-from edge_agent.hq.store import HqStore
 from edge_agent.inventory.book import Delta, InventoryBook
 from edge_agent.sync.outbox import Outbox
 from simulators.mosquitto import Mosquitto
 
-from .helpers import start_hq, wait_for
+from .helpers import HqBackend, start_hq, wait_for
 
 T0 = 1_767_225_600.0
 GTIN = "04000000000006"
@@ -74,7 +73,7 @@ def test_wall_clock_stepping_back_marks_no_live_message_historical(tmp_path: Pat
         hq.stop()
 
 
-def test_hq_reorder_window_runs_on_the_monotonic_clock(tmp_path: Path) -> None:
+def test_hq_reorder_window_runs_on_the_monotonic_clock(tmp_path: Path, hq_backend: HqBackend) -> None:
     wall = VirtualClock(T0)
     mono = [100.0]
     ob = Outbox(tmp_path / "agent.db", wall)
@@ -83,7 +82,7 @@ def test_hq_reorder_window_runs_on_the_monotonic_clock(tmp_path: Path) -> None:
     for k in range(3):
         book.apply([Delta(T0 + k, "salesfloor", GTIN, 1)])
         msgs.append(ob.seal("inventory/delta"))
-    hq = HqApplier(HqStore(tmp_path / "hq.db"), wall, prefix="retail/v1", reorder_window_s=2.0,
+    hq = HqApplier(hq_backend.store(), wall, prefix="retail/v1", reorder_window_s=2.0,
                    monotonic=lambda: mono[0])
     topic = "retail/v1/S001/inventory/delta"
     hq.receive(topic, msgs[0].payload("S001", T0, False))  # type: ignore[union-attr]

@@ -9,17 +9,17 @@ import pytest
 from simulators.inventory_feed import InventoryFeed
 from simulators.mosquitto import Mosquitto
 
-from .helpers import AgentProcess, agent_config, start_hq, wait_for
+from .helpers import AgentProcess, HqBackend, agent_config, start_hq, wait_for
 
 ZONES = ["backroom", "salesfloor", "fitting-room", "pos"]
 
 
 @pytest.mark.slow
-def test_hq_equals_ground_truth(tmp_path: Path, broker: Mosquitto) -> None:
+def test_hq_equals_ground_truth(tmp_path: Path, broker: Mosquitto, hq_backend: HqBackend) -> None:
     total = 20_000
     cfg = agent_config(tmp_path, broker.port, sim={"seed": 7, "total": total, "rate_per_s": 20_000, "batch": 200,
                                                    "zones": ZONES, "gtins": 40})
-    hq = start_hq(tmp_path, broker.port)
+    hq = start_hq(tmp_path, broker.port, **hq_backend.config())
     agent = AgentProcess(cfg, tmp_path / "agent.log").start()
     truth = InventoryFeed(7, ZONES, 40).truth(total)
     try:

@@ -17,12 +17,13 @@ from edge_agent.clock import VirtualClock
 from edge_agent.config import ConfigError, RfidConfig, load_config
 from edge_agent.contract import EpcisEventsBody
 from edge_agent.hq.applier import HqApplier
-from edge_agent.hq.store import HqStore
 from edge_agent.inventory.book import InventoryBook
 from edge_agent.rfid import epcis
 from edge_agent.rfid.pipeline import RfidPipeline
 from edge_agent.sync.outbox import Outbox
 from simulators.rfid_reader import sgtin96_hex
+
+from .helpers import HqBackend
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "epcis"
 needs_schema = pytest.mark.skipif(not (SHARED / "EPCIS-JSON-Schema.json").exists(),
@@ -222,23 +223,24 @@ def test_the_store_location_is_required_and_not_gs1s_example(tmp_path: Path) -> 
 
 
 @needs_schema
-def test_epcis_export_writes_a_valid_document_for_a_time_range(tmp_path: Path, gs1: Draft7Validator) -> None:
+def test_epcis_export_writes_a_valid_document_for_a_time_range(tmp_path: Path, gs1: Draft7Validator,
+                                                                hq_backend: HqBackend) -> None:
     """Item 11: ``edge-agent epcis export`` reads what HQ applied (HQ keeps every message; the store's
     outbox forgets them once acked) and writes an EPCISDocument of the events in [--from, --to)."""
     clock, ob, pipe = make(tmp_path)
     read(clock, pipe, EPCS[0], 1, 2)  # arrives at T0 + 1
     read(clock, pipe, EPCS[0], 2)  # sold at T0 + 2
     read(clock, pipe, EPCS[1], 1, 2)  # arrives at T0 + 4
-    hq = HqApplier(HqStore(tmp_path / "hq.db"), clock, prefix="retail/v1")
+    hq = HqApplier(hq_backend.store(), clock, prefix="retail/v1")
     m = ob.seal("epcis/events")
     assert m is not None and len(EpcisEventsBody.model_validate_json(m.body).items) == 3
     hq.receive("retail/v1/S001/epcis/events", m.payload("S001", clock.now(), False))
     sent = [json.loads(b)["items"] for (b,) in hq.db.read("SELECT body FROM messages")][0]
     assert len(sent) == 3
-    hq.db.conn.close()
+    hq.db.close()
     ob.close()
     cfg = tmp_path / "hq.toml"
-    cfg.write_text('[hq]\ndb_path = "hq.db"\n')
+    cfg.write_text("[hq]\n" + "".join(f'{k} = "{v}"\n' for k, v in hq_backend.config().items()))
     out = tmp_path / "doc.json"
     assert main(["epcis", "export", "-c", str(cfg), "--store", "S001", "--from", "2026-01-01T00:00:01Z",
                  "--to", "2026-01-01T00:00:04Z", "--out", str(out)]) == 0

@@ -25,7 +25,6 @@ from edge_agent.clock import Clock, RealClock, VirtualClock, rfc3339
 from edge_agent.contract import CmdResultItem, Command, HealthBody, InventoryResyncArgs, parse_message
 from edge_agent.health import HealthReporter
 from edge_agent.hq.applier import MAX_PAYLOAD, HqApplier
-from edge_agent.hq.store import HqStore
 from edge_agent.inventory.book import Delta, InventoryBook
 from edge_agent.sync.downlink import CommandRejected, Downlink, Outcome
 from edge_agent.sync.outbox import Outbox, SealedMessage
@@ -33,7 +32,7 @@ from edge_agent.sync.refusals import Refusals
 from simulators.inventory_feed import InventoryFeed
 from simulators.mosquitto import Mosquitto
 
-from .helpers import AgentProcess, agent_config, start_hq, wait_for
+from .helpers import AgentProcess, HqBackend, agent_config, start_hq, wait_for
 
 T0 = 1_767_225_600.0
 TS = rfc3339(T0)
@@ -493,11 +492,11 @@ def hq_garbage(valid: bytes) -> list[tuple[str, str, bytes]]:
     ]
 
 
-def test_hq_rejects_garbage_and_keeps_applying(tmp_path: Path) -> None:
+def test_hq_rejects_garbage_and_keeps_applying(tmp_path: Path, hq_backend: HqBackend) -> None:
     msgs, levels = sealed_deltas(tmp_path, 4)
     payloads = [m.payload(STORE, T0, False) for m in msgs]
     garbage = hq_garbage(payloads[0])
-    hq = HqApplier(HqStore(tmp_path / "hq.db"), VirtualClock(T0), prefix=PREFIX)
+    hq = HqApplier(hq_backend.store(), VirtualClock(T0), prefix=PREFIX)
     topic = f"{PREFIX}/{STORE}/inventory/delta"
     # valid messages interleaved with garbage; the forged seq-2 delta must come while HQ is at seq 1
     garbage.sort(key=lambda g: g[0] != "delta beyond int64")
@@ -525,8 +524,8 @@ def test_hq_rejects_garbage_and_keeps_applying(tmp_path: Path) -> None:
     hq.db.close()
 
 
-def test_hq_ignores_its_own_commands(tmp_path: Path) -> None:
-    hq = HqApplier(HqStore(tmp_path / "hq.db"), VirtualClock(T0), prefix=PREFIX)
+def test_hq_ignores_its_own_commands(hq_backend: HqBackend) -> None:
+    hq = HqApplier(hq_backend.store(), VirtualClock(T0), prefix=PREFIX)
     assert hq.receive(f"{PREFIX}/{STORE}/cmd/inventory.resync", b"whatever") == []
     assert hq.figures.rejected == 0
     hq.db.close()
@@ -538,10 +537,10 @@ def test_hq_ignores_its_own_commands(tmp_path: Path) -> None:
                      st.sampled_from(["inventory/delta", "inventory/snapshot", "status", "health", "cmd-result"])),
     payload=st.one_of(st.binary(max_size=300), payloads),
 )
-def test_hq_receive_never_raises(tmp_path: Path, suffix: str, payload: bytes) -> None:
+def test_hq_receive_never_raises(hq_backend: HqBackend, suffix: str, payload: bytes) -> None:
     if not hasattr(test_hq_receive_never_raises, "hq"):
         test_hq_receive_never_raises.hq = HqApplier(  # type: ignore[attr-defined]
-            HqStore(tmp_path / "hq-prop.db", synchronous="NORMAL"), VirtualClock(T0), prefix=PREFIX)
+            hq_backend.store("hq-prop", synchronous="NORMAL"), VirtualClock(T0), prefix=PREFIX)
     hq: HqApplier = test_hq_receive_never_raises.hq  # type: ignore[attr-defined]
     before = hq.figures.rejected
     assert hq.receive(f"{PREFIX}/{STORE}/{suffix}", payload) == []

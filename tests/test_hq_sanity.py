@@ -9,9 +9,10 @@ from pathlib import Path
 
 from edge_agent.clock import VirtualClock, rfc3339
 from edge_agent.hq.applier import HqApplier
-from edge_agent.hq.store import HqStore
 from edge_agent.inventory.book import Delta, InventoryBook
 from edge_agent.sync.outbox import Outbox, SealedMessage
+
+from .helpers import HqBackend
 
 T0 = 1_767_225_600.0
 PREFIX = "retail/v1/S001"
@@ -22,11 +23,11 @@ def forged(stream: str, type_: str, seq: int, body: dict, prev: str = "") -> byt
     return SealedMessage(stream, seq, ID, type_, T0, T0, 1, json.dumps(body), prev=prev).payload("S001", T0, False)
 
 
-def test_forged_numbers_are_refused_and_change_nothing(tmp_path: Path) -> None:
+def test_forged_numbers_are_refused_and_change_nothing(tmp_path: Path, hq_backend: HqBackend) -> None:
     clock = VirtualClock(T0)
     ob = Outbox(tmp_path / "agent.db", clock)
     book = InventoryBook(ob, clock)
-    hq = HqApplier(HqStore(tmp_path / "hq.db"), clock, prefix="retail/v1")
+    hq = HqApplier(hq_backend.store(), clock, prefix="retail/v1")
     for k in range(3):
         book.apply([Delta(T0 + k, "salesfloor", "04000000000006", 2)])
         m = ob.seal("inventory/delta")

@@ -32,12 +32,11 @@ from edge_agent.contract import (
 )
 from edge_agent.health import HealthReporter
 from edge_agent.hq.applier import HqApplier
-from edge_agent.hq.store import HqStore
 from edge_agent.inventory.book import Delta, InventoryBook
 from edge_agent.sync import compaction
 from edge_agent.sync.outbox import AckResult, DiskUse, Fact, FactTooLarge, Outbox, SealedMessage, wal_limit
 
-from .helpers import REPO
+from .helpers import REPO, HqBackend
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 GTINS = [f"0400000000{i:04d}" for i in range(40)]
@@ -944,7 +943,7 @@ def test_two_corruptions_at_the_same_clock_reading_keep_both_files(tmp_path: Pat
 # ---------------------------------------------------------------- inventory snapshot
 
 
-def test_snapshot_is_book_minus_pending_as_of_last_sealed_seq(tmp_path: Path) -> None:
+def test_snapshot_is_book_minus_pending_as_of_last_sealed_seq(tmp_path: Path, hq_backend: HqBackend) -> None:
     clock = VirtualClock(T0)
     ob = new_outbox(tmp_path / "outbox.db", clock, max_message_bytes=4096)
     book = InventoryBook(ob, clock)
@@ -977,7 +976,7 @@ def test_snapshot_is_book_minus_pending_as_of_last_sealed_seq(tmp_path: Path) ->
     assert info.keys == len(got)
 
     # An HQ that applied exactly the sealed deltas finds the snapshot verified, then catches up.
-    hq = HqApplier(HqStore(tmp_path / "hq.db"), clock, prefix="retail/v1")
+    hq = HqApplier(hq_backend.store(), clock, prefix="retail/v1")
     topic = "retail/v1/S001/"
     for m in sealed:
         hq.receive(topic + m.stream, m.payload("S001", clock.now(), False))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -52,7 +51,7 @@ from ..contract import (
     split_topic,
 )
 from ..sync.outbox import insert_rows
-from .store import HqStore
+from .store import HqStore, Tx, Unstorable
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +177,10 @@ class HqApplier:
             self._sequenced(env, payload)
         except Implausible as e:
             self._reject(topic, f"implausible: {e}", payload)
-        except OverflowError as e:
-            # A number beyond SQLite's 64-bit integers (seq, qty, ...): its transaction rolled back, nothing applied.
-            self._reject(topic, f"number out of range: {e}", payload)
+        except Unstorable as e:
+            # A number beyond the database's 64-bit integers (seq, qty, ...), or a NUL in a name on PostgreSQL:
+            # its transaction rolled back, nothing applied.
+            self._reject(topic, f"cannot be stored: {e}", payload)
         return []
 
     def _reject(self, topic: str, reason: str, payload: bytes) -> None:
@@ -189,10 +189,11 @@ class HqApplier:
         with self.db.tx() as c:
             c.execute(
                 "INSERT INTO rejected(at, topic, reason, payload) VALUES (?,?,?,?)",
-                (self.clock.now(), topic, reason, payload[:65536]),
+                # Escaped: PostgreSQL text holds no NUL, and a garbage topic or reason may have one.
+                (self.clock.now(), topic.replace("\0", "\\0"), reason.replace("\0", "\\0"), payload[:65536]),
             )
 
-    def _alert(self, c: sqlite3.Connection, store: str, kind: str, message: str) -> None:
+    def _alert(self, c: Tx, store: str, kind: str, message: str) -> None:
         c.execute("INSERT INTO alerts(at, store, kind, message) VALUES (?,?,?,?)", (self.clock.now(), store, kind, message))
         log.warning("alert %s for %s: %s", kind, store, message)
 
@@ -206,7 +207,7 @@ class HqApplier:
         with self.db.tx() as c:
             c.executemany(
                 "INSERT INTO floors(store, stream, floor) VALUES (?,?,?)"
-                " ON CONFLICT(store, stream) DO UPDATE SET floor = max(floor, excluded.floor)",
+                " ON CONFLICT(store, stream) DO UPDATE SET floor = greatest(floors.floor, excluded.floor)",
                 [(env.store, s, f) for s, f in b.seq_floor.items()],
             )
             prev = c.execute("SELECT instance FROM status WHERE store = ?", (env.store,)).fetchone()
@@ -237,7 +238,7 @@ class HqApplier:
         self.ack_due.add(env.store)
         self._note_hwm(env.store, b.hwm)
 
-    def _check_identity(self, c: sqlite3.Connection, store: str, boot_id: str) -> None:
+    def _check_identity(self, c: Tx, store: str, boot_id: str) -> None:
         """Two running agents under one store id (a cloned box) take the broker session from each
         other in turn: births alternate between two boot ids, X, Y, X, within a minute. A restart
         gives X, Y and stays on Y."""
@@ -254,7 +255,7 @@ class HqApplier:
                             " box or a copied outbox; their numbers collide and HQ applies neither's conflicting"
                             " messages. Stop one of them.")
 
-    def _rewind(self, c: sqlite3.Connection, store: str, stream: str, why: str) -> None:
+    def _rewind(self, c: Tx, store: str, stream: str, why: str) -> None:
         """The store went back in time: apply nothing of it, count once per episode, alert, ack."""
         self.ack_due.add(store)
         if (store, stream) in self._rewinding:
@@ -273,7 +274,7 @@ class HqApplier:
                 last = self._last(c, store, stream)[0]
                 if mark.seq > self._limit(c, store, stream, last):
                     continue  # implausible: proves nothing, opens nothing
-                c.execute("UPDATE streams SET hwm = max(hwm, ?) WHERE store = ? AND stream = ?", (mark.seq, store, stream))
+                c.execute("UPDATE streams SET hwm = greatest(hwm, ?) WHERE store = ? AND stream = ?", (mark.seq, store, stream))
                 if mark.seq > last:
                     self._gaps.setdefault((store, stream), Gap(self._mono()))
         self._retry_snapshots(store)
@@ -281,7 +282,7 @@ class HqApplier:
     # ------------------------------------------------------------ sequenced streams
 
     @staticmethod
-    def _last(c: sqlite3.Connection, store: str, stream: str) -> tuple[int, str]:
+    def _last(c: Tx, store: str, stream: str) -> tuple[int, str]:
         row = c.execute("SELECT last_seq, last_id FROM streams WHERE store = ? AND stream = ?", (store, stream)).fetchone()
         if row is None:
             c.execute("INSERT INTO streams(store, stream) VALUES (?, ?)", (store, stream))
@@ -289,14 +290,14 @@ class HqApplier:
         return row[0], row[1]
 
     @staticmethod
-    def _floor(c: sqlite3.Connection, store: str, stream: str) -> int:
+    def _floor(c: Tx, store: str, stream: str) -> int:
         row = c.execute("SELECT floor FROM floors WHERE store = ? AND stream = ?", (store, stream)).fetchone()
         return row[0] if row else 0
 
-    def _limit(self, c: sqlite3.Connection, store: str, stream: str, last: int) -> int:
+    def _limit(self, c: Tx, store: str, stream: str, last: int) -> int:
         return max(last, self._floor(c, store, stream)) + self.max_seq_jump
 
-    def _missing(self, c: sqlite3.Connection, store: str, stream: str, last: int, upto: int) -> int:
+    def _missing(self, c: Tx, store: str, stream: str, last: int, upto: int) -> int:
         """How many numbers in (last, upto] the store sent that never arrived: those below its seq floor
         were never sent (its outbox was rebuilt from a corrupt file and started there)."""
         floor = self._floor(c, store, stream)
@@ -321,9 +322,9 @@ class HqApplier:
                     c.execute("UPDATE streams SET duplicates = duplicates + 1 WHERE store = ? AND stream = ?", key)
                 return
             if env.seq > last + 1:
-                c.execute("UPDATE streams SET hwm = max(hwm, ?) WHERE store = ? AND stream = ?", (env.seq, *key))
+                c.execute("UPDATE streams SET hwm = greatest(hwm, ?) WHERE store = ? AND stream = ?", (env.seq, *key))
                 cur = c.execute(
-                    "INSERT OR IGNORE INTO stash(store, stream, seq, payload) VALUES (?,?,?,?)",
+                    "INSERT INTO stash(store, stream, seq, payload) VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
                     (*key, env.seq, payload),
                 )
                 if not cur.rowcount:
@@ -341,7 +342,7 @@ class HqApplier:
         if env.stream in (DELTA, SNAPSHOT):
             self._retry_snapshots(env.store)
 
-    def _drain_stash(self, c: sqlite3.Connection, store: str, stream: str, last: int) -> list[Applied]:
+    def _drain_stash(self, c: Tx, store: str, stream: str, last: int) -> list[Applied]:
         applied = []
         c.execute("DELETE FROM stash WHERE store = ? AND stream = ? AND seq <= ?", (store, stream, last))
         while True:
@@ -365,7 +366,7 @@ class HqApplier:
             self._gaps.pop((store, stream), None)
         return applied
 
-    def _apply(self, c: sqlite3.Connection, env: Envelope) -> list[Applied]:
+    def _apply(self, c: Tx, env: Envelope) -> list[Applied]:
         items = getattr(env.body, "items", None)
         extra: list[Applied] = []
         if env.stream == DELTA:
@@ -377,10 +378,11 @@ class HqApplier:
                 "INSERT INTO inventory(store, zone, gtin, qty)",
                 4,
                 [(env.store, z, g, q) for (z, g), q in sums.items()],
-                " ON CONFLICT(store, zone, gtin) DO UPDATE SET qty = qty + excluded.qty",
+                " ON CONFLICT(store, zone, gtin) DO UPDATE SET qty = inventory.qty + excluded.qty",
             )
             # What this message changed, so a snapshot older than it can still be brought forward.
-            c.execute("INSERT OR REPLACE INTO inv_journal(store, seq, sums, id) VALUES (?,?,?,?)",
+            c.execute("INSERT INTO inv_journal(store, seq, sums, id) VALUES (?,?,?,?)"
+                      " ON CONFLICT(store, seq) DO UPDATE SET sums = excluded.sums, id = excluded.id",
                       (env.store, env.seq, json.dumps(list(sums.items()), separators=(",", ":")), env.id))
             if env.seq % 64 == 0:  # pruned now and then: a statement per message is a tenth of the apply
                 c.execute("DELETE FROM inv_journal WHERE store = ? AND seq <= ?", (env.store, env.seq - JOURNAL_KEEP))
@@ -388,9 +390,15 @@ class HqApplier:
             extra = self._snapshot_part(c, env)
         else:
             if env.stream == LABELS:  # keep the newest state per label: what HQ's price-integrity view reads
+                # One row per label, the one the items in order would leave: PostgreSQL refuses an
+                # upsert that touches a row twice.
+                newest: dict[str, Any] = {}
+                for it in items or ():
+                    if it.label not in newest or it.ts >= newest[it.label].ts:
+                        newest[it.label] = it
                 insert_rows(
                     c, "INSERT INTO labels(store, label, ts, state)", 4,
-                    [(env.store, it.label, it.ts.timestamp(), it.model_dump_json()) for it in items or ()],
+                    [(env.store, it.label, it.ts.timestamp(), it.model_dump_json()) for it in newest.values()],
                     " ON CONFLICT(store, label) DO UPDATE SET ts = excluded.ts, state = excluded.state"
                     " WHERE excluded.ts >= labels.ts",
                 )
@@ -399,16 +407,18 @@ class HqApplier:
                 c.executemany("UPDATE commands_out SET answered_at = ? WHERE store = ? AND cmd_id = ?",
                               [(self.clock.now(), env.store, it.cmd_id) for it in items or ()])
             c.execute(
-                "INSERT OR REPLACE INTO messages(store, stream, seq, ts, historical, body) VALUES (?,?,?,?,?,?)",
+                "INSERT INTO messages(store, stream, seq, ts, historical, body) VALUES (?,?,?,?,?,?)"
+                " ON CONFLICT(store, stream, seq) DO UPDATE SET ts = excluded.ts, historical = excluded.historical,"
+                " body = excluded.body",
                 (env.store, env.stream, env.seq, env.ts.timestamp(), int(env.historical),
                  env.body.model_dump_json()),  # type: ignore[attr-defined]
             )
         now = self.clock.now()
         facts = len(items) if items is not None else 1
         c.execute(
-            "UPDATE streams SET last_seq = ?1, last_id = ?2, hwm = max(hwm, ?1), applied = applied + 1, facts = facts + ?3,"
-            " historical = historical + ?4, last_ts = ?5, last_sent = ?6, last_applied_at = ?7 WHERE store = ?8 AND stream = ?9",
-            (env.seq, env.id, facts, int(env.historical), env.ts.timestamp(), env.sent.timestamp(), now, env.store,
+            "UPDATE streams SET last_seq = ?, last_id = ?, hwm = greatest(hwm, ?), applied = applied + 1, facts = facts + ?,"
+            " historical = historical + ?, last_ts = ?, last_sent = ?, last_applied_at = ? WHERE store = ? AND stream = ?",
+            (env.seq, env.id, env.seq, facts, int(env.historical), env.ts.timestamp(), env.sent.timestamp(), now, env.store,
              env.stream),
         )
         self._rewinding.discard((env.store, env.stream))
@@ -436,13 +446,13 @@ class HqApplier:
 
     # ------------------------------------------------------------ snapshots
 
-    def _snapshot_part(self, c: sqlite3.Connection, env: Envelope) -> list[Applied]:
+    def _snapshot_part(self, c: Tx, env: Envelope) -> list[Applied]:
         b: Any = env.body
         if c.execute("SELECT 1 FROM snapshots WHERE store = ? AND snapshot_id = ?", (env.store, b.snapshot_id)).fetchone():
             return []
         c.execute(
-            "INSERT OR IGNORE INTO snapshot_parts(store, snapshot_id, part, parts, as_of_seq, as_of_id, items)"
-            " VALUES (?,?,?,?,?,?,?)",
+            "INSERT INTO snapshot_parts(store, snapshot_id, part, parts, as_of_seq, as_of_id, items)"
+            " VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
             (env.store, b.snapshot_id, b.part, b.parts, b.as_of_seq, b.as_of_id,
              json.dumps([[i.zone, i.gtin, i.qty] for i in b.items])),
         )
@@ -480,7 +490,7 @@ class HqApplier:
                 self._waiting_snapshots.discard(store)
         self._notify(applied)
 
-    def _install_snapshot(self, c: sqlite3.Connection, store: str, sid: str, as_of: int, as_of_id: str) -> list[Applied]:
+    def _install_snapshot(self, c: Tx, store: str, sid: str, as_of: int, as_of_id: str) -> list[Applied]:
         levels: dict[tuple[str, str], int] = {}
         for (items,) in c.execute(
             "SELECT items FROM snapshot_parts WHERE store = ? AND snapshot_id = ? ORDER BY part", (store, sid)
@@ -498,8 +508,8 @@ class HqApplier:
         if as_of_id and held and as_of_id != held:
             self._rewind(c, store, DELTA, f"snapshot {sid} is as of {as_of_id} at seq {as_of}, HQ applied {held}")
             c.execute(
-                "INSERT OR IGNORE INTO snapshots(store, snapshot_id, as_of_seq, applied_at, outcome, mismatches)"
-                " VALUES (?,?,?,?,?,?)", (store, sid, as_of, self.clock.now(), "foreign", 0))
+                "INSERT INTO snapshots(store, snapshot_id, as_of_seq, applied_at, outcome, mismatches)"
+                " VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING", (store, sid, as_of, self.clock.now(), "foreign", 0))
             log.warning("snapshot %s for %s as of seq %d is from another timeline; not installed", sid, store, as_of)
             return []
         if as_of < last:
@@ -546,7 +556,8 @@ class HqApplier:
             c.execute("UPDATE resyncs SET done_at = ? WHERE store = ? AND done_at IS NULL", (self.clock.now(), store))
             self._resync_sent.pop(store, None)
         c.execute(
-            "INSERT OR IGNORE INTO snapshots(store, snapshot_id, as_of_seq, applied_at, outcome, mismatches) VALUES (?,?,?,?,?,?)",
+            "INSERT INTO snapshots(store, snapshot_id, as_of_seq, applied_at, outcome, mismatches) VALUES (?,?,?,?,?,?)"
+            " ON CONFLICT DO NOTHING",
             (store, sid, as_of, self.clock.now(), outcome, mismatches),
         )
         log.info("snapshot %s for %s as of seq %d (HQ at %d): %s, %d keys differed", sid, store, as_of, last,
@@ -646,14 +657,14 @@ class HqApplier:
         self._issued_at[(store, cmd_id)] = self._mono()
         return o
 
-    def _replay(self, c: sqlite3.Connection, store: str, stream: str, from_seq: int, gap: Gap, now: float) -> Outgoing:
+    def _replay(self, c: Tx, store: str, stream: str, from_seq: int, gap: Gap, now: float) -> Outgoing:
         gap.replays += 1
         gap.asked_at = now
         c.execute("UPDATE streams SET replays = replays + 1 WHERE store = ? AND stream = ?", (store, stream))
         log.info("%s %s: missing from seq %d; asking the store to replay", store, stream, from_seq)
         return self.command(store, "replay", {"stream": stream, "from_seq": from_seq})
 
-    def _resync(self, c: sqlite3.Connection, store: str, now: float) -> Outgoing:
+    def _resync(self, c: Tx, store: str, now: float) -> Outgoing:
         o = self.command(store, "inventory.resync", {"reason": "gap in inventory/delta"})
         self._resync_sent[store] = now
         c.execute("INSERT INTO resyncs(store, cmd_id, requested_at) VALUES (?,?,?)",

@@ -24,7 +24,7 @@ from ..httpbody import read_body
 from ..rfid.epcis import document as epcis_document
 from ..sync.mqtt_client import Connection
 from .applier import Applied, HqApplier, Outgoing
-from .store import HqStore
+from .store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class HqReceiver:
     ) -> None:
         self.cfg = cfg
         self.clock = clock or RealClock()
-        self.db = HqStore(cfg.hq.db_path)
+        self.db = open_store(cfg.hq)
         self._out = out if out is not None else sys.stdout
         self._extra_on_applied = on_applied
         self._window: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])

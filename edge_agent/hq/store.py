@@ -1,112 +1,110 @@
-"""HQ's store of record (SQLite): applied state and, per (store, stream), the last applied seq.
+"""HQ's store of record: applied state and, per (store, stream), the last applied seq.
 
 State and ``last_seq`` change in the same transaction, so a message is applied exactly once however
 often the broker redelivers it and wherever the receiver is killed.
+
+One applier runs on either backend (SQLite: ``sqlite_store.py``, PostgreSQL: ``pg_store.py``) through
+``HqStore``: a transaction, a read, and SQL in the one dialect both run: ``?`` placeholders, ``ON
+CONFLICT`` upserts, ``greatest(a, b)`` (PostgreSQL's own, a registered function in SQLite), target
+columns qualified in ``DO UPDATE`` (PostgreSQL reads a bare name as ambiguous with ``excluded``).
+A value the backend cannot hold raises ``Unstorable`` and rolls its transaction back, on both.
+
+The schema is versioned: ``migrations/<dialect>/NNNN_name.sql``, applied in order in one transaction
+that also records them in ``schema_version``.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
+import re
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..clock import parse_rfc3339
-from ..sync.outbox import add_missing_columns
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS streams(
-  store TEXT NOT NULL, stream TEXT NOT NULL,
-  last_seq INTEGER NOT NULL DEFAULT 0,
-  applied INTEGER NOT NULL DEFAULT 0,
-  facts INTEGER NOT NULL DEFAULT 0,
-  historical INTEGER NOT NULL DEFAULT 0,
-  duplicates INTEGER NOT NULL DEFAULT 0,
-  gaps INTEGER NOT NULL DEFAULT 0,
-  lost INTEGER NOT NULL DEFAULT 0,
-  last_ts REAL, last_sent REAL, last_applied_at REAL,
-  last_id TEXT NOT NULL DEFAULT '',
-  hwm INTEGER NOT NULL DEFAULT 0,
-  rewinds INTEGER NOT NULL DEFAULT 0,
-  replays INTEGER NOT NULL DEFAULT 0,
-  PRIMARY KEY(store, stream)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS commands_out(
-  store TEXT NOT NULL, cmd_id TEXT NOT NULL, payload BLOB NOT NULL, issued_at REAL NOT NULL, answered_at REAL,
-  PRIMARY KEY(store, cmd_id)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS commands_unanswered ON commands_out(answered_at) WHERE answered_at IS NULL;
-CREATE TABLE IF NOT EXISTS inv_journal(
-  store TEXT NOT NULL, seq INTEGER NOT NULL, sums TEXT NOT NULL, id TEXT NOT NULL DEFAULT '',
-  PRIMARY KEY(store, seq)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS alerts(
-  id INTEGER PRIMARY KEY, at REAL NOT NULL, store TEXT NOT NULL, kind TEXT NOT NULL, message TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS inventory(
-  store TEXT NOT NULL, zone TEXT NOT NULL, gtin TEXT NOT NULL, qty INTEGER NOT NULL,
-  PRIMARY KEY(store, zone, gtin)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS stash(
-  store TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL, payload BLOB NOT NULL,
-  PRIMARY KEY(store, stream, seq)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS snapshot_parts(
-  store TEXT NOT NULL, snapshot_id TEXT NOT NULL, part INTEGER NOT NULL, parts INTEGER NOT NULL,
-  as_of_seq INTEGER NOT NULL, items TEXT NOT NULL, as_of_id TEXT NOT NULL DEFAULT '',
-  PRIMARY KEY(store, snapshot_id, part)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS snapshots(
-  store TEXT NOT NULL, snapshot_id TEXT NOT NULL, as_of_seq INTEGER NOT NULL, applied_at REAL NOT NULL,
-  outcome TEXT NOT NULL, mismatches INTEGER NOT NULL, PRIMARY KEY(store, snapshot_id)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS messages(
-  store TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL,
-  historical INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY(store, stream, seq)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS status(
-  store TEXT PRIMARY KEY, state TEXT NOT NULL, boot_id TEXT, connection INTEGER, at REAL NOT NULL,
-  instance TEXT NOT NULL DEFAULT '', identity_conflicts INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS resyncs(
-  store TEXT NOT NULL, cmd_id TEXT NOT NULL, requested_at REAL NOT NULL, done_at REAL,
-  PRIMARY KEY(store, cmd_id)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS floors(
-  store TEXT NOT NULL, stream TEXT NOT NULL, floor INTEGER NOT NULL, PRIMARY KEY(store, stream)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS labels(
-  store TEXT NOT NULL, label TEXT NOT NULL, ts REAL NOT NULL, state TEXT NOT NULL,
-  PRIMARY KEY(store, label)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS rejected(
-  id INTEGER PRIMARY KEY, at REAL NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL, payload BLOB);
-"""
-# Columns added since the first release, for HQ databases made before them.
-MIGRATIONS = (
-    ("streams", "last_id", "TEXT NOT NULL DEFAULT ''"),
-    ("streams", "hwm", "INTEGER NOT NULL DEFAULT 0"),
-    ("streams", "rewinds", "INTEGER NOT NULL DEFAULT 0"),
-    ("streams", "replays", "INTEGER NOT NULL DEFAULT 0"),
-    ("status", "instance", "TEXT NOT NULL DEFAULT ''"),
-    ("status", "identity_conflicts", "INTEGER NOT NULL DEFAULT 0"),
-    ("snapshot_parts", "as_of_id", "TEXT NOT NULL DEFAULT ''"),
-)
+if TYPE_CHECKING:
+    from ..config import HqConfig
+
+_MIGRATION = re.compile(r"(\d{4})_\w+\.sql")
 
 
-class HqStore:
-    def __init__(self, path: Path | str, synchronous: str = "FULL") -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute(f"PRAGMA synchronous={synchronous}")
-        self.conn.executescript(SCHEMA)
-        add_missing_columns(self.conn, MIGRATIONS)
+class Unstorable(ValueError):
+    """A value the database cannot hold: a number past 64 bits (both), a NUL in text (PostgreSQL)."""
+
+
+class Cursor(Protocol):
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Tx(Protocol):
+    """A connection inside one transaction (sqlite3.Connection itself, or PgStore's thin wrapper)."""
+
+    def execute(self, sql: str, params: Sequence[Any] = (), /) -> Cursor: ...
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> object: ...
+
+
+class HqStore(ABC):
+    dialect: str  # the migrations/ folder of this backend
+
+    def __init__(self) -> None:
+        # One writer at a time within the process, as the applier's read-then-write steps assume.
         self.lock = threading.RLock()
 
-    @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        with self.lock:
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            self.conn.execute("COMMIT")
+    @abstractmethod
+    def tx(self) -> AbstractContextManager[Tx]:
+        """One transaction, serialised against every other writer of the database (other processes too)."""
 
-    def read(self, sql: str, params: tuple = ()) -> list[tuple]:
-        with self.lock:
-            return self.conn.execute(sql, params).fetchall()
+    @abstractmethod
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def _script(self, c: Tx, sql: str) -> None:
+        """Run a migration file (several statements, no parameters) inside the transaction ``c``."""
+
+    @abstractmethod
+    def _adopt(self, c: Tx) -> None:
+        """Bring a database made before versioned migrations to version 1 (just after version 1 ran)."""
+
+    def migrate(self) -> int:
+        """Apply the migrations the database lacks, all in one transaction (a crash leaves it as it
+        was); returns the schema version. A database newer than this code is refused, not guessed at."""
+        files = sorted(
+            (int(m.group(1)), f.name, f.read_text(encoding="utf-8"))
+            for f in resources.files("edge_agent.hq").joinpath("migrations", self.dialect).iterdir()
+            if (m := _MIGRATION.fullmatch(f.name))
+        )
+        with self.tx() as c:
+            c.execute("CREATE TABLE IF NOT EXISTS schema_version("
+                      "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)")
+            current = c.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+            if current > files[-1][0]:
+                raise RuntimeError(f"the HQ database is at schema version {current}; this edge-agent knows"
+                                   f" up to {files[-1][0]} (a newer release made it)")
+            for version, name, sql in files:
+                if version <= current:
+                    continue
+                self._script(c, sql)
+                if version == 1:
+                    self._adopt(c)
+                c.execute("INSERT INTO schema_version(version, name, applied_at) VALUES (?,?,?)",
+                          (version, name, time.time()))
+                current = version
+        return current
 
     def inventory(self, store: str) -> dict[tuple[str, str], int]:
         return {
@@ -157,6 +155,15 @@ class HqStore:
         return [dict(zip(cols, r, strict=True)) for r in self.read(
             f"SELECT {', '.join(cols)} FROM alerts ORDER BY id DESC LIMIT ?", (limit,))]
 
-    def close(self) -> None:
-        with self.lock:
-            self.conn.close()
+
+
+def open_store(hq: HqConfig) -> HqStore:
+    """The configured backend: PostgreSQL when ``hq.database`` names one, else SQLite at ``hq.db_path``."""
+    # Imported here: both backends import this module for HqStore.
+    if hq.database:
+        from .pg_store import PgStore
+
+        return PgStore(hq.database)
+    from .sqlite_store import SqliteStore
+
+    return SqliteStore(hq.db_path)

@@ -1,0 +1,73 @@
+"""HQ's store of record on SQLite: one file, for a single HQ process (the default, and the tests')."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..sync.outbox import add_missing_columns
+from .store import HqStore, Tx, Unstorable
+
+# Columns the releases before versioned migrations added in place (CREATE TABLE IF NOT EXISTS, then
+# these): a database they made may lack any of them, and gets them when it is adopted as version 1.
+UNVERSIONED_COLUMNS = (
+    ("streams", "last_id", "TEXT NOT NULL DEFAULT ''"),
+    ("streams", "hwm", "INTEGER NOT NULL DEFAULT 0"),
+    ("streams", "rewinds", "INTEGER NOT NULL DEFAULT 0"),
+    ("streams", "replays", "INTEGER NOT NULL DEFAULT 0"),
+    ("status", "instance", "TEXT NOT NULL DEFAULT ''"),
+    ("status", "identity_conflicts", "INTEGER NOT NULL DEFAULT 0"),
+    ("snapshot_parts", "as_of_id", "TEXT NOT NULL DEFAULT ''"),
+)
+
+
+class SqliteStore(HqStore):
+    dialect = "sqlite"
+
+    def __init__(self, path: Path | str, synchronous: str = "FULL") -> None:
+        super().__init__()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute(f"PRAGMA synchronous={synchronous}")
+        # PostgreSQL's name for the two-argument max, so the applier's SQL is one text for both.
+        self.conn.create_function("greatest", 2, max, deterministic=True)
+        self.migrate()
+
+    @contextmanager
+    def tx(self) -> Iterator[Tx]:
+        with self.lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException as e:
+                self.conn.execute("ROLLBACK")
+                if isinstance(e, OverflowError):  # a Python int past SQLite's 64 bits
+                    raise Unstorable(str(e)) from e
+                raise
+            self.conn.execute("COMMIT")
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        with self.lock:
+            return self.conn.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+    def _script(self, c: Tx, sql: str) -> None:
+        # Statement by statement: executescript would commit the open transaction first.
+        stmt = ""
+        for line in sql.splitlines(keepends=True):
+            stmt += line
+            if sqlite3.complete_statement(stmt):
+                c.execute(stmt)
+                stmt = ""
+        if stmt.strip():
+            c.execute(stmt)  # a last statement without its ";" (or a trailing comment)
+
+    def _adopt(self, c: Tx) -> None:
+        add_missing_columns(self.conn, UNVERSIONED_COLUMNS)  # the connection c is
