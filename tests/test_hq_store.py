@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.clock import VirtualClock
+from edge_agent.config import ConfigError, HqFileConfig, load_config
 from edge_agent.hq.applier import HqApplier
 from edge_agent.hq.sqlite_store import SqliteStore
 from edge_agent.inventory.book import Delta, InventoryBook
@@ -77,3 +78,15 @@ def test_a_value_the_database_cannot_hold_rolls_back_the_whole_transaction(hq_ba
         c.execute("INSERT INTO streams(store, stream, last_seq) VALUES (?,?,?)", ("S001", "health", 5))
         c.execute("UPDATE streams SET last_seq = ? WHERE store = ?", (2**63, "S001"))
     assert store.read("SELECT count(*) FROM streams") == [(0,)]
+
+
+def test_hq_database_must_be_a_postgresql_uri_and_not_beside_db_path(tmp_path: Path) -> None:
+    cfg = tmp_path / "hq.toml"
+    cfg.write_text('[hq]\nclient_id = "x"\ndatabase = "hq.db"\n')
+    with pytest.raises(ConfigError, match=r"hq.toml:3: hq.database: .*PostgreSQL URI"):
+        load_config(cfg, env={}, model=HqFileConfig)
+    cfg.write_text('[hq]\ndb_path = "hq.db"\ndatabase = "postgresql://hq@localhost/hq"\n')
+    with pytest.raises(ConfigError, match=r"hq.database \(PostgreSQL\) or hq.db_path \(SQLite\), not both"):
+        load_config(cfg, env={}, model=HqFileConfig)
+    cfg.write_text('[hq]\ndatabase = "postgresql://hq@localhost/hq"\n')
+    assert load_config(cfg, env={}, model=HqFileConfig).hq.database == "postgresql://hq@localhost/hq"
