@@ -70,6 +70,11 @@ CREATE TABLE IF NOT EXISTS labels(
   PRIMARY KEY(store, label)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rejected(
   id INTEGER PRIMARY KEY, at REAL NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL, payload BLOB);
+CREATE TABLE IF NOT EXISTS audit(
+  id INTEGER PRIMARY KEY, at REAL NOT NULL, who TEXT NOT NULL, request TEXT NOT NULL, store TEXT NOT NULL,
+  cmd_id TEXT NOT NULL, name TEXT NOT NULL, args TEXT NOT NULL, result TEXT, result_at REAL,
+  UNIQUE(store, cmd_id));
+CREATE INDEX IF NOT EXISTS audit_request ON audit(request);
 """
 # Columns added since the first release, for HQ databases made before them.
 MIGRATIONS = (
@@ -156,6 +161,25 @@ class HqStore:
         cols = ("at", "store", "kind", "message")
         return [dict(zip(cols, r, strict=True)) for r in self.read(
             f"SELECT {', '.join(cols)} FROM alerts ORDER BY id DESC LIMIT ?", (limit,))]
+
+    def audit(self, *, before: int | None = None, limit: int = 100, request: str | None = None) -> list[dict]:
+        """Audit rows, newest first, with ids below ``before`` (a cursor that new rows never shift);
+        ``request``: only the commands of one HTTP request (a POST /prices)."""
+        cols = ("id", "at", "who", "request", "store", "cmd_id", "name", "args", "result", "result_at")
+        rows = self.read(
+            f"SELECT {', '.join(cols)} FROM audit WHERE id < ? AND (? IS NULL OR request = ?) ORDER BY id DESC LIMIT ?",
+            (before if before is not None else 2**63 - 1, request, request, limit))
+        out = [dict(zip(cols, r, strict=True)) for r in rows]
+        for a in out:
+            a["args"] = json.loads(a["args"])
+            a["result"] = json.loads(a["result"]) if a["result"] else None
+        return out
+
+    def store_ids(self, *, after: str = "", limit: int = 100) -> list[str]:
+        """The stores HQ has heard of, in id order, from just after ``after``."""
+        return [r[0] for r in self.read(
+            "SELECT store FROM streams WHERE store > ?1 UNION SELECT store FROM status WHERE store > ?1 ORDER BY 1 LIMIT ?2",
+            (after, limit))]
 
     def close(self) -> None:
         with self.lock:
