@@ -140,6 +140,26 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hq_token(args: argparse.Namespace) -> int:
+    """A new API token for HQ's write endpoints: the token once on stderr (HQ never stores it), the
+    hash line for hq.api_tokens or hq.api_tokens_file on stdout."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from .config import TokenName
+    from .hq.api import new_token, token_hash
+
+    try:
+        TypeAdapter(TokenName).validate_python(args.name)
+    except ValidationError:
+        print(f"--name {args.name!r}: 1-64 letters, digits, '_', '.', '@' or '-'", file=sys.stderr)
+        return 2
+    token = new_token()
+    print(f"# the token for {args.name} (shown once; send it as Authorization: Bearer <token>):", file=sys.stderr)
+    print(f"# {token}", file=sys.stderr)
+    print(f'{args.name} = "{token_hash(token)}"')
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from simulators.store_replay import run_demo
 
@@ -177,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--out", required=True, help="folder for <name>.key (0600) and <name>.pub")
     k.add_argument("--name", help="the store id; without it, HQ's pair hq.key/hq.pub")
     k.set_defaults(fn=_keygen)
+    t = sub.add_parser("hq-token", help="make an API token for HQ's POST /cmd and /prices; prints its hash line")
+    t.add_argument("--name", required=True, help="who holds it: the name the audit log shows")
+    t.set_defaults(fn=_hq_token)
     d = sub.add_parser("demo", help="replay a simulated store: brokers, simulators, agent, HQ receiver, dashboard")
     d.add_argument("--seconds", type=float, default=20.0)
     d.add_argument("--facts", type=int, default=20_000)

@@ -290,6 +290,11 @@ class LogConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+# An API token's name (the "who" of HQ's audit log) and the hash HQ keeps of it (`edge-agent hq-token`).
+TokenName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")]
+TokenHash = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
+
+
 class HqConfig(Section):
     db_path: Path = Path("var/hq.db")  # SQLite, unless database is given
     # PostgreSQL instead: a libpq URI (postgresql://user@host:5432/hq); a password may come from
@@ -307,6 +312,11 @@ class HqConfig(Section):
     http_port: int = Field(8780, ge=0, le=65535)
     print_applied: bool = True
     signing: HqSigningConfig = HqSigningConfig()
+    # Who may send commands over HTTP (POST /cmd, /prices): name = "sha256:<hex>", hashes only. With
+    # none, the write API answers 401 to everyone; the read-only GETs need no token.
+    api_tokens: dict[TokenName, TokenHash] = {}
+    # A TOML file of such lines (what `edge-agent hq-token` prints), merged into api_tokens.
+    api_tokens_file: Path | None = None
 
     @field_validator("database")
     @classmethod
@@ -570,6 +580,10 @@ class _StoreKeys(RootModel[dict[StoreId, PublicKeyText]]):
     """hq.signing.keys_file: ``S001 = "<base64 public key>"``, one store a line."""
 
 
+class _ApiTokens(RootModel[dict[TokenName, TokenHash]]):
+    """hq.api_tokens_file: ``alice = "sha256:<hex>"``, one token a line."""
+
+
 def _load_key_files(cfg: M, path: Path, text: str) -> M:
     """Read the key files now, so check-config reports a missing or wrong one with its key and line.
 
@@ -605,6 +619,17 @@ def _load_key_files(cfg: M, path: Path, text: str) -> M:
                 issue(f"hq.signing.keys.{store}", f"also in {keys_file}; give each store's key once")
             sig = cfg.hq.signing.model_copy(update={"keys": cfg.hq.signing.keys | stored})
             cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"signing": sig})})
+    tokens_file = cfg.hq.api_tokens_file
+    if isinstance(cfg, HqFileConfig) and tokens_file is not None:
+        try:
+            tokens_text = tokens_file.read_text(encoding="utf-8")
+        except OSError as e:
+            issue("hq.api_tokens_file", f"cannot read {tokens_file}: {e.strerror or e}")
+        else:
+            listed = _validate(tokens_file, tokens_text, _parse(tokens_file, tokens_text), _ApiTokens, {}).root
+            for name in sorted(listed.keys() & cfg.hq.api_tokens.keys()):
+                issue(f"hq.api_tokens.{name}", f"also in {tokens_file}; give each token once")
+            cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"api_tokens": cfg.hq.api_tokens | listed})})
     if issues:
         raise ConfigError(path, issues)
     return cfg
@@ -632,6 +657,7 @@ def _resolve_paths(cfg: M, base: Path) -> M:
                 update={
                     "db_path": rel(hq.db_path),
                     "signing": hq.signing.model_copy(update=rel_fields(hq.signing, "key_file", "keys_file")),
+                    **rel_fields(hq, "api_tokens_file"),
                 }
             ),
             "mqtt": cfg.mqtt.model_copy(

@@ -54,16 +54,23 @@ def read_body(handler: BaseHTTPRequestHandler, limit: int, reply: Reply) -> byte
     try:
         return _read(handler, _length(handler, limit))
     except _Refused as e:
-        handler.close_connection = True
-        gone = _answer(handler, reply, e.status, str(e))
-        if not gone:
-            _linger(handler.connection)
-        log.info("HTTP %s: %d, %s%s", where, e.status, e, "; the client had gone" if gone else "")
+        refuse(handler, e.status, str(e), reply)
     except _Short as e:
         handler.close_connection = True
         gone = e.gone or _answer(handler, reply, 400, str(e))
         log.info("HTTP %s: %s; %s", where, e, "the client had gone" if gone else "answered 400")
     return None
+
+
+def refuse(handler: BaseHTTPRequestHandler, status: int, reason: str, reply: Reply) -> None:
+    """Answer a request whose body will not be read (too long, unauthorised, ...), then close its
+    connection after a short lingering read, so a client still sending sees the answer, not a reset."""
+    where = f"{handler.command} {handler.path.split('?')[0][:200]} from {handler.client_address[0]}"
+    handler.close_connection = True
+    gone = _answer(handler, reply, status, reason)
+    if not gone:
+        _linger(handler.connection)
+    log.info("HTTP %s: %d, %s%s", where, status, reason, "; the client had gone" if gone else "")
 
 
 def _length(handler: BaseHTTPRequestHandler, limit: int) -> int:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from edge_agent.hq.api import new_token, token_hash
+
 from .esl_controller import SimulatedAccessPoint
 from .esl_store import cents
 from .esl_store import gtin as esl_gtin
@@ -55,13 +57,21 @@ def _get(url: str) -> dict:
         return json.loads(r.read())
 
 
-def _post_cmd(http: str, name: str, args: dict) -> None:
+# The demo's operator: HQ's config holds only this token's hash (hq.api_tokens), as in production.
+TOKEN = new_token()
+
+
+def _post(http: str, path: str, body: dict) -> None:
     req = urllib.request.Request(
-        f"{http}/cmd", data=json.dumps({"store": STORE, "name": name, "args": args}).encode(),
-        headers={"Content-Type": "application/json"}, method="POST",
+        f"{http}{path}", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}, method="POST",
     )
     with urllib.request.urlopen(req, timeout=5):  # noqa: S310 - loopback only
         pass
+
+
+def _post_cmd(http: str, name: str, args: dict) -> None:
+    _post(http, "/cmd", {"store": STORE, "name": name, "args": args})
 
 
 def _wait(pred: Callable[[], bool], timeout: float) -> bool:
@@ -77,7 +87,15 @@ def _wait(pred: Callable[[], bool], timeout: float) -> bool:
 
 
 def _hq_inventory(http: str) -> dict[tuple[str, str], int]:
-    return {(r["zone"], r["gtin"]): r["qty"] for r in _get(f"{http}/inventory?store={STORE}")}  # type: ignore[index]
+    """Every page of HQ's /inventory (the next one is named in the Link header)."""
+    out: dict[tuple[str, str], int] = {}
+    url: str | None = f"{http}/inventory?store={STORE}&limit=500"
+    while url:
+        with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - loopback only
+            out |= {(it["zone"], it["gtin"]): it["qty"] for it in json.loads(r.read())}
+            link = r.headers.get("Link")
+        url = f"{http}{link[1:link.index('>')]}" if link else None
+    return out
 
 
 RFID_SPEED = 60.0  # virtual seconds per real second
@@ -134,9 +152,10 @@ class ShelfLabels:
                 "mismatch_deadline_s = 30.0\n")
 
     def set_prices(self, http: str, gtins: list[str], version: int) -> None:
-        for g in gtins:
+        for g in gtins:  # POST /prices: one call per price, for every store that carries it (here, one)
             self.price_of[g] = cents(self.rng.randint(100, 5000))
-            _post_cmd(http, "price.set", {"gtin": g, "price": self.price_of[g], "currency": "EUR", "version": version})
+            _post(http, "/prices", {"stores": [STORE], "price": {"gtin": g, "price": self.price_of[g],
+                                                                  "currency": "EUR", "version": version}})
 
     def wrong(self) -> int:
         return sum((self.ap.displayed(m) or {}).get("price") != self.price_of.get(g) for m, g in self.gtin_of.items())
@@ -254,6 +273,8 @@ port = {broker.port}
 db_path = "hq.db"
 http_port = {http_port}
 reorder_window_s = 1.0
+[hq.api_tokens]
+demo = "{token_hash(TOKEN)}"
 """,
     )
     env = dict(os.environ, PYTHONUNBUFFERED="1", YOLO_OFFLINE="1")
@@ -272,7 +293,7 @@ reorder_window_s = 1.0
         _wait(lambda: _get(f"{http}/state")["status"].get(STORE, {}).get("state") == "online", 30)
         rfid.start()
         _say(f"shelf labels: HQ binds {len(labels.gtin_of)} e-paper labels to {len(set(labels.gtin_of.values()))} "
-             f"products and sets their prices (POST /cmd esl.bind, price.set); the labels sit behind a simulated "
+             f"products and sets their prices (POST /cmd esl.bind, POST /prices); the labels sit behind a simulated "
              f"OpenEPaperLink access point at {labels.ap.url}")
         _post_cmd(http, "esl.bind", {"items": [{"label": m, "gtin": g} for m, g in labels.gtin_of.items()]})
         _wait(lambda: any(s["stream"] == "cmd-result" for s in _get(f"{http}/state")["streams"]), 30)

@@ -13,6 +13,7 @@ import pytest
 from edge_agent import cli
 from edge_agent.clock import VirtualClock
 from edge_agent.config import AgentConfig, ConfigError, HqFileConfig, load_config
+from edge_agent.hq.api import token_owner
 from edge_agent.sync.outbox import Outbox
 
 from .helpers import REPO
@@ -362,6 +363,20 @@ def test_keys_file_merges_with_the_table_but_never_twice(tmp_path: Path) -> None
     (issue,) = e.value.issues
     assert (issue.key, issue.line) == ("hq.signing.keys.S001", 4) and "also in" in issue.message
 
+
+
+def test_api_tokens_file_is_merged_and_its_errors_name_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["hq-token", "--name", "alice"]) == 0
+    out = capsys.readouterr()
+    token = out.err.splitlines()[-1].removeprefix("# ")
+    write(tmp_path / "tokens.toml", out.out)
+    conf = write(tmp_path / "hq.toml", '[hq]\napi_tokens_file = "tokens.toml"\n[hq.api_tokens]\nbob = "sha256:' + "0" * 64 + '"\n')
+    cfg = load_config(conf, env={}, model=HqFileConfig)
+    assert token_owner(f"Bearer {token}", cfg.hq.api_tokens) == "alice" and set(cfg.hq.api_tokens) == {"alice", "bob"}
+    tokens = write(tmp_path / "tokens.toml", out.out + 'carol = "plain-text-token"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(conf, env={}, model=HqFileConfig)
+    assert e.value.path == tokens and [(i.key, i.line) for i in e.value.issues] == [("carol", 2)]
 
 RFID_SETUPS = """\
 [store]

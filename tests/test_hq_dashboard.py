@@ -41,7 +41,7 @@ def test_dashboard_page_and_every_endpoint_it_reads(tmp_path: Path, broker: Mosq
                           [(s, st, q, json.dumps(b)) for s, st, q, b in rows])
         status, ctype, page = fetch(f"{base}/dashboard")
         assert status == 200 and ctype.startswith("text/html") and b"HQ receiver" in page
-        for path in sorted(set(re.findall(r'get\(`?"?(/[a-z]+)', page.decode()))):
+        for path in sorted(set(re.findall(r'(?:get|pages)\(`?"?(/[a-z]+)', page.decode()))):
             status, ctype, _ = fetch(f"{base}{path}?store=S001")
             assert status == 200 and ctype == "application/json", path
         traffic = json.loads(fetch(f"{base}/traffic?store=S001")[2])

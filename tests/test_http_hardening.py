@@ -19,6 +19,7 @@ import pytest
 
 from edge_agent import httpbody
 from edge_agent.config import ReaderHttpConfig
+from edge_agent.hq.api import token_hash
 from edge_agent.rfid.sources import MAX_PAYLOAD, HttpReaderSource, ReaderIntake
 from simulators.mosquitto import Mosquitto, free_port
 
@@ -32,6 +33,7 @@ class Server:
     path: str
     limit: int
     good: bytes  # a body the server accepts with 202
+    auth: tuple[str, ...] = ()  # the headers a write needs besides its body's (HQ: a token, JSON)
 
 
 @pytest.fixture(params=["agent", "hq"])
@@ -48,15 +50,18 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
         ob.close()
     else:
         broker: Mosquitto = request.getfixturevalue("broker")
-        hq = start_hq(tmp_path, broker.port, http_port=free_port())
+        hq = start_hq(tmp_path, broker.port, http_port=free_port(), api_tokens={"tester": token_hash("t0ken")})
         assert hq.http is not None
+        with hq.db.tx() as c:  # a store HQ knows, so a command to it is taken
+            c.execute("INSERT INTO status(store, state, at) VALUES ('S001', 'online', 0)")
         yield Server(hq.http.server_address[1], "/cmd", 1 << 20,
-                     json.dumps({"store": "S001", "name": "inventory.resync", "args": {"reason": "test"}}).encode())
+                     json.dumps({"store": "S001", "name": "inventory.resync", "args": {"reason": "test"}}).encode(),
+                     ("Authorization: Bearer t0ken", "Content-Type: application/json"))
         hq.stop()
 
 
 def head(srv: Server, *headers: str) -> bytes:
-    return "\r\n".join([f"POST {srv.path} HTTP/1.1", "Host: 127.0.0.1", *headers, "", ""]).encode()
+    return "\r\n".join([f"POST {srv.path} HTTP/1.1", "Host: 127.0.0.1", *srv.auth, *headers, "", ""]).encode()
 
 
 def status(reply: bytes) -> int | None:

@@ -114,6 +114,7 @@ class HqApplier:
         resync_retry_s: float = 15.0,
         max_seq_jump: int = 100_000,
         on_applied: Callable[[Applied], None] | None = None,
+        on_rejected: Callable[[str], None] | None = None,
         verify: Callable[[str, bytes], str | None] | None = None,
         sign: Callable[[dict[str, Any]], bytes] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
@@ -125,6 +126,7 @@ class HqApplier:
         self.resync_retry_s = resync_retry_s
         self.max_seq_jump = max_seq_jump
         self.on_applied = on_applied
+        self.on_rejected = on_rejected  # (reason), for HQ's metrics
         self._verify = verify  # (store, payload) -> None if authentic, else the reason
         self._sign = sign  # dict -> signed JSON bytes, for commands and acks
         self._mono = monotonic
@@ -185,6 +187,8 @@ class HqApplier:
 
     def _reject(self, topic: str, reason: str, payload: bytes) -> None:
         self.figures.rejected += 1
+        if self.on_rejected:
+            self.on_rejected(reason)
         log.warning("rejected message on %s: %s", topic, reason)
         with self.db.tx() as c:
             c.execute(
@@ -406,6 +410,10 @@ class HqApplier:
                 self._replay_answers(env.store, items or ())
                 c.executemany("UPDATE commands_out SET answered_at = ? WHERE store = ? AND cmd_id = ?",
                               [(self.clock.now(), env.store, it.cmd_id) for it in items or ()])
+                # The audit log shows what became of each operator's command.
+                c.executemany("UPDATE audit SET result = ?, result_at = ? WHERE store = ? AND cmd_id = ?",
+                              [(it.model_dump_json(include={"status", "reason", "detail"}), self.clock.now(),
+                                env.store, it.cmd_id) for it in items or ()])
             c.execute(
                 "INSERT INTO messages(store, stream, seq, ts, historical, body) VALUES (?,?,?,?,?,?)"
                 " ON CONFLICT(store, stream, seq) DO UPDATE SET ts = excluded.ts, historical = excluded.historical,"
@@ -647,13 +655,19 @@ class HqApplier:
             self._issued_at = {k: v for k, v in self._issued_at.items() if k in {(r[0], r[1]) for r in rows}}
         return out
 
-    def issue(self, store: str, name: str, args: dict[str, Any]) -> Outgoing:
-        """An operator's command: kept until the store's cmd-result names it, and published again until then."""
+    def issue(self, store: str, name: str, args: dict[str, Any], *, who: str | None = None,
+              request: str = "") -> Outgoing:
+        """An operator's command: kept until the store's cmd-result names it, and published again until then.
+        ``who`` (an API token's name) puts it in the audit log, in the same transaction: no command goes
+        out that the log does not show."""
         o = self.command(store, name, args)
         cmd_id = json.loads(o.payload)["id"]
         with self.db.tx() as c:
             c.execute("INSERT INTO commands_out(store, cmd_id, payload, issued_at) VALUES (?,?,?,?)",
                       (store, cmd_id, o.payload, self.clock.now()))
+            if who is not None:
+                c.execute("INSERT INTO audit(at, who, request, store, cmd_id, name, args) VALUES (?,?,?,?,?,?,?)",
+                          (self.clock.now(), who, request, store, cmd_id, name, json.dumps(args, sort_keys=True)))
         self._issued_at[(store, cmd_id)] = self._mono()
         return o
 

@@ -16,17 +16,34 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import paho.mqtt.client as mqtt
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from ulid import ULID
 
 from ..authenticity import hq_encoder, uplink_check
 from ..clock import Clock, RealClock, parse_rfc3339
 from ..config import HqFileConfig
-from ..httpbody import read_body
+from ..contract import COMMAND_ARGS
+from ..httpbody import read_body, refuse
 from ..rfid.epcis import document as epcis_document
 from ..sync.mqtt_client import Connection
+from .api import (
+    MAX_PRICE_STORES,
+    PAGE_DEFAULT,
+    CommandRequest,
+    PricesRequest,
+    is_json,
+    next_link,
+    page_query,
+    token_owner,
+)
 from .applier import Applied, HqApplier, Outgoing
+from .metrics import HqMetrics
 from .store import open_store
 
 log = logging.getLogger(__name__)
+
+SNAPSHOTS_PER_STORE = 10  # /state shows each store's newest snapshots, not its whole history
 
 
 class HqReceiver:
@@ -43,6 +60,7 @@ class HqReceiver:
         self._out = out if out is not None else sys.stdout
         self._extra_on_applied = on_applied
         self._window: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+        self.metrics = HqMetrics(self.db, lambda: self.conn.connected.is_set(), self.clock.now)
         self.applier = HqApplier(
             self.db,
             self.clock,
@@ -51,6 +69,7 @@ class HqReceiver:
             resync_retry_s=cfg.hq.resync_retry_s,
             max_seq_jump=cfg.hq.max_seq_jump,
             on_applied=self._applied,
+            on_rejected=self.metrics.on_rejected,
             verify=uplink_check(cfg.hq.signing),
             sign=hq_encoder(cfg.hq.signing),
         )
@@ -99,7 +118,9 @@ class HqReceiver:
         # Applied before paho sends the PUBACK (it acks after this callback returns), so a crash
         # here means redelivery, never loss.
         with self._lock:
+            t0 = time.perf_counter()
             out = self.applier.receive(msg.topic, bytes(msg.payload), retained=bool(msg.retain))
+            self.metrics.apply_seconds.observe(time.perf_counter() - t0)
             if time.monotonic() - self._acked_at >= self.cfg.hq.ack_interval_s:
                 out += self._take_acks()
         self._send(out)
@@ -117,9 +138,11 @@ class HqReceiver:
                 continue
             client.publish(o.topic, o.payload, qos=1)
 
-    def send_command(self, store: str, name: str, args: dict[str, Any]) -> str:
+    def send_command(self, store: str, name: str, args: dict[str, Any], *, who: str = "local",
+                     request: str = "") -> str:
+        """Issue an operator's command, audited under ``who`` (an API token's name; "local" in-process)."""
         with self._lock:
-            o = self.applier.issue(store, name, args)
+            o = self.applier.issue(store, name, args, who=who, request=request)
         self._send([o])
         return json.loads(o.payload)["id"]
 
@@ -143,6 +166,7 @@ class HqReceiver:
     # ------------------------------------------------------------ output
 
     def _applied(self, a: Applied) -> None:
+        self.metrics.applied(a)
         w = self._window[(a.store, a.stream)]
         w[0] += 1
         w[1] += a.facts
@@ -162,20 +186,38 @@ class HqReceiver:
             )
         self._window.clear()
 
-    def state(self) -> dict[str, Any]:
+    def known_store(self, store: str) -> bool:
+        """A store HQ has heard from, or holds a key of: commands to any other are refused."""
+        return store in self.cfg.hq.signing.keys or bool(self.db.read(
+            "SELECT 1 FROM status WHERE store = ? UNION ALL SELECT 1 FROM streams WHERE store = ? LIMIT 1",
+            (store, store)))
+
+    def state(self, *, after: str = "", limit: int = PAGE_DEFAULT, store: str | None = None) -> dict[str, Any]:
+        """One page of stores (in id order, after ``after``), or the one ``store``: their status, streams
+        and newest snapshots, with the chain's newest alerts. Bounded whatever the chain's history."""
         now = self.clock.now()
         with self._lock:
-            streams = self.db.stream_stats()
+            if store is not None:
+                stores = [store] if self.known_store(store) else []
+            else:
+                stores = self.db.store_ids(after=after, limit=limit)
+            if not stores:  # and "IN ()", which PostgreSQL refuses, is never built
+                return {"stores": [], "status": {}, "streams": [], "snapshots": [], "alerts": self.db.alerts(),
+                        "rejected": self.applier.figures.rejected, "connected": self.conn.connected.is_set()}
+            page = set(stores)
+            marks = ",".join("?" * len(stores))
+            streams = [s for s in self.db.stream_stats() if s["store"] in page]
             status = {r[0]: {"state": r[1], "boot_id": r[2], "connection": r[3], "instance": r[4],
                              "identity_conflicts": r[5]}
                       for r in self.db.read(
-                          "SELECT store, state, boot_id, connection, instance, identity_conflicts FROM status")}
-            stores = sorted({s["store"] for s in streams} | set(status))
+                          "SELECT store, state, boot_id, connection, instance, identity_conflicts FROM status"
+                          f" WHERE store IN ({marks})", tuple(stores))}
             snapshots = [
-                dict(zip(("store", "snapshot_id", "as_of_seq", "outcome", "mismatches"), r, strict=True))
+                dict(zip(("store", "snapshot_id", "as_of_seq", "outcome", "mismatches"), r[:5], strict=True))
                 for r in self.db.read(
-                    "SELECT store, snapshot_id, as_of_seq, outcome, mismatches FROM snapshots ORDER BY applied_at"
-                )
+                    "SELECT store, snapshot_id, as_of_seq, outcome, mismatches, applied_at FROM (SELECT *, row_number()"
+                    " OVER (PARTITION BY store ORDER BY applied_at DESC) AS n FROM snapshots"
+                    f" WHERE store IN ({marks})) AS newest WHERE n <= ? ORDER BY applied_at", (*stores, SNAPSHOTS_PER_STORE))
             ]
             alerts = self.db.alerts()
         for s in streams:
@@ -185,36 +227,78 @@ class HqReceiver:
                 "alerts": alerts, "rejected": self.applier.figures.rejected,
                 "connected": self.conn.connected.is_set()}
 
+    def price_progress(self, request: str, before: int | None, limit: int) -> list[dict[str, Any]]:
+        """Per store, for one POST /prices: its command's cmd-result and how many of the labels bound to
+        the product show the price (and how many are still waiting for the label to take it)."""
+        out = []
+        with self._lock:
+            for a in self.db.audit(before=before, limit=limit, request=request):
+                price = a["args"]
+                shown = [lb for lb in self.db.labels(a["store"]) if lb.get("gtin") == price.get("gtin")]
+                out.append({"id": a["id"], "store": a["store"], "cmd_id": a["cmd_id"], "result": a["result"],
+                            "labels": len(shown),
+                            "showing": sum(lb.get("price") == price.get("price")
+                                           and lb.get("currency") == price.get("currency") for lb in shown),
+                            "pending": sum(bool(lb.get("pending_since")) for lb in shown)})
+        return out
+
 
 def _handler(rx: HqReceiver) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, fmt: str, *args: Any) -> None:
             log.debug("http: " + fmt, *args)
 
-        def _send(self, code: int, data: bytes, ctype: str) -> None:
+        def _send(self, code: int, data: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
             self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(data)
 
-        def _json(self, code: int, body: Any) -> None:
-            self._send(code, json.dumps(body, default=str).encode(), "application/json")
+        def _json(self, code: int, body: Any, headers: dict[str, str] | None = None) -> None:
+            self._send(code, json.dumps(body, default=str).encode(), "application/json", headers)
+
+        def _error(self, code: int, why: str) -> None:
+            # A 401 says how to authenticate (RFC 6750); nothing else about the tokens.
+            self._json(code, {"error": why}, {"WWW-Authenticate": 'Bearer realm="edge-hq"'} if code == 401 else None)
+
+        def _paged(self, body: dict[str, Any], link: str | None) -> None:
+            self._json(200, body | {"next": link}, {"Link": f'<{link}>; rel="next"'} if link else None)
 
         def do_GET(self) -> None:
             url = urlparse(self.path)
             q = parse_qs(url.query)
+            try:
+                page = page_query(q)
+            except ValidationError as e:
+                self._json(400, {"error": f"bad limit/cursor: {e.errors()[0]['msg']}"})
+                return
             if url.path in ("/", "/state"):
-                self._json(200, rx.state())
+                st = rx.state(after=page.cursor or "", limit=page.limit, store=q["store"][0] if "store" in q else None)
+                last = st["stores"][-1] if st["stores"] and "store" not in q else None
+                self._paged(st, next_link("/state", q, page, len(st["stores"]), last))
+            elif url.path == "/stores":
+                ids = rx.db.store_ids(after=page.cursor or "", limit=page.limit)
+                self._paged({"stores": ids}, next_link("/stores", q, page, len(ids), ids[-1] if ids else None))
             elif url.path == "/healthz":
                 self._json(200 if rx.conn.connected.is_set() else 503, {"connected": rx.conn.connected.is_set()})
+            elif url.path == "/metrics":
+                self._send(200, generate_latest(rx.metrics.registry), CONTENT_TYPE_LATEST)
             elif url.path == "/inventory" and "store" in q:
-                with rx._lock:
-                    inv = rx.db.inventory(q["store"][0])
-                self._json(200, [{"zone": z, "gtin": g, "qty": n} for (z, g), n in sorted(inv.items())])
+                # The cursor is the last row's "zone<TAB>gtin"; the list itself stays the body, the next
+                # page is in the Link header.
+                zone, _, gtin = (page.cursor or "").partition("\t")
+                rows = rx.db.read("SELECT zone, gtin, qty FROM inventory WHERE store = ? AND qty != 0"
+                                  " AND (zone, gtin) > (?, ?) ORDER BY zone, gtin LIMIT ?",
+                                  (q["store"][0], zone, gtin, page.limit))
+                link = next_link("/inventory", q, page, len(rows), f"{rows[-1][0]}\t{rows[-1][1]}" if rows else None)
+                self._json(200, [{"zone": z, "gtin": g, "qty": n} for z, g, n in rows],
+                           {"Link": f'<{link}>; rel="next"'} if link else None)
             elif url.path == "/dashboard":
-                page = resources.files("edge_agent.hq").joinpath("dashboard.html").read_bytes()
-                self._send(200, page, "text/html; charset=utf-8")
+                page_html = resources.files("edge_agent.hq").joinpath("dashboard.html").read_bytes()
+                self._send(200, page_html, "text/html; charset=utf-8")
             elif url.path == "/traffic" and "store" in q:
                 with rx._lock:
                     traffic = rx.db.traffic(q["store"][0])
@@ -230,27 +314,90 @@ def _handler(rx: HqReceiver) -> type[BaseHTTPRequestHandler]:
                     events = rx.db.epcis_events(q["store"][0], since, until)
                 self._json(200, epcis_document(events, time.time()))
             elif url.path == "/labels" and "store" in q:
-                with rx._lock:
-                    labels = rx.db.labels(q["store"][0])
-                judged = [lb["matches_hq"] for lb in labels if lb.get("matches_hq") is not None]
-                self._json(200, {"labels": labels, "showing_hq_price": sum(judged), "with_hq_price": len(judged)})
+                store = q["store"][0]
+                labels = [json.loads(r[0]) for r in rx.db.read(
+                    "SELECT state FROM labels WHERE store = ? AND label > ? ORDER BY label LIMIT ?",
+                    (store, page.cursor or "", page.limit))]
+                # The price-integrity figures are the whole store's, whichever page this is (counted here:
+                # SQLite and PostgreSQL spell JSON access differently; a store has thousands of labels, not more).
+                judged_all = [m for (state,) in rx.db.read("SELECT state FROM labels WHERE store = ?", (store,))
+                              if (m := json.loads(state).get("matches_hq")) is not None]
+                showing, judged = sum(m is True for m in judged_all), len(judged_all)
+                link = next_link("/labels", q, page, len(labels), labels[-1]["label"] if labels else None)
+                self._paged({"labels": labels, "showing_hq_price": showing, "with_hq_price": judged}, link)
+            elif url.path in ("/audit", "/prices"):
+                if url.path == "/prices" and "request" not in q:
+                    self._json(400, {"error": "GET /prices needs ?request=<the id POST /prices answered>"})
+                    return
+                try:
+                    before = int(page.cursor) if page.cursor else None
+                except ValueError:
+                    self._json(400, {"error": "bad cursor"})
+                    return
+                request = q["request"][0] if "request" in q else None
+                if url.path == "/audit":
+                    rows = rx.db.audit(before=before, limit=page.limit, request=request)
+                else:
+                    rows = rx.price_progress(str(request), before, page.limit)
+                link = next_link(url.path, q, page, len(rows), str(rows[-1]["id"]) if rows else None)
+                self._paged({"items": rows}, link)
             else:
                 self._json(404, {"error": f"no such resource {url.path}"})
 
         def do_POST(self) -> None:
             url = urlparse(self.path)
-            if url.path != "/cmd":
+            if url.path not in ("/cmd", "/prices"):
                 self._json(404, {"error": f"no such resource {url.path}"})
                 return
-            try:
-                body = read_body(self, 1 << 20, lambda code, why: self._json(code, {"error": why}))
-                if body is None:
-                    return
-                req = json.loads(body)
-                cmd_id = rx.send_command(str(req["store"]), str(req["name"]), dict(req.get("args", {})))
-            except (ValueError, KeyError, TypeError) as e:
-                self._json(400, {"error": f"bad command request: {e}"})
+            # Who and what kind, before a byte of the body is read.
+            who = token_owner(self.headers.get("Authorization"), rx.cfg.hq.api_tokens)
+            if who is None:
+                refuse(self, 401, "a valid API token is required: Authorization: Bearer <token>", self._error)
                 return
-            self._json(202, {"id": cmd_id})
+            if not is_json(self.headers.get("Content-Type")):
+                refuse(self, 415, "send Content-Type: application/json", self._error)
+                return
+            body = read_body(self, 1 << 20, self._error)
+            if body is None:
+                return
+            model = CommandRequest if url.path == "/cmd" else PricesRequest
+            try:
+                req = model.model_validate_json(body)
+            except ValidationError as e:
+                bad_json = any(err["type"] == "json_invalid" for err in e.errors())
+                self._error(400 if bad_json else 422, f"bad {url.path} request: {e.errors(include_url=False)}")
+                return
+            if isinstance(req, CommandRequest):
+                self._command(req, who)
+            else:
+                self._prices(req, who)
+
+        def _command(self, req: CommandRequest, who: str) -> None:
+            if not rx.known_store(req.store):
+                self._error(404, f"no store {req.store} is known to HQ")
+                return
+            args_model = COMMAND_ARGS.get(req.name)
+            if args_model is None:
+                self._error(422, f"no command {req.name!r}; the stores know {sorted(COMMAND_ARGS)}")
+                return
+            try:
+                args_model.model_validate(req.args)
+            except ValidationError as e:
+                self._error(422, f"bad args for {req.name}: {e.errors(include_url=False)}")
+                return
+            request = str(ULID())
+            cmd_id = rx.send_command(req.store, req.name, req.args, who=who, request=request)
+            self._json(202, {"id": cmd_id, "request": request, "audit": f"/audit?request={request}"})
+
+        def _prices(self, req: PricesRequest, who: str) -> None:
+            stores = rx.db.store_ids(limit=MAX_PRICE_STORES) if req.stores == "all" else list(dict.fromkeys(req.stores))
+            unknown = [s for s in stores if not rx.known_store(s)]
+            if unknown or not stores:
+                self._error(404, f"stores not known to HQ: {unknown[:20]}" if unknown else "HQ knows no store yet")
+                return
+            request = str(ULID())
+            args = req.price.model_dump(mode="json", exclude_none=True)
+            ids = [{"store": s, "id": rx.send_command(s, "price.set", args, who=who, request=request)} for s in stores]
+            self._json(202, {"request": request, "commands": ids, "progress": f"/prices?request={request}"})
 
     return Handler

@@ -155,6 +155,25 @@ class HqStore(ABC):
         return [dict(zip(cols, r, strict=True)) for r in self.read(
             f"SELECT {', '.join(cols)} FROM alerts ORDER BY id DESC LIMIT ?", (limit,))]
 
+    def audit(self, *, before: int | None = None, limit: int = 100, request: str | None = None) -> list[dict]:
+        """Audit rows, newest first, with ids below ``before`` (a cursor that new rows never shift);
+        ``request``: only the commands of one HTTP request (a POST /prices)."""
+        cols = ("id", "at", "who", "request", "store", "cmd_id", "name", "args", "result", "result_at")
+        one_request = "" if request is None else " AND request = ?"
+        rows = self.read(
+            f"SELECT {', '.join(cols)} FROM audit WHERE id < ?{one_request} ORDER BY id DESC LIMIT ?",
+            (before if before is not None else 2**63 - 1, *(() if request is None else (request,)), limit))
+        out = [dict(zip(cols, r, strict=True)) for r in rows]
+        for a in out:
+            a["args"] = json.loads(a["args"])
+            a["result"] = json.loads(a["result"]) if a["result"] else None
+        return out
+
+    def store_ids(self, *, after: str = "", limit: int = 100) -> list[str]:
+        """The stores HQ has heard of, in id order, from just after ``after``."""
+        return [r[0] for r in self.read(
+            "SELECT store FROM streams WHERE store > ? UNION SELECT store FROM status WHERE store > ? ORDER BY 1 LIMIT ?",
+            (after, after, limit))]
 
 
 def open_store(hq: HqConfig) -> HqStore:
