@@ -145,7 +145,7 @@ class Agent:
         self.downlink.register("price.set", self.esl.price_set)
         self.downlink.register("esl.bind", self.esl.bind)
         self.downlink.register("esl.flash", self.esl.flash)
-        if self.rfid is not None:  # what HQ has priced is what the store sells: RFID's catalogue
+        if self.rfid is not None and self.cfg.rfid.catalogue == "price_book":  # what HQ priced is what it sells
             self.rfid.catalogue = self.esl.book
 
     def _cycle_count(self, cmd: Command, args: CycleCountArgs) -> dict:  # type: ignore[override]

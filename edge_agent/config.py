@@ -211,6 +211,10 @@ class RfidConfig(Section):
     # GS1 company prefixes of the products this store sells; with HQ's catalogue (the price book), what keeps
     # other companies' tagged goods out of the book. Empty and no catalogue: every GTIN is taken, "unverified".
     company_prefixes: list[Annotated[str, StringConstraints(pattern=r"^[0-9]{6,12}$")]] = []
+    # "price_book": a GTIN HQ has priced (esl.enabled) is one the store sells, whatever its prefix. Only where HQ
+    # prices every product the store stocks: a price book of the labelled shelves alone would turn every
+    # other product's tags into foreign ones, and real stock would leave the book.
+    catalogue: Literal["none", "price_book"] = "none"
 
     @field_validator("epcis_location")
     @classmethod

@@ -253,6 +253,7 @@ enabled = true
 clock = "reads"
 departure_timeout_s = 60.0
 snapshot_interval_s = 0
+company_prefixes = {json.dumps(list(RFID_SIM.company_prefixes))}
 [rfid.mqtt]
 enabled = true
 port = {store_broker.port}
