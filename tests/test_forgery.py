@@ -18,11 +18,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent import signing
 from edge_agent.clock import rfc3339
+from edge_agent.hq.store import HqStore
 from edge_agent.sync.outbox import SealedMessage
 from simulators.inventory_feed import InventoryFeed
 from simulators.mosquitto import Mosquitto
 
-from .helpers import AgentProcess, agent_config, start_hq, wait_for
+from .helpers import AgentProcess, HqBackend, agent_config, start_hq, wait_for
 
 ZONES = ["backroom", "salesfloor"]
 SIM = {"seed": 5, "total": 2_000, "rate_per_s": 4_000, "batch": 100, "zones": ZONES, "gtins": 10}
@@ -32,12 +33,8 @@ STATE_TABLES = ("streams", "inventory", "stash", "snapshot_parts", "snapshots", 
                 "floors", "labels", "inv_journal", "alerts", "commands_out")
 
 
-def dump(db: Path) -> list[tuple[str, list[tuple[Any, ...]]]]:
-    conn = sqlite3.connect(db)
-    try:
-        return [(t, conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()) for t in STATE_TABLES]
-    finally:
-        conn.close()
+def dump(db: HqStore) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    return [(t, [tuple(r) for r in db.read(f"SELECT * FROM {t} ORDER BY 1, 2")]) for t in STATE_TABLES]
 
 
 def publish_all(port: int, msgs: list[tuple[str, bytes]]) -> None:
@@ -64,7 +61,9 @@ def uplink(key: Any, stream: str, type_: str, seq: int, body: dict[str, Any], pr
 
 
 @pytest.mark.slow
-def test_every_forgery_is_refused_and_hq_is_unchanged(tmp_path: Path, broker: Mosquitto) -> None:
+def test_every_forgery_is_refused_and_hq_is_unchanged(
+    tmp_path: Path, broker: Mosquitto, hq_backend: HqBackend
+) -> None:
     keys = tmp_path / "keys"
     _, _, s001_pub = signing.write_keypair(keys, "S001")
     signing.write_keypair(keys, "S002")
@@ -73,7 +72,7 @@ def test_every_forgery_is_refused_and_hq_is_unchanged(tmp_path: Path, broker: Mo
                        signing={"key_file": str(keys / "S001.key"), "hq_public_key": hq_pub,
                                 "require_signed_commands": True})
     hq = start_hq(tmp_path, broker.port, signing={"key_file": str(keys / "hq.key"), "keys": {"S001": s001_pub},
-                                                   "require_signatures": True})
+                                                   "require_signatures": True}, **hq_backend.config())
     agent = AgentProcess(cfg, tmp_path / "agent.log").start()
     truth = InventoryFeed(5, ZONES, 10).truth(2_000)
     prefix = "retail/v1/S001"
@@ -114,7 +113,7 @@ def test_every_forgery_is_refused_and_hq_is_unchanged(tmp_path: Path, broker: Mo
 
         assert agent.terminate() == 0
         wait_for(lambda: hq.db.read("SELECT state FROM status")[0][0] == "offline", 10, "the store's goodbye")
-        before = dump(hq.cfg.hq.db_path)
+        before = dump(hq.db)
         rejected_before = hq.db.read("SELECT count(*) FROM rejected")[0][0]
         last, last_id = hq.db.read("SELECT last_seq, last_id FROM streams WHERE stream = 'inventory/delta'")[0]
         s002 = signing.load_private_key(keys / "S002.key")
@@ -144,7 +143,7 @@ def test_every_forgery_is_refused_and_hq_is_unchanged(tmp_path: Path, broker: Mo
                  "every forgery refused")
         reasons = [r for (r,) in hq.db.read("SELECT reason FROM rejected ORDER BY id")][-len(forgeries):]
         assert all(r.startswith("signature:") for r in reasons), reasons
-        assert dump(hq.cfg.hq.db_path) == before  # HQ's state, byte for byte
+        assert dump(hq.db) == before  # HQ's state, byte for byte
         assert hq.db.inventory("S001") == truth
     finally:
         if agent.alive:

@@ -18,7 +18,7 @@ import pytest
 from simulators.inventory_feed import InventoryFeed
 from simulators.mosquitto import Mosquitto
 
-from .helpers import AgentProcess, agent_config, start_hq, wait_for
+from .helpers import AgentProcess, HqBackend, agent_config, start_hq, wait_for
 from .test_chaos import delta_stats
 
 ZONES = ["backroom", "salesfloor", "fitting-room", "pos"]
@@ -42,12 +42,14 @@ def main_file_seq(outbox: Path, tmp: Path) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["wal-frame-overwritten", "wal-deleted", "older-copy"])
-def test_rewound_outbox_is_detected_and_healed(tmp_path: Path, broker: Mosquitto, damage: str) -> None:
+def test_rewound_outbox_is_detected_and_healed(
+    tmp_path: Path, broker: Mosquitto, hq_backend: HqBackend, damage: str
+) -> None:
     total = 16_000
     cfg = agent_config(tmp_path, broker.port, sim={"seed": 17, "total": total, "rate_per_s": 2_000, "batch": 40,
                                                      "zones": ZONES, "gtins": 40}, health={"interval_s": 1.0})
     outbox = tmp_path / "outbox-S001.db"
-    hq = start_hq(tmp_path, broker.port)
+    hq = start_hq(tmp_path, broker.port, **hq_backend.config())
     wait_for(lambda: hq.conn.connected.is_set(), 10, "HQ to connect")
     agent = AgentProcess(cfg, tmp_path / "agent.log").start()
     truth = InventoryFeed(17, ZONES, 40).truth(total)
@@ -109,13 +111,15 @@ def test_rewound_outbox_is_detected_and_healed(tmp_path: Path, broker: Mosquitto
 
 
 @pytest.mark.slow
-def test_cloned_box_is_detected_and_hq_converges_once_it_is_gone(tmp_path: Path, broker: Mosquitto) -> None:
+def test_cloned_box_is_detected_and_hq_converges_once_it_is_gone(
+    tmp_path: Path, broker: Mosquitto, hq_backend: HqBackend
+) -> None:
     """A second box started from a copy of the first one's outbox, under the same store id: the two take
     the broker session from each other in turn. HQ must say so, and heal once the clone is stopped."""
     total = 12_000
     sim = {"seed": 19, "total": total, "rate_per_s": 2_000, "batch": 40, "zones": ZONES, "gtins": 40}
     cfg_a = agent_config(tmp_path, broker.port, sim=sim, health={"interval_s": 1.0})
-    hq = start_hq(tmp_path, broker.port)
+    hq = start_hq(tmp_path, broker.port, **hq_backend.config())
     wait_for(lambda: hq.conn.connected.is_set(), 10, "HQ to connect")
     a = AgentProcess(cfg_a, tmp_path / "agent-a.log").start()
     clone_dir = tmp_path / "clone"
