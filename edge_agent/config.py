@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -588,6 +589,21 @@ class _ApiTokens(RootModel[dict[TokenName, TokenHash]]):
     """hq.api_tokens_file: ``alice = "sha256:<hex>"``, one token a line."""
 
 
+def _merged_map_file(issue: Callable[[str, str], None], key: str, file: Path, model: type[RootModel[Any]],
+                     inline: dict[str, Any], what: str) -> dict[str, Any]:
+    """``inline`` (the ``key`` table) with the entries of ``file`` (the ``key + "_file"`` setting, same shape);
+    an entry in both is an issue: which one counts must not depend on a merge rule."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as e:
+        issue(f"{key}_file", f"cannot read {file}: {e.strerror or e}")
+        return inline
+    listed = _validate(file, text, _parse(file, text), model, {}).root
+    for name in sorted(listed.keys() & inline.keys()):
+        issue(f"{key}.{name}", f"also in {file}; give each {what} once")
+    return inline | listed
+
+
 def _load_key_files(cfg: M, path: Path, text: str) -> M:
     """Read the key files now, so check-config reports a missing or wrong one with its key and line.
 
@@ -611,29 +627,15 @@ def _load_key_files(cfg: M, path: Path, text: str) -> M:
             issue(own_key, f"cannot read {own_path}: {e.strerror or e}")
         except ValueError as e:
             issue(own_key, f"{own_path} is not an Ed25519 private key in PKCS8 PEM: {e}")
-    keys_file = cfg.hq.signing.keys_file
-    if isinstance(cfg, HqFileConfig) and keys_file is not None:
-        try:
-            keys_text = keys_file.read_text(encoding="utf-8")
-        except OSError as e:
-            issue("hq.signing.keys_file", f"cannot read {keys_file}: {e.strerror or e}")
-        else:
-            stored = _validate(keys_file, keys_text, _parse(keys_file, keys_text), _StoreKeys, {}).root
-            for store in sorted(stored.keys() & cfg.hq.signing.keys.keys()):
-                issue(f"hq.signing.keys.{store}", f"also in {keys_file}; give each store's key once")
-            sig = cfg.hq.signing.model_copy(update={"keys": cfg.hq.signing.keys | stored})
-            cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"signing": sig})})
-    tokens_file = cfg.hq.api_tokens_file
-    if isinstance(cfg, HqFileConfig) and tokens_file is not None:
-        try:
-            tokens_text = tokens_file.read_text(encoding="utf-8")
-        except OSError as e:
-            issue("hq.api_tokens_file", f"cannot read {tokens_file}: {e.strerror or e}")
-        else:
-            listed = _validate(tokens_file, tokens_text, _parse(tokens_file, tokens_text), _ApiTokens, {}).root
-            for name in sorted(listed.keys() & cfg.hq.api_tokens.keys()):
-                issue(f"hq.api_tokens.{name}", f"also in {tokens_file}; give each token once")
-            cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"api_tokens": cfg.hq.api_tokens | listed})})
+    if isinstance(cfg, HqFileConfig) and cfg.hq.signing.keys_file is not None:
+        keys = _merged_map_file(issue, "hq.signing.keys", cfg.hq.signing.keys_file, _StoreKeys,
+                                cfg.hq.signing.keys, "store's key")
+        sig = cfg.hq.signing.model_copy(update={"keys": keys})
+        cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"signing": sig})})
+    if isinstance(cfg, HqFileConfig) and cfg.hq.api_tokens_file is not None:
+        tokens = _merged_map_file(issue, "hq.api_tokens", cfg.hq.api_tokens_file, _ApiTokens, cfg.hq.api_tokens,
+                                  "token")
+        cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"api_tokens": tokens})})
     if issues:
         raise ConfigError(path, issues)
     return cfg

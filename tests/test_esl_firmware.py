@@ -97,16 +97,27 @@ def test_a_record_cut_by_the_json_pool_keeps_what_it_has() -> None:
 # ---------------------------------------------------------------- the rule, pure
 
 
+def image(byte: str) -> str:
+    """A content hash as processXferComplete stores it: 8 bytes of an md5, 8 zero bytes."""
+    return byte * 8 + "0" * 16
+
+
 def engine() -> Reconciler:
+    """A label that reported image "aa" after 5 completed transfers."""
     e = Reconciler(ReconcileParams())
-    e.observe(report("aa" * 8 + "0" * 16, 5), T0)
+    e.observe(report(image("aa"), 5), T0)
     return e
+
+
+def send(e: Reconciler, content: LabelContent, at: float) -> None:
+    """What the adapter's send returns: the hash and count read back right after the upload."""
+    e.sent(SendReceipt(LABEL, None, hash_before=image("aa"), count_before=5), content, at)
 
 
 def test_a_zero_hash_after_a_send_never_confirms() -> None:
     """A tag rebooting with nothing pending (or a refresh) after our send: hash zero, count unchanged."""
     e = engine()
-    e.sent(SendReceipt(LABEL, None, hash_before="aa" * 8 + "0" * 16, count_before=5), WANT, T0 + 1)
+    send(e, WANT, T0 + 1)
     e.observe(report(None, 5, seen=T0 + 30), T0 + 31)
     assert e.labels[LABEL].shown is None
 
@@ -114,27 +125,27 @@ def test_a_zero_hash_after_a_send_never_confirms() -> None:
 def test_a_command_completing_after_a_send_never_confirms() -> None:
     """A PICK flash run before the image: the count moves and the hash changes, to the command's payload."""
     e = engine()
-    e.sent(SendReceipt(LABEL, None, hash_before="aa" * 8 + "0" * 16, count_before=5), WANT, T0 + 1)
+    send(e, WANT, T0 + 1)
     e.observe(report(None, 6, seen=T0 + 30), T0 + 31)  # the adapter reports a command's payload as no hash
     assert e.labels[LABEL].shown is None
-    e.observe(report("bb" * 8 + "0" * 16, 7, seen=T0 + 35), T0 + 36)
+    e.observe(report(image("bb"), 7, seen=T0 + 35), T0 + 36)
     assert e.labels[LABEL].shown == WANT
 
 
 def test_a_new_hash_without_a_completed_transfer_never_confirms() -> None:
     e = engine()
-    e.sent(SendReceipt(LABEL, None, hash_before="aa" * 8 + "0" * 16, count_before=5), WANT, T0 + 1)
-    e.observe(report("bb" * 8 + "0" * 16, 5, seen=T0 + 30), T0 + 31)
+    send(e, WANT, T0 + 1)
+    e.observe(report(image("bb"), 5, seen=T0 + 30), T0 + 31)
     assert e.labels[LABEL].shown is None
 
 
 def test_a_reboot_unproves_what_was_shown() -> None:
     e = engine()
-    e.sent(SendReceipt(LABEL, None, hash_before="aa" * 8 + "0" * 16, count_before=5), WANT, T0 + 1)
-    e.observe(report("bb" * 8 + "0" * 16, 6, seen=T0 + 30), T0 + 31)
+    send(e, WANT, T0 + 1)
+    e.observe(report(image("bb"), 6, seen=T0 + 30), T0 + 31)
     assert e.labels[LABEL].shown == WANT
     # it rebooted with something queued: the hash stays, the e-paper shows the boot screen
-    e.observe(report("bb" * 8 + "0" * 16, 6, pending=True, seen=T0 + 90, rebooted=True), T0 + 91)
+    e.observe(report(image("bb"), 6, pending=True, seen=T0 + 90, rebooted=True), T0 + 91)
     assert e.labels[LABEL].shown is None
     assert e.plan({LABEL: WANT}, T0 + 92, 10) == [(LABEL, WANT)]  # sent again at once
 
@@ -143,21 +154,21 @@ def test_a_send_overlapping_an_unconfirmed_one_waits_for_its_own_transfer() -> N
     """queueDataAvail replaces the queued image, but the first change after the second send may still be
     the first send's image: it is not taken as the second's."""
     e = engine()
-    e.sent(SendReceipt(LABEL, None, hash_before="aa" * 8 + "0" * 16, count_before=5), OTHER, T0 + 1)
-    e.sent(SendReceipt(LABEL, None, hash_before="aa" * 8 + "0" * 16, count_before=5), WANT, T0 + 2)
-    e.observe(report("cc" * 8 + "0" * 16, 6, seen=T0 + 30), T0 + 31)
+    send(e, OTHER, T0 + 1)
+    send(e, WANT, T0 + 2)
+    e.observe(report(image("cc"), 6, seen=T0 + 30), T0 + 31)
     assert e.labels[LABEL].shown is None
-    e.observe(report("dd" * 8 + "0" * 16, 7, seen=T0 + 70), T0 + 71)
+    e.observe(report(image("dd"), 7, seen=T0 + 70), T0 + 71)
     assert e.labels[LABEL].shown == WANT
 
 
 def test_a_dropped_send_goes_again_at_once() -> None:
     """processXferTimeout (or an AP restart) drops the queue: seen pending, then neither pending nor new."""
     e = engine()
-    e.sent(SendReceipt(LABEL, None, hash_before="aa" * 8 + "0" * 16, count_before=5), WANT, T0 + 1)
-    e.observe(report("aa" * 8 + "0" * 16, 5, pending=True, seen=T0 + 2), T0 + 3)
+    send(e, WANT, T0 + 1)
+    e.observe(report(image("aa"), 5, pending=True, seen=T0 + 2), T0 + 3)
     assert e.plan({LABEL: WANT}, T0 + 4, 10) == []  # held by the AP: the label fetches it itself
-    e.observe(report("aa" * 8 + "0" * 16, 5, pending=False, seen=T0 + 40), T0 + 41)
+    e.observe(report(image("aa"), 5, pending=False, seen=T0 + 40), T0 + 41)
     assert e.plan({LABEL: WANT}, T0 + 42, 10) == [(LABEL, WANT)]  # long before resend_after_s
 
 

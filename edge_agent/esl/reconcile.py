@@ -20,7 +20,8 @@ refresh or a reboot) shows it again; any other hash, no hash, or a reboot makes 
 never the HQ price, so it gets sent again. A send the label holds but has not fetched is left alone (the
 label retries at each check-in) until ``resend_after_s``, unless the controller dropped it: neither pending
 nor changed after it was seen pending, or after a check-in ``dropped_after_s`` past the send with no
-transfer (a transfer that timed out, a rebooted AP that forgot its queue); then it goes again at once. A send that fails is retried with exponential backoff and jitter.
+transfer (a transfer that timed out, a rebooted AP that forgot its queue); then it goes again at once.
+A send that fails is retried with exponential backoff and jitter.
 
 An alert or ``esl/state`` change counts as raised only once the service has committed it: inside
 ``atomic()``, what ``assess`` and ``state_changes`` mark is unmarked again if the block raises.

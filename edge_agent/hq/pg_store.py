@@ -63,10 +63,6 @@ class PgStore(HqStore):
         with self.lock:
             return self._c.execute(sql, params).fetchall()
 
-    def close(self) -> None:
-        with self.lock:
-            self.conn.close()
-
     def _script(self, c: Tx, sql: str) -> None:
         c.execute(sql)
 

@@ -54,10 +54,6 @@ class SqliteStore(HqStore):
         with self.lock:
             return self.conn.execute(sql, params).fetchall()
 
-    def close(self) -> None:
-        with self.lock:
-            self.conn.close()
-
     def _script(self, c: Tx, sql: str) -> None:
         # Statement by statement: executescript would commit the open transaction first.
         stmt = ""

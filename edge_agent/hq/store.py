@@ -57,6 +57,7 @@ class Tx(Protocol):
 
 class HqStore(ABC):
     dialect: str  # the migrations/ folder of this backend
+    conn: Any  # the backend's one connection (sqlite3 or psycopg), closed by close()
 
     def __init__(self) -> None:
         # One writer at a time within the process, as the applier's read-then-write steps assume.
@@ -69,8 +70,9 @@ class HqStore(ABC):
     @abstractmethod
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]: ...
 
-    @abstractmethod
-    def close(self) -> None: ...
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
 
     @abstractmethod
     def _script(self, c: Tx, sql: str) -> None:
