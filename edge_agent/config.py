@@ -305,7 +305,12 @@ class HqConfig(Section):
     # PostgreSQL instead: a libpq URI (postgresql://user@host:5432/hq); a password may come from
     # PGPASSWORD or ~/.pgpass rather than this file.
     database: str | None = None
-    client_id: str = "edge-hq"
+    client_id: str = "edge-hq"  # one per receiver: two receivers with one id take the session from each other
+    # Several receivers share the stores' traffic: each subscribes through $share/<share_group>/...
+    # (MQTT v5 shared subscriptions); unset, one receiver takes all of it.
+    share_group: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$")
+    # Messages applied in one transaction at most (group commit); each is acked to the broker after it commits.
+    batch_max: int = Field(500, ge=1, le=100_000)
     reorder_window_s: float = Field(2.0, ge=0)
     resync_retry_s: float = Field(15.0, gt=0)
     # A seq further than this past the last applied (or a store's announced seq floor) is refused as

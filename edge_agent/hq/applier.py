@@ -22,7 +22,19 @@ Rules, per (store, stream):
   sealed. One older than what HQ applied is brought forward with the journal of the deltas applied
   since (kept for the last ``JOURNAL_KEEP`` messages), so a resync never races the live stream.
 
-Timers (reorder window, retries) run on an injected monotonic clock; the wall clock only stamps.
+Any number of receivers may run this applier on one database at once (MQTT shared subscriptions
+hand each a share of every store's messages): everything a later message, a store's answer or another
+receiver needs is in the database, written under the store's lock (``HqStore.tx``): the stash, the
+high-water mark, what the store said it no longer holds, an open rewind, its recent births, when a
+replay was asked and when an unanswered command was last sent. Each receiver discovers open gaps from
+the database (every ``DISCOVER_S``), so one killed with a gap open leaves it to the others.
+
+A receiver hands the applier a batch of messages (``receive_batch``): one transaction, each message in
+a savepoint of it, so a bad one undoes only itself and the batch commits once (group commit).
+
+Timers (reorder window, retries) run on each receiver's injected monotonic clock; the wall clock
+stamps, and is what receivers compare across processes, only to ask a store for a replay, a resync
+or a command once rather than once per receiver.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +75,7 @@ CMD_RESULT = "cmd-result"
 MAX_PAYLOAD = 16 * 1024 * 1024
 JOURNAL_KEEP = 4096
 CLONE_QUIET_S = 10.0
+DISCOVER_S = 1.0  # how often a receiver looks in the database for gaps and snapshots others left open
 
 
 class Implausible(ValueError):
@@ -95,12 +108,11 @@ class Figures:
 
 @dataclass
 class Gap:
-    """An open gap in one stream: since when (monotonic), and the replays asked so far."""
+    """An open gap in one stream, as this receiver sees it: since when (monotonic), and when it last
+    asked (or saw asked) for a replay."""
 
     since: float
-    replays: int = 0
     asked_at: float | None = None
-    unavailable_to: int = 0  # the store said it no longer holds seqs up to here
 
 
 class HqApplier:
@@ -133,25 +145,51 @@ class HqApplier:
         self.figures = Figures()
         self.ack_due: set[str] = set()  # stores whose ack should go out (after the commit that moved them)
         self._gaps: dict[tuple[str, str], Gap] = {}
-        self._resync_sent: dict[str, float] = {}
-        self._rewinding: set[tuple[str, str]] = set()  # one rewind counted per episode
+        self._waiting_snapshots: set[str] = set()
+        self._pending: list[Applied] | None = None  # applied in the open batch, told once it commits
+        self._discovered_at = -1e9
+        self._discover()
+
+    def _discover(self) -> None:
+        """Open gaps and waiting snapshots, whoever left them (another receiver, or this one before a restart)."""
         now = self._mono()
-        for st, stream in store.read(
+        self._discovered_at = now
+        for st, stream in self.db.read(
             "SELECT DISTINCT store, stream FROM stash UNION SELECT store, stream FROM streams WHERE hwm > last_seq"
         ):
-            self._gaps[(st, stream)] = Gap(now)
-        self._waiting_snapshots = {r[0] for r in store.read("SELECT DISTINCT store FROM snapshot_parts")}
-        self._issued_at: dict[tuple[str, str], float] = {}  # unanswered commands: when last published
-        self._births: dict[str, list[tuple[float, str]]] = {}  # per store, the last live births (time, boot)
-        self._clone_alerted: dict[str, float] = {}
-        self._clone_suspects: set[str] = set()  # resynced once their births have been quiet for a while
+            self._gaps.setdefault((st, stream), Gap(now))
+        self._waiting_snapshots |= {r[0] for r in self.db.read("SELECT DISTINCT store FROM snapshot_parts")}
 
     # ------------------------------------------------------------ intake
 
     def receive(self, topic: str, payload: bytes, retained: bool = False) -> list[Outgoing]:
+        return self.receive_batch([(topic, payload, retained)])
+
+    def receive_batch(self, batch: Sequence[tuple[str, bytes, bool]]) -> list[Outgoing]:
+        """Apply messages (topic, payload, retained) in one transaction: parsed and verified first,
+        outside it, then each in a savepoint under the locks of every store in the batch. Raises (and
+        has applied nothing) only if the database itself failed: the caller acks nothing and retries."""
+        parsed = [(topic, payload, retained, self._parse(topic, payload)) for topic, payload, retained in batch]
+        stores = {env.store for *_, env in parsed if isinstance(env, Envelope)}
+        self._pending = []
+        try:
+            with self.db.tx(*stores):
+                for topic, payload, retained, env in parsed:
+                    if isinstance(env, str):
+                        self._reject(topic, env, payload)
+                    elif env is not None:
+                        self._one(topic, payload, retained, env)
+            applied = self._pending
+        finally:
+            self._pending = None
+        self._notify(applied)
+        return []
+
+    def _parse(self, topic: str, payload: bytes) -> Envelope | str | None:
+        """The message, or why it is refused (None: HQ's own downlink, seen through its subscription)."""
         parts = split_topic(self.prefix, topic)
         if parts is not None and parts.stream in ("cmd", "ack"):
-            return []  # HQ's own downlink, seen through its wildcard subscription
+            return None
         try:
             if parts is None:
                 raise ValueError(f"not a {self.prefix}/<store>/<stream> topic")
@@ -168,22 +206,31 @@ class HqApplier:
             if self._verify is not None and (reason := self._verify(env.store, payload)):
                 raise ValueError(f"signature: {reason}")
         except (ValueError, ValidationError, UnicodeDecodeError, RecursionError) as e:
-            self._reject(topic, str(e)[:500], payload)
-            return []
+            return str(e)[:500]
+        return env
+
+    def _one(self, topic: str, payload: bytes, retained: bool, env: Envelope) -> None:
         try:
-            if env.stream == STATUS_STREAM:
-                self._status(env, retained)
-                return []
-            if env.stream == HEALTH:
-                self._note_hwm(env.store, env.body.hwm)  # type: ignore[attr-defined]
-            self._sequenced(env, payload)
+            with self.db.tx(env.store):  # a savepoint: what this message did is undone if it fails
+                if env.stream == STATUS_STREAM:
+                    self._status(env, retained)
+                    return
+                if env.stream == HEALTH:
+                    self._note_hwm(env.store, env.body.hwm)  # type: ignore[attr-defined]
+                self._sequenced(env, payload)
         except Implausible as e:
             self._reject(topic, f"implausible: {e}", payload)
         except Unstorable as e:
             # A number beyond the database's 64-bit integers (seq, qty, ...), or a NUL in a name on PostgreSQL:
             # its transaction rolled back, nothing applied.
             self._reject(topic, f"cannot be stored: {e}", payload)
-        return []
+        except Exception as e:
+            if isinstance(e, self.db.outage):
+                raise  # the database, not the message: the whole batch waits for it
+            # A message this code cannot handle is quarantined with the error, not retried for ever
+            # in front of every message behind it.
+            log.exception("could not apply a message on %s", topic)
+            self._reject(topic, f"internal error: {e!r}"[:500], payload)
 
     def _reject(self, topic: str, reason: str, payload: bytes) -> None:
         self.figures.rejected += 1
@@ -208,13 +255,13 @@ class HqApplier:
         ceiling = int((self.clock.now() + 86_400) * 1000)
         if any(f > ceiling for f in b.seq_floor.values()):
             raise Implausible(f"a seq floor beyond {ceiling}")
-        with self.db.tx() as c:
+        with self.db.tx(env.store) as c:
             c.executemany(
                 "INSERT INTO floors(store, stream, floor) VALUES (?,?,?)"
                 " ON CONFLICT(store, stream) DO UPDATE SET floor = greatest(floors.floor, excluded.floor)",
                 [(env.store, s, f) for s, f in b.seq_floor.items()],
             )
-            prev = c.execute("SELECT instance FROM status WHERE store = ?", (env.store,)).fetchone()
+            prev = c.execute("SELECT instance, births FROM status WHERE store = ?", (env.store,)).fetchone()
             c.execute(
                 "INSERT INTO status(store, state, boot_id, connection, at, instance) VALUES (?,?,?,?,?,?)"
                 " ON CONFLICT(store) DO UPDATE SET state=excluded.state, boot_id=excluded.boot_id,"
@@ -228,7 +275,7 @@ class HqApplier:
             if prev and prev[0] and b.instance and prev[0] != b.instance:
                 self._alert(c, env.store, "store.new_outbox",
                             f"outbox instance {b.instance} replaces {prev[0]} (a new or rebuilt box)")
-            self._check_identity(c, env.store, b.boot_id)
+            self._check_identity(c, env.store, b.boot_id, prev_births=prev[1] if prev else "[]")
             for stream, mark in b.hwm.items():
                 row = c.execute(
                     "SELECT last_seq, last_id FROM streams WHERE store = ? AND stream = ?", (env.store, stream)
@@ -242,18 +289,18 @@ class HqApplier:
         self.ack_due.add(env.store)
         self._note_hwm(env.store, b.hwm)
 
-    def _check_identity(self, c: Tx, store: str, boot_id: str) -> None:
+    def _check_identity(self, c: Tx, store: str, boot_id: str, prev_births: str) -> None:
         """Two running agents under one store id (a cloned box) take the broker session from each
         other in turn: births alternate between two boot ids, X, Y, X, within a minute. A restart
-        gives X, Y and stays on Y."""
-        now = self._mono()
-        births = [b for b in self._births.get(store, []) if now - b[0] < 60.0][-2:] + [(now, boot_id)]
-        self._births[store] = births
+        gives X, Y and stays on Y. (Births reach any receiver: the last three are in ``status``.)"""
+        now = self.clock.now()
+        births = [b for b in json.loads(prev_births) if now - b[0] < 60.0][-2:] + [[now, boot_id]]
+        c.execute("UPDATE status SET births = ? WHERE store = ?", (json.dumps(births), store))
         if len(births) == 3 and births[0][1] == births[2][1] != births[1][1]:
-            self._clone_suspects.add(store)
-            if now - self._clone_alerted.get(store, -1e9) >= 600.0:
-                self._clone_alerted[store] = now
-                c.execute("UPDATE status SET identity_conflicts = identity_conflicts + 1 WHERE store = ?", (store,))
+            c.execute("UPDATE status SET clone_suspect = 1 WHERE store = ?", (store,))  # resynced once it is over
+            if c.execute("UPDATE status SET clone_alerted_at = ?, identity_conflicts = identity_conflicts + 1"
+                         " WHERE store = ? AND (clone_alerted_at IS NULL OR clone_alerted_at <= ?)",
+                         (now, store, now - 600.0)).rowcount:
                 self._alert(c, store, "store.duplicate_identity",
                             f"two agents run as {store} (boots {births[0][1]} and {births[1][1]} take turns): a cloned"
                             " box or a copied outbox; their numbers collide and HQ applies neither's conflicting"
@@ -262,10 +309,9 @@ class HqApplier:
     def _rewind(self, c: Tx, store: str, stream: str, why: str) -> None:
         """The store went back in time: apply nothing of it, count once per episode, alert, ack."""
         self.ack_due.add(store)
-        if (store, stream) in self._rewinding:
-            return
-        self._rewinding.add((store, stream))
-        c.execute("UPDATE streams SET rewinds = rewinds + 1 WHERE store = ? AND stream = ?", (store, stream))
+        if not c.execute("UPDATE streams SET rewinds = rewinds + 1, rewinding = 1 WHERE store = ? AND stream = ?"
+                         " AND rewinding = 0", (store, stream)).rowcount:
+            return  # this episode is counted already
         self._alert(c, store, "store.rewind", f"{stream}: {why}; the store went back in time (lost WAL, restored"
                     " backup or copied box): nothing of it applied, HQ's position sent back")
 
@@ -273,7 +319,7 @@ class HqApplier:
         """The store has sealed up to these seqs: what HQ lacks of them is a gap, even with nothing stashed."""
         if not hwm:
             return
-        with self.db.tx() as c:
+        with self.db.tx(store) as c:
             for stream, mark in hwm.items():
                 last = self._last(c, store, stream)[0]
                 if mark.seq > self._limit(c, store, stream, last):
@@ -309,7 +355,7 @@ class HqApplier:
 
     def _sequenced(self, env: Envelope, payload: bytes) -> None:
         key = (env.store, env.stream)
-        with self.db.tx() as c:
+        with self.db.tx(env.store) as c:
             last, last_id = self._last(c, *key)
             # The floor only lifts the limit, so it is read only for a seq past the plain one.
             if env.seq > last + self.max_seq_jump and env.seq > self._limit(c, *key, last):
@@ -407,7 +453,7 @@ class HqApplier:
                     " WHERE excluded.ts >= labels.ts",
                 )
             elif env.stream == CMD_RESULT:
-                self._replay_answers(env.store, items or ())
+                self._replay_answers(c, env.store, items or ())
                 c.executemany("UPDATE commands_out SET answered_at = ? WHERE store = ? AND cmd_id = ?",
                               [(self.clock.now(), env.store, it.cmd_id) for it in items or ()])
                 # The audit log shows what became of each operator's command.
@@ -425,28 +471,32 @@ class HqApplier:
         facts = len(items) if items is not None else 1
         c.execute(
             "UPDATE streams SET last_seq = ?, last_id = ?, hwm = greatest(hwm, ?), applied = applied + 1, facts = facts + ?,"
-            " historical = historical + ?, last_ts = ?, last_sent = ?, last_applied_at = ? WHERE store = ? AND stream = ?",
+            " historical = historical + ?, last_ts = ?, last_sent = ?, last_applied_at = ?, rewinding = 0"
+            " WHERE store = ? AND stream = ?",
             (env.seq, env.id, env.seq, facts, int(env.historical), env.ts.timestamp(), env.sent.timestamp(), now, env.store,
              env.stream),
         )
-        self._rewinding.discard((env.store, env.stream))
         return [Applied(env.store, env.stream, env.seq, facts, env.historical, env.ts.timestamp(),
                         env.sent.timestamp(), now), *extra]
 
-    def _replay_answers(self, store: str, items: Any) -> None:
+    @staticmethod
+    def _replay_answers(c: Tx, store: str, items: Any) -> None:
         """A store's answer to ``replay``: seqs below what it still holds are gone for good."""
         for it in items:
             if it.name != "replay" or it.status != "ok":
                 continue
             d = it.detail
             stream, held_from, last_sealed = d.get("stream"), d.get("held_from"), d.get("last_sealed")
-            gap = self._gaps.get((store, stream)) if isinstance(stream, str) else None
-            if gap is None or not isinstance(last_sealed, int):
+            if not isinstance(stream, str) or not isinstance(last_sealed, int):
                 continue
             gone_to = (held_from - 1) if isinstance(held_from, int) else last_sealed
-            gap.unavailable_to = max(gap.unavailable_to, gone_to)
+            c.execute("UPDATE streams SET gone_to = greatest(gone_to, ?) WHERE store = ? AND stream = ? AND last_seq < ?",
+                      (gone_to, store, stream, gone_to))
 
     def _notify(self, applied: list[Applied]) -> None:
+        if self._pending is not None:  # in a batch: told once it commits
+            self._pending += applied
+            return
         for a in applied:
             self.figures.by_stream[(a.store, a.stream)] += a.facts
             if self.on_applied:
@@ -471,7 +521,7 @@ class HqApplier:
         """Install every complete snapshot of ``store`` whose as-of seq HQ knows the store has sealed."""
         if store not in self._waiting_snapshots:
             return
-        with self.db.tx() as c:
+        with self.db.tx(store) as c:
             applied: list[Applied] = []
             complete = c.execute(
                 "SELECT snapshot_id, max(parts), max(as_of_seq), max(as_of_id), count(*) FROM snapshot_parts"
@@ -562,7 +612,6 @@ class HqApplier:
                     self.ack_due.add(store)
                 applied = self._drain_stash(c, store, DELTA, as_of_effective)
             c.execute("UPDATE resyncs SET done_at = ? WHERE store = ? AND done_at IS NULL", (self.clock.now(), store))
-            self._resync_sent.pop(store, None)
         c.execute(
             "INSERT INTO snapshots(store, snapshot_id, as_of_seq, applied_at, outcome, mismatches) VALUES (?,?,?,?,?,?)"
             " ON CONFLICT DO NOTHING",
@@ -595,13 +644,17 @@ class HqApplier:
     def tick(self) -> list[Outgoing]:
         """Act on gaps whose reorder window has run out: replay, and only then resync or skip."""
         now = self._mono()
+        if now - self._discovered_at >= DISCOVER_S:
+            self._discover()
         out: list[Outgoing] = []
         for (store, stream), gap in list(self._gaps.items()):
             if now - gap.since < self.reorder_window_s:
                 continue
-            with self.db.tx() as c:
-                last = self._last(c, store, stream)[0]
-                hwm = c.execute("SELECT hwm FROM streams WHERE store = ? AND stream = ?", (store, stream)).fetchone()[0]
+            applied: list[Applied] = []
+            with self.db.tx(store) as c:
+                row = c.execute("SELECT last_seq, hwm, gone_to, replay_asked_at FROM streams WHERE store = ? AND stream = ?",
+                                (store, stream)).fetchone()
+                last, hwm, gone, asked = row if row else (0, 0, 0, None)
                 first_stashed = c.execute(
                     "SELECT min(seq) FROM stash WHERE store = ? AND stream = ? AND seq > ?", (store, stream, last)
                 ).fetchone()[0]
@@ -609,50 +662,66 @@ class HqApplier:
                     self._gaps.pop((store, stream), None)
                     continue
                 floor = self._floor(c, store, stream)
-                gone_to = max(gap.unavailable_to, floor - 1)
+                gone_to = max(gone, floor - 1)
                 if gone_to <= last:
                     if gap.asked_at is None or now - gap.asked_at >= self.resync_retry_s:
-                        out.append(self._replay(c, store, stream, last + 1, gap, now))
+                        gap.asked_at = now
+                        # Another receiver may have asked just now: one replay is enough.
+                        if asked is None or self.clock.now() - asked >= self.resync_retry_s:
+                            out.append(self._replay(c, store, stream, last + 1))
                     continue
                 if stream == DELTA:
-                    sent = self._resync_sent.get(store)
-                    if sent is None or now - sent >= self.resync_retry_s:
-                        out.append(self._resync(c, store, now))
+                    sent = c.execute("SELECT max(requested_at) FROM resyncs WHERE store = ? AND done_at IS NULL",
+                                     (store,)).fetchone()[0]
+                    if sent is None or self.clock.now() - sent >= self.resync_retry_s:
+                        out.append(self._resync(c, store))
                     continue
                 # The store no longer holds (or never sent) seqs up to gone_to: skip them, counted.
                 skip_to = min(gone_to, first_stashed - 1) if first_stashed is not None else min(gone_to, hwm)
                 c.execute(
-                    "UPDATE streams SET last_seq = ?, last_id = '', gaps = gaps + 1, lost = lost + ?"
+                    "UPDATE streams SET last_seq = ?, last_id = '', gaps = gaps + 1, lost = lost + ?, gone_to = 0"
                     " WHERE store = ? AND stream = ?",
                     (skip_to, self._missing(c, store, stream, last, skip_to), store, stream),
                 )
                 log.warning("%s %s: seq %d..%d are gone; skipping ahead", store, stream, last + 1, skip_to)
-                gap.unavailable_to = 0
                 applied = self._drain_stash(c, store, stream, skip_to)
                 self.ack_due.add(store)
             self._notify(applied)
         for store in list(self._waiting_snapshots):
             self._retry_snapshots(store)
-        for store in list(self._clone_suspects):
-            # While two agents fight, each one's snapshot is soon overtaken by the other's messages.
-            # Once only one is left (no birth for a while), its whole book settles what HQ holds.
-            if now - self._births[store][-1][0] >= CLONE_QUIET_S:
-                self._clone_suspects.discard(store)
-                out.append(self.issue(store, "inventory.resync", {"reason": "two agents ran as this store"}))
-        return out + self._unanswered(now)
+        return out + self._clones_gone() + self._unanswered()
 
-    def _unanswered(self, now: float) -> list[Outgoing]:
-        """Commands with no cmd-result yet, published again (the store runs each id once): a broker
-        that crashed after taking one from HQ loses it, as it loses the store's messages."""
+    def _clones_gone(self) -> list[Outgoing]:
+        """While two agents fight, each one's snapshot is soon overtaken by the other's messages. Once
+        only one is left (no birth for a while), its whole book settles what HQ holds."""
         out = []
-        rows = self.db.read("SELECT store, cmd_id, payload FROM commands_out WHERE answered_at IS NULL")
-        for store, cmd_id, payload in rows:
-            sent = self._issued_at.setdefault((store, cmd_id), now)
-            if now - sent >= self.resync_retry_s:
-                self._issued_at[(store, cmd_id)] = now
-                out.append(Outgoing(command_topic(self.prefix, store, json.loads(payload)["name"]), bytes(payload)))
-        if len(self._issued_at) > len(rows):
-            self._issued_at = {k: v for k, v in self._issued_at.items() if k in {(r[0], r[1]) for r in rows}}
+        now = self.clock.now()
+        for store, births in self.db.read("SELECT store, births FROM status WHERE clone_suspect = 1"):
+            last = json.loads(births)[-1][0] if births != "[]" else 0.0
+            if now - last < CLONE_QUIET_S:
+                continue
+            with self.db.tx(store) as c:
+                if not c.execute("UPDATE status SET clone_suspect = 0 WHERE store = ? AND clone_suspect = 1",
+                                 (store,)).rowcount:
+                    continue  # another receiver asked
+            out.append(self.issue(store, "inventory.resync", {"reason": "two agents ran as this store"}))
+        return out
+
+    def _unanswered(self) -> list[Outgoing]:
+        """Commands with no cmd-result yet, published again (the store runs each id once): a broker
+        that crashed after taking one from HQ loses it, as it loses the store's messages. The row's
+        ``sent_at`` moves first, so of several receivers one sends it."""
+        out = []
+        now = self.clock.now()
+        due = now - self.resync_retry_s
+        for store, cmd_id, payload in self.db.read(
+            "SELECT store, cmd_id, payload FROM commands_out WHERE answered_at IS NULL AND sent_at <= ?", (due,)
+        ):
+            with self.db.tx() as c:
+                if not c.execute("UPDATE commands_out SET sent_at = ? WHERE store = ? AND cmd_id = ? AND sent_at <= ?"
+                                 " AND answered_at IS NULL", (now, store, cmd_id, due)).rowcount:
+                    continue
+            out.append(Outgoing(command_topic(self.prefix, store, json.loads(payload)["name"]), bytes(payload)))
         return out
 
     def issue(self, store: str, name: str, args: dict[str, Any], *, who: str | None = None,
@@ -662,25 +731,22 @@ class HqApplier:
         out that the log does not show."""
         o = self.command(store, name, args)
         cmd_id = json.loads(o.payload)["id"]
-        with self.db.tx() as c:
-            c.execute("INSERT INTO commands_out(store, cmd_id, payload, issued_at) VALUES (?,?,?,?)",
-                      (store, cmd_id, o.payload, self.clock.now()))
+        with self.db.tx(store) as c:
+            c.execute("INSERT INTO commands_out(store, cmd_id, payload, issued_at, sent_at) VALUES (?,?,?,?,?)",
+                      (store, cmd_id, o.payload, self.clock.now(), self.clock.now()))
             if who is not None:
                 c.execute("INSERT INTO audit(at, who, request, store, cmd_id, name, args) VALUES (?,?,?,?,?,?,?)",
                           (self.clock.now(), who, request, store, cmd_id, name, json.dumps(args, sort_keys=True)))
-        self._issued_at[(store, cmd_id)] = self._mono()
         return o
 
-    def _replay(self, c: Tx, store: str, stream: str, from_seq: int, gap: Gap, now: float) -> Outgoing:
-        gap.replays += 1
-        gap.asked_at = now
-        c.execute("UPDATE streams SET replays = replays + 1 WHERE store = ? AND stream = ?", (store, stream))
+    def _replay(self, c: Tx, store: str, stream: str, from_seq: int) -> Outgoing:
+        c.execute("UPDATE streams SET replays = replays + 1, replay_asked_at = ? WHERE store = ? AND stream = ?",
+                  (self.clock.now(), store, stream))
         log.info("%s %s: missing from seq %d; asking the store to replay", store, stream, from_seq)
         return self.command(store, "replay", {"stream": stream, "from_seq": from_seq})
 
-    def _resync(self, c: Tx, store: str, now: float) -> Outgoing:
+    def _resync(self, c: Tx, store: str) -> Outgoing:
         o = self.command(store, "inventory.resync", {"reason": "gap in inventory/delta"})
-        self._resync_sent[store] = now
         c.execute("INSERT INTO resyncs(store, cmd_id, requested_at) VALUES (?,?,?)",
                   (store, json.loads(o.payload)["id"], self.clock.now()))
         log.warning("%s: gap in %s the store cannot replay; asking for inventory.resync", store, DELTA)

@@ -48,7 +48,7 @@ class HqMetrics:
         self.rejected = Counter("hq_messages_rejected", "Messages refused before anything was applied, by reason",
                                 ["reason"], registry=self.registry)
         self.apply_seconds = Histogram(
-            "hq_apply_seconds", "Time to take in one MQTT message (validate, apply, commit)", registry=self.registry,
+            "hq_apply_seconds", "Time from HQ receiving an MQTT message to its batch committing (queue, validate, apply, commit)", registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
         self.delivery_seconds = Histogram(
             "hq_delivery_latency_seconds", "From the store's send to HQ's commit, per stream", ["stream"],

@@ -1,9 +1,11 @@
 """HQ's store of record on PostgreSQL (psycopg 3): for a chain whose HQ outgrows one file on one box.
 
-Every transaction first takes one advisory lock, so writers are serialised as SQLite's BEGIN IMMEDIATE
-serialises them: the applier's read-then-write steps (read ``last_seq``, apply, move it) need no row
-locks or retries, and two HQ processes pointed at one database (or two starting up and migrating it)
-cannot interleave. Reads take no lock (autocommit: each sees the last committed state).
+Every transaction first takes the advisory lock of each store it writes (``HqStore.tx``), so writers
+of one store are serialised as SQLite's BEGIN IMMEDIATE serialises all of them, while receivers apply
+different stores' messages side by side: the applier's read-then-write steps (read ``last_seq``,
+apply, move it) need no row locks or retries. Migrations take one lock of their own, so two receivers
+starting up cannot both migrate. Reads take no lock (autocommit: each sees the last committed state).
+A connection lost (a PostgreSQL restart, a network cut) is opened again by the next transaction.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from typing import Any
 
 import psycopg
 
-from .store import Cursor, HqStore, Tx, Unstorable
+from .store import Cursor, HqStore, Tx, Unstorable, store_lock_key
 
-WRITER_LOCK = 0x4851_5354_4f52_4500  # pg_advisory_xact_lock key: "HQSTORE\0"
+MIGRATION_LOCK = 0x4851_5354_4f52_4500  # pg_advisory_xact_lock key: "HQSTORE\0"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -42,25 +44,43 @@ class _PgTx:
 
 class PgStore(HqStore):
     dialect = "postgres"
+    outage = (psycopg.OperationalError, psycopg.InterfaceError)  # connection lost, server gone, disk full
 
     def __init__(self, url: str) -> None:
         super().__init__()
-        self.conn = psycopg.connect(url, autocommit=True)
-        self._c = _PgTx(self.conn)
+        self._url = url
+        self._connect()
         self.migrate()
 
+    def _connect(self) -> None:
+        self.conn = psycopg.connect(self._url, autocommit=True)
+        self._c = _PgTx(self.conn)
+
+    def _alive(self) -> None:
+        if self.conn.broken or self.conn.closed:
+            self._connect()
+
     @contextmanager
-    def tx(self) -> Iterator[Tx]:
-        with self.lock:
-            try:
-                with self.conn.transaction():
-                    self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK,))
-                    yield self._c
-            except psycopg.DataError as e:  # out of range, a NUL in text, ...: the value, not the database
-                raise Unstorable(str(e)) from e
+    def _transaction(self, nested: bool) -> Iterator[Tx]:
+        if not nested:
+            self._alive()
+        try:
+            with self.conn.transaction():  # a savepoint when nested
+                yield self._c
+        except psycopg.DataError as e:  # out of range, a NUL in text, ...: the value, not the database
+            raise Unstorable(str(e)) from e
+
+    def _lock_stores(self, c: Tx, stores: list[str]) -> None:
+        # One statement: its select list is evaluated left to right, in the order given.
+        c.execute("SELECT " + ", ".join(["pg_advisory_xact_lock(?)"] * len(stores)),
+                  [store_lock_key(s) for s in stores])
+
+    def _lock_all(self, c: Tx) -> None:
+        c.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
 
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         with self.lock:
+            self._alive()
             return self._c.execute(sql, params).fetchall()
 
     def _script(self, c: Tx, sql: str) -> None:

@@ -1,10 +1,18 @@
-"""The reference HQ receiver process: MQTT in, the apply engine, a JSON status API, applied lines out."""
+"""The reference HQ receiver process: MQTT in, the apply engine, a JSON status API, applied lines out.
+
+Messages are taken from the broker in batches and acknowledged to it (MQTT PUBACK, paho's manual
+acks) only once the batch's transaction committed: a receiver killed at any instant leaves every
+message it had not committed unacknowledged in its session, and the broker sends them again. Several
+receivers share a chain's traffic through an MQTT v5 shared subscription (``hq.share_group``), each
+with its own client id; the applier keeps what they must share in the database.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import queue
 import sys
 import threading
 import time
@@ -77,14 +85,18 @@ class HqReceiver:
         self._hello = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # (connection it came on, when it came, the message): applied and acked by the apply thread.
+        self._inbox: queue.Queue[tuple[int, float, mqtt.MQTTMessage]] = queue.Queue()
         self.conn = Connection(
             cfg.mqtt,
             cfg.hq.client_id,
+            prepare=lambda client, _no: client.manual_ack_set(True),
             on_up=self._on_up,
             on_message=self._on_message,
             name="hq-mqtt",
         )
         self._ticker = threading.Thread(target=self._tick_loop, name="hq-ticker", daemon=True)
+        self._applier_thread = threading.Thread(target=self._apply_loop, name="hq-apply", daemon=True)
         self.http: ThreadingHTTPServer | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -92,6 +104,7 @@ class HqReceiver:
     def start(self) -> None:
         self.conn.start()
         self._ticker.start()
+        self._applier_thread.start()
         if self.cfg.hq.http_port:
             self.http = ThreadingHTTPServer((self.cfg.hq.http_host, self.cfg.hq.http_port), _handler(self))
             threading.Thread(target=self.http.serve_forever, name="hq-http", daemon=True).start()
@@ -99,6 +112,7 @@ class HqReceiver:
 
     def stop(self) -> None:
         self._stop.set()
+        self._applier_thread.join(5)  # the batch in hand commits (and is acked) or is left to the broker
         self.conn.stop()
         self._ticker.join(2)
         if self.http:
@@ -109,20 +123,55 @@ class HqReceiver:
     # ------------------------------------------------------------ MQTT
 
     def _on_up(self, client: mqtt.Client, _no: int) -> None:
-        client.subscribe(f"{self.cfg.mqtt.topic_prefix}/+/#", qos=1)
+        topics = f"{self.cfg.mqtt.topic_prefix}/+/#"
+        group = self.cfg.hq.share_group
+        client.subscribe(f"$share/{group}/{topics}" if group else topics, qos=1)
         # Tell every store where HQ stands as soon as it is back: what a store published while HQ was
         # away may be lost with the broker's session, and an ack after a silence makes it send again.
         self._hello = True
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
-        # Applied before paho sends the PUBACK (it acks after this callback returns), so a crash
-        # here means redelivery, never loss.
-        with self._lock:
-            t0 = time.perf_counter()
-            out = self.applier.receive(msg.topic, bytes(msg.payload), retained=bool(msg.retain))
-            self.metrics.apply_seconds.observe(time.perf_counter() - t0)
-            if time.monotonic() - self._acked_at >= self.cfg.hq.ack_interval_s:
-                out += self._take_acks()
+        # Not acked here (manual acks): the apply thread acks it once its batch has committed.
+        self._inbox.put((self.conn.connection_no, time.monotonic(), msg))
+
+    def _apply_loop(self) -> None:
+        """Group commit: whatever arrived while the last batch committed is the next batch."""
+        while not self._stop.is_set():
+            try:
+                batch = [self._inbox.get(timeout=0.1)]
+            except queue.Empty:
+                continue
+            while len(batch) < self.cfg.hq.batch_max:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            self._apply(batch)
+
+    def _apply(self, batch: list[tuple[int, float, mqtt.MQTTMessage]]) -> None:
+        delay = 0.1
+        while True:
+            try:
+                with self._lock:
+                    out = self.applier.receive_batch([(m.topic, bytes(m.payload), bool(m.retain)) for *_, m in batch])
+                    if time.monotonic() - self._acked_at >= self.cfg.hq.ack_interval_s:
+                        out += self._take_acks()
+                break
+            except Exception:
+                # The database failed (lost connection, full disk): nothing of the batch committed and
+                # nothing is acked; try again until it is back, or leave the batch to the broker.
+                log.exception("HQ could not commit a batch of %d messages; retrying in %.1f s", len(batch), delay)
+                if self._stop.wait(delay):
+                    return
+                delay = min(delay * 2, 5.0)
+        done = time.monotonic()
+        client, no = self.conn.client, self.conn.connection_no
+        for conn_no, received, m in batch:
+            self.metrics.apply_seconds.observe(done - received)
+            # On a later connection the broker sends it again (the session kept it unacknowledged):
+            # a duplicate, which the applier ignores.
+            if client is not None and conn_no == no and m.qos > 0:
+                client.ack(m.mid, m.qos)
         self._send(out)
 
     def _take_acks(self) -> list[Outgoing]:

@@ -26,6 +26,7 @@ UNVERSIONED_COLUMNS = (
 
 class SqliteStore(HqStore):
     dialect = "sqlite"
+    outage = (sqlite3.OperationalError,)  # disk full, I/O error, locked past the timeout
 
     def __init__(self, path: Path | str, synchronous: str = "FULL") -> None:
         super().__init__()
@@ -38,17 +39,24 @@ class SqliteStore(HqStore):
         self.migrate()
 
     @contextmanager
-    def tx(self) -> Iterator[Tx]:
-        with self.lock:
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.conn
-            except BaseException as e:
-                self.conn.execute("ROLLBACK")
-                if isinstance(e, OverflowError):  # a Python int past SQLite's 64 bits
-                    raise Unstorable(str(e)) from e
-                raise
-            self.conn.execute("COMMIT")
+    def _transaction(self, nested: bool) -> Iterator[Tx]:
+        self.conn.execute("SAVEPOINT tx" if nested else "BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException as e:
+            self.conn.execute("ROLLBACK TO tx" if nested else "ROLLBACK")
+            if nested:
+                self.conn.execute("RELEASE tx")
+            if isinstance(e, OverflowError):  # a Python int past SQLite's 64 bits
+                raise Unstorable(str(e)) from e
+            raise
+        self.conn.execute("RELEASE tx" if nested else "COMMIT")
+
+    def _lock_stores(self, c: Tx, stores: list[str]) -> None:
+        """Nothing: BEGIN IMMEDIATE already holds the whole file against other writers."""
+
+    def _lock_all(self, c: Tx) -> None:
+        """Nothing: as above."""
 
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         with self.lock:

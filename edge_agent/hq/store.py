@@ -15,13 +15,14 @@ that also records them in ``schema_version``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,6 +32,12 @@ if TYPE_CHECKING:
     from ..config import HqConfig
 
 _MIGRATION = re.compile(r"(\d{4})_\w+\.sql")
+
+
+def store_lock_key(store: str) -> int:
+    """A store's lock as a signed 64-bit number (PostgreSQL's advisory lock keys): the same in every
+    process, and the order in which a transaction takes several."""
+    return int.from_bytes(hashlib.blake2b(store.encode(), digest_size=8).digest(), "big", signed=True)
 
 
 class Unstorable(ValueError):
@@ -57,15 +64,46 @@ class Tx(Protocol):
 
 class HqStore(ABC):
     dialect: str  # the migrations/ folder of this backend
+    outage: tuple[type[Exception], ...]  # the database failing (not one statement): a batch waits and retries
     conn: Any  # the backend's one connection (sqlite3 or psycopg), closed by close()
 
     def __init__(self) -> None:
-        # One writer at a time within the process, as the applier's read-then-write steps assume.
+        # One connection per process, so one transaction at a time within it.
         self.lock = threading.RLock()
+        self._held: set[str] | None = None  # the stores locked by the open transaction, if one is open
+
+    @contextmanager
+    def tx(self, *stores: str) -> Iterator[Tx]:
+        """One transaction that holds the lock of each of ``stores`` until it ends, against every
+        other writer of those stores (other receivers too): the applier's read-then-write steps on a
+        store (read ``last_seq``, apply, move it) need nothing else. Locks are taken in one global
+        order, so two batches of stores cannot deadlock.
+
+        Inside another transaction of this thread (a receiver's batch), it is a savepoint of that
+        one: its failure undoes only itself, and its work commits with the batch."""
+        with self.lock:
+            outer = self._held is None
+            if outer:
+                self._held = set()
+            try:
+                with self._transaction(nested=not outer) as c:
+                    new = sorted(set(stores) - self._held, key=store_lock_key)  # type: ignore[operator]
+                    if new:
+                        self._lock_stores(c, new)
+                    yield c
+                self._held |= set(new)  # type: ignore[operator]  # held until the outer one ends
+            finally:
+                if outer:
+                    self._held = None
 
     @abstractmethod
-    def tx(self) -> AbstractContextManager[Tx]:
-        """One transaction, serialised against every other writer of the database (other processes too)."""
+    def _transaction(self, nested: bool) -> AbstractContextManager[Tx]:
+        """A transaction (``nested``: a savepoint in the open one) that rolls back on any exception and
+        raises ``Unstorable`` for a value the backend cannot hold."""
+
+    @abstractmethod
+    def _lock_stores(self, c: Tx, stores: list[str]) -> None:
+        """Lock these stores (in this order) until the transaction ends."""
 
     @abstractmethod
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]: ...
@@ -73,6 +111,10 @@ class HqStore(ABC):
     def close(self) -> None:
         with self.lock:
             self.conn.close()
+
+    @abstractmethod
+    def _lock_all(self, c: Tx) -> None:
+        """Exclude every other process that migrates the database."""
 
     @abstractmethod
     def _script(self, c: Tx, sql: str) -> None:
@@ -91,6 +133,7 @@ class HqStore(ABC):
             if (m := _MIGRATION.fullmatch(f.name))
         )
         with self.tx() as c:
+            self._lock_all(c)
             c.execute("CREATE TABLE IF NOT EXISTS schema_version("
                       "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)")
             current = c.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
