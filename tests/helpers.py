@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -79,6 +80,58 @@ class AgentProcess:
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+class HqProcess:
+    """`edge-agent hq` as a real subprocess, so the receiver itself can be kill -9'd. ``hq``: more [hq]
+    keys (``HqBackend.config()`` for its database, ``share_group`` to be one of several receivers)."""
+
+    def __init__(self, tmp: Path, port: int, *, name: str = "hq", client_id: str = "edge-hq", **hq: Any) -> None:
+        self.db_path = tmp / f"{name}.db"
+        self.log = tmp / f"{name}-proc.log"
+        self.config = write_toml(
+            tmp / f"{name}-proc.toml",
+            {
+                "mqtt": {"port": port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5},
+                "hq": ({} if "database" in hq else {"db_path": str(self.db_path)})
+                | {"client_id": client_id, "reorder_window_s": 0.5, "resync_retry_s": 3.0, "print_applied": False, **hq},
+                "log": {"level": "INFO"},
+            },
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> HqProcess:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edge_agent.cli", "hq", "-c", str(self.config), "--http-port", "0"],
+                stdout=out, stderr=out, cwd=REPO,
+            )
+        return self
+
+    def kill9(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+    def facts(self, store: str = "S001") -> int:
+        """Delta facts applied (read from its SQLite file)."""
+        conn = sqlite3.connect(self.db_path, timeout=10)
+        try:
+            rows = conn.execute("SELECT facts FROM streams WHERE store = ? AND stream = 'inventory/delta'",
+                                (store,)).fetchall()
+        except sqlite3.OperationalError:  # schema not created yet
+            rows = []
+        finally:
+            conn.close()
+        return rows[0][0] if rows else 0
 
 
 def start_hq(

@@ -9,10 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,9 +27,8 @@ from edge_agent.sync.compaction import heatmap_key, stats_key
 from edge_agent.sync.outbox import Fact
 from simulators.inventory_feed import InventoryFeed, gtin_for
 from simulators.mosquitto import Mosquitto, free_port
-from simulators.toml_files import write_toml
 
-from .helpers import REPO, AgentProcess, CuttableLink, agent_config, start_hq, wait_for
+from .helpers import AgentProcess, CuttableLink, HqProcess, agent_config, start_hq, wait_for
 
 ZONES = ["backroom", "salesfloor", "fitting-room", "pos"]
 DELTA = "inventory/delta"
@@ -63,41 +59,6 @@ def read_db(path: Path, sql: str, params: tuple = ()) -> list[tuple]:
         return []
     finally:
         conn.close()
-
-
-class HqProcess:
-    """`edge-agent hq` as a real subprocess, so the receiver itself can be kill -9'd."""
-
-    def __init__(self, tmp: Path, port: int, *, name: str = "hq", client_id: str = "edge-hq") -> None:
-        self.db_path = tmp / f"{name}.db"
-        self.log = tmp / f"{name}-proc.log"
-        self.config = write_toml(
-            tmp / f"{name}-proc.toml",
-            {
-                "mqtt": {"port": port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5},
-                "hq": {"db_path": str(self.db_path), "client_id": client_id, "reorder_window_s": 0.5,
-                       "resync_retry_s": 3.0, "print_applied": False},
-                "log": {"level": "INFO"},
-            },
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> HqProcess:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edge_agent.cli", "hq", "-c", str(self.config), "--http-port", "0"],
-                stdout=out, stderr=out, cwd=REPO,
-            )
-        return self
-
-    def kill9(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def facts(self, store: str = "S001") -> int:
-        rows = read_db(self.db_path, "SELECT facts FROM streams WHERE store = ? AND stream = ?", (store, DELTA))
-        return rows[0][0] if rows else 0
 
 
 def assert_exactly_once(hq: HqReceiver, truth: dict[tuple[str, str], int], total: int) -> dict[str, Any]:

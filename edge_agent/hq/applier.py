@@ -6,7 +6,8 @@ Rules, per (store, stream):
   id change in one transaction, and HQ's ack (what it applied: seq and id) goes out after the commit.
 - A message from the future is stashed (durably). So is a gap announced by the store's high-water
   mark (health and status carry its last sealed seq per stream): a tail lost on the way shows within
-  one health interval. When the reorder window runs out, HQ asks the store to ``replay`` from
+  one health interval. When the reorder window runs out and the stream did not move in it (a stream
+  that moves is queued somewhere, not lost), HQ asks the store to ``replay`` from
   ``last + 1`` (the store keeps every message until HQ's ack covers it). Only if the store answers
   that it no longer holds them (or never sent them: a rebuilt outbox's seq floor) does HQ give up:
   inventory asks for ``inventory.resync`` and installs the snapshot, other streams skip ahead and
@@ -108,10 +109,11 @@ class Figures:
 
 @dataclass
 class Gap:
-    """An open gap in one stream, as this receiver sees it: since when (monotonic), and when it last
-    asked (or saw asked) for a replay."""
+    """An open gap in one stream, as this receiver sees it: since when (monotonic), HQ's last seq
+    then, and when it last asked (or saw asked) for a replay."""
 
     since: float
+    last: int
     asked_at: float | None = None
 
 
@@ -154,10 +156,11 @@ class HqApplier:
         """Open gaps and waiting snapshots, whoever left them (another receiver, or this one before a restart)."""
         now = self._mono()
         self._discovered_at = now
-        for st, stream in self.db.read(
-            "SELECT DISTINCT store, stream FROM stash UNION SELECT store, stream FROM streams WHERE hwm > last_seq"
+        for st, stream, last in self.db.read(
+            "SELECT s.store, s.stream, s.last_seq FROM streams AS s WHERE s.hwm > s.last_seq"
+            " OR EXISTS (SELECT 1 FROM stash AS x WHERE x.store = s.store AND x.stream = s.stream)"
         ):
-            self._gaps.setdefault((st, stream), Gap(now))
+            self._gaps.setdefault((st, stream), Gap(now, last))
         self._waiting_snapshots |= {r[0] for r in self.db.read("SELECT DISTINCT store FROM snapshot_parts")}
 
     # ------------------------------------------------------------ intake
@@ -326,7 +329,7 @@ class HqApplier:
                     continue  # implausible: proves nothing, opens nothing
                 c.execute("UPDATE streams SET hwm = greatest(hwm, ?) WHERE store = ? AND stream = ?", (mark.seq, store, stream))
                 if mark.seq > last:
-                    self._gaps.setdefault((store, stream), Gap(self._mono()))
+                    self._gaps.setdefault((store, stream), Gap(self._mono(), last))
         self._retry_snapshots(store)
 
     # ------------------------------------------------------------ sequenced streams
@@ -379,7 +382,7 @@ class HqApplier:
                 )
                 if not cur.rowcount:
                     c.execute("UPDATE streams SET duplicates = duplicates + 1 WHERE store = ? AND stream = ?", key)
-                self._gaps.setdefault(key, Gap(self._mono()))
+                self._gaps.setdefault(key, Gap(self._mono(), last))
                 return
             if last_id and not env.prev:
                 raise Implausible(f"seq {env.seq} names no message before it (HQ applied {last_id} at {last})")
@@ -411,7 +414,7 @@ class HqApplier:
             last = env.seq
         hwm = c.execute("SELECT hwm FROM streams WHERE store = ? AND stream = ?", (store, stream)).fetchone()[0]
         if hwm > last or c.execute("SELECT 1 FROM stash WHERE store = ? AND stream = ? LIMIT 1", (store, stream)).fetchone():
-            self._gaps.setdefault((store, stream), Gap(self._mono()))
+            self._gaps.setdefault((store, stream), Gap(self._mono(), last))
         else:
             self._gaps.pop((store, stream), None)
         return applied
@@ -660,6 +663,11 @@ class HqApplier:
                 ).fetchone()[0]
                 if first_stashed is None and hwm <= last:
                     self._gaps.pop((store, stream), None)
+                    continue
+                if last > gap.last:
+                    # The stream moved on during the window: what is missing is queued (at a busy receiver,
+                    # or sealed and not yet sent), not lost. A replay now would only add to the queue.
+                    gap.since, gap.last = now, last
                     continue
                 floor = self._floor(c, store, stream)
                 gone_to = max(gone, floor - 1)
