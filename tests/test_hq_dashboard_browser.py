@@ -191,6 +191,19 @@ def test_the_fleet_lists_the_stores_a_click_opens_one_with_its_heatmap_and_alert
               lambda d: "1 label not showing HQ's price" in d.find_element(By.ID, "s-why").text)
         browser.find_element(By.ID, "back").click()
         until(browser, "the fleet again", 10, lambda d: len(fleet_rows(d)) == 6)
+
+        # A chain of 600: the page shows the first 100 by attention, more on demand, and a search finds one.
+        with rx.db.tx() as c:
+            c.executemany("INSERT INTO status(store, state, at) VALUES (?, 'online', ?)",
+                          [(f"F{i:04d}", time.time()) for i in range(594)])
+        browser.get(f"{base}/dashboard")
+        until(browser, "a page of the 600 stores", 20, lambda d: len(fleet_rows(d)) == 100)
+        assert browser.find_element(By.ID, "fleet-head").text.startswith("600 stores")
+        assert fleet_rows(browser)[:3] == ["S003", "S002", "S004"]
+        browser.find_element(By.ID, "more").click()
+        until(browser, "the next 100", 10, lambda d: len(fleet_rows(d)) == 200)
+        browser.find_element(By.ID, "q").send_keys("F059")
+        until(browser, "the search in 600", 10, lambda d: fleet_rows(d) == [f"F{i:04d}" for i in range(590, 594)])
     finally:
         for s in stores.values():
             if s.uplink._pump_thread.is_alive():
