@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up everything edge_agent needs on a fresh Debian/Ubuntu machine: mosquitto and PostgreSQL (apt, if
-# missing), a Python >= 3.11 virtual environment in .venv, and the package with its test extras.
+# Sets up everything edge_agent needs on a fresh Debian/Ubuntu machine: mosquitto, PostgreSQL and Chromium with
+# its driver (apt, if missing), a Python >= 3.11 virtual environment in .venv, and the package with its test extras.
 # Idempotent: a second run only re-installs when pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,10 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then 
 # initdb and pg_ctl, for the HQ tests' private PostgreSQL cluster (simulators/postgres.py looks in the same places).
 if ! command -v initdb >/dev/null 2>&1 && ! [ -x "$(pg_config --bindir 2>/dev/null)/initdb" ] \
     && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then apt_pkgs+=(postgresql); fi
+# Debian's Chromium and its WebDriver, for the dashboard's browser test (tests/test_hq_dashboard_browser.py):
+# Selenium drives the system browser; nothing downloads a browser of its own.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then apt_pkgs+=(chromium); fi
+if ! command -v chromedriver >/dev/null 2>&1 && [ ! -x /usr/bin/chromedriver ]; then apt_pkgs+=(chromium-driver); fi
 PY=$(pick_python || true)
 if [ -z "$PY" ]; then apt_pkgs+=(python3 python3-venv); fi
 if [ -n "$PY" ] && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then apt_pkgs+=(python3-venv); fi

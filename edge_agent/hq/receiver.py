@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, urlparse
 
 import paho.mqtt.client as mqtt
@@ -35,10 +35,12 @@ from ..contract import COMMAND_ARGS
 from ..httpbody import read_body, refuse
 from ..rfid.epcis import document as epcis_document
 from ..sync.mqtt_client import Connection
+from . import fleet
 from .api import (
     MAX_PRICE_STORES,
     PAGE_DEFAULT,
     CommandRequest,
+    PageQuery,
     PricesRequest,
     is_json,
     next_link,
@@ -329,8 +331,7 @@ def _handler(rx: HqReceiver) -> type[BaseHTTPRequestHandler]:
                 last = st["stores"][-1] if st["stores"] and "store" not in q else None
                 self._paged(st, next_link("/state", q, page, len(st["stores"]), last))
             elif url.path == "/stores":
-                ids = rx.db.store_ids(after=page.cursor or "", limit=page.limit)
-                self._paged({"stores": ids}, next_link("/stores", q, page, len(ids), ids[-1] if ids else None))
+                self._stores(q, page)
             elif url.path == "/healthz":
                 self._json(200 if rx.conn.connected.is_set() else 503, {"connected": rx.conn.connected.is_set()})
             elif url.path == "/metrics":
@@ -392,6 +393,29 @@ def _handler(rx: HqReceiver) -> type[BaseHTTPRequestHandler]:
                 self._paged({"items": rows}, link)
             else:
                 self._json(404, {"error": f"no such resource {url.path}"})
+
+        def _stores(self, q: dict[str, list[str]], page: PageQuery) -> None:
+            """The fleet (hq/fleet.py): every store's row, ``sort=id`` (the default: cursor = the last
+            store id) or ``attention``, ``q`` a part of the id; ``store=S001``: that one store, with its alerts."""
+            now = rx.clock.now()
+            if "store" in q:
+                row = fleet.one_store(rx.db, q["store"][0], now)
+                self._json(200, {"stores": [row.as_json()] if row else [], "now": now, "next": None})
+                return
+            asked, needle = q.get("sort", ["id"])[0], q.get("q", [""])[0]
+            if asked not in fleet.SORTS or len(needle) > 64:
+                self._json(400, {"error": f"sort is one of {list(fleet.SORTS)}; q at most 64 characters"})
+                return
+            sort = cast(fleet.Sort, asked)
+            rows = fleet.fleet(rx.db, now)
+            try:
+                shown, total = fleet.select(rows, sort=sort, q=needle, cursor=page.cursor, limit=page.limit)
+            except ValueError:
+                self._json(400, {"error": "bad cursor"})
+                return
+            link = next_link("/stores", q, page, len(shown), fleet.cursor_of(shown[-1], sort) if shown else None)
+            self._paged({"stores": [r.as_json() for r in shown], "total": total, "bands": fleet.bands(rows),
+                         "now": now}, link)
 
         def do_POST(self) -> None:
             url = urlparse(self.path)
