@@ -31,7 +31,7 @@ from ulid import ULID
 from ..authenticity import hq_encoder, uplink_check
 from ..clock import Clock, RealClock, parse_rfc3339
 from ..config import HqFileConfig
-from ..contract import COMMAND_ARGS
+from ..contract import COMMAND_ARGS, STATUS_STREAM, STREAMS
 from ..httpbody import read_body, refuse
 from ..rfid.epcis import document as epcis_document
 from ..sync.mqtt_client import Connection
@@ -125,9 +125,10 @@ class HqReceiver:
     # ------------------------------------------------------------ MQTT
 
     def _on_up(self, client: mqtt.Client, _no: int) -> None:
-        topics = f"{self.cfg.mqtt.topic_prefix}/+/#"
-        group = self.cfg.hq.share_group
-        client.subscribe(f"$share/{group}/{topics}" if group else topics, qos=1)
+        # The stores' streams, one filter each: a wildcard over the store's whole topic tree would bring
+        # HQ's own acks and commands back to it (twice the broker's traffic at a chain's ack rate).
+        share = f"$share/{self.cfg.hq.share_group}/" if self.cfg.hq.share_group else ""
+        client.subscribe([(f"{share}{self.cfg.mqtt.topic_prefix}/+/{stream}", 1) for stream in (*STREAMS, STATUS_STREAM)])
         # Tell every store where HQ stands as soon as it is back: what a store published while HQ was
         # away may be lost with the broker's session, and an ack after a silence makes it send again.
         self._hello = True
