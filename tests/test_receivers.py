@@ -12,12 +12,15 @@ import re
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from edge_agent.hq.receiver import HqReceiver
 from simulators.inventory_feed import InventoryFeed
 from simulators.mosquitto import Mosquitto
+from simulators.postgres import Postgres
 
-from .helpers import AgentProcess, HqBackend, HqProcess, agent_config, wait_for
+from .helpers import AgentProcess, HqBackend, HqProcess, agent_config, start_hq, wait_for
 
 ZONES = ["backroom", "salesfloor", "fitting-room", "pos"]
 STORES = {"S001": 41, "S002": 42, "S003": 43}  # store: its feed's seed
@@ -77,3 +80,42 @@ def test_three_receivers_share_the_load_and_one_killed_loses_nothing(
             a.terminate()
         for r in receivers:
             r.terminate()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_receiver_rides_out_lost_database_connections(tmp_path: Path, broker: Mosquitto, postgres: Postgres) -> None:
+    """PostgreSQL drops HQ's connection (a restart, a failover, a network cut) five times while a store
+    streams: each batch in hand rolls back unacknowledged and is applied again on a new connection."""
+    url = postgres.create_database()
+    hq = start_hq(tmp_path, broker.port, database=url)
+    total, seed = 9_000, 44
+    cfg = agent_config(tmp_path, broker.port, sim={
+        "seed": seed, "total": total, "rate_per_s": 1_500, "batch": 30, "zones": ZONES, "gtins": 40})
+    agent = AgentProcess(cfg, tmp_path / "agent.log").start()
+    admin = psycopg.connect(url, autocommit=True)
+    try:
+        cuts = 0
+        while cuts < 5:
+            wait_for(lambda c=cuts: delta_facts(hq) >= 1_000 * (c + 1), 60, "deltas applied between cuts")
+            cuts += admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                  " WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()[0] > 0
+        assert delta_facts(hq) < total, "the cuts came after the feed was complete"
+        truth = InventoryFeed(seed, ZONES, 40).truth(total)
+        wait_for(lambda: hq.db.inventory("S001") == truth, 90, "HQ inventory to equal the truth")
+        (st,) = [x for x in hq.db.stream_stats() if x["stream"] == "inventory/delta"]
+        assert st["facts"] == total and st["gaps"] == 0 and st["lost"] == 0, st
+        assert hq.db.read("SELECT count(*) FROM rejected")[0][0] == 0
+        assert agent.alive
+    finally:
+        admin.close()
+        agent.terminate()
+        hq.stop()
+
+
+def delta_facts(hq: HqReceiver) -> int:
+    try:
+        rows = hq.db.read("SELECT facts FROM streams WHERE store = 'S001' AND stream = 'inventory/delta'")
+    except psycopg.OperationalError:  # the connection this read used was just cut; the next one reconnects
+        return 0
+    return rows[0][0] if rows else 0
