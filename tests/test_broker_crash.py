@@ -37,7 +37,7 @@ from edge_agent.sync.outbox import Fact
 from simulators.inventory_feed import InventoryFeed
 from simulators.mosquitto import Mosquitto
 
-from .helpers import CuttableLink, start_hq, wait_for
+from .helpers import CuttableLink, HqBackend, start_hq, wait_for
 
 ZONES = ["backroom", "salesfloor", "fitting-room", "pos"]
 STORE = "S001"
@@ -109,7 +109,8 @@ def hq_items(hq: HqReceiver, stream: str) -> list[dict[str, Any]]:
 
 
 class Harness:
-    def __init__(self, tmp: Path, persistence: bool, total: int) -> None:
+    def __init__(self, tmp: Path, persistence: bool, total: int, hq: dict[str, Any]) -> None:
+        self.hq_keys = hq  # HQ's database: HqBackend.config()
         self.tmp = tmp
         self.broker = Mosquitto(workdir=tmp / "mosquitto", persistence=persistence).start()
         self.link = CuttableLink(self.broker.port)
@@ -132,7 +133,7 @@ class Harness:
         self.cmd_ids: list[str] = []
 
     def start_hq(self) -> HqReceiver:
-        return start_hq(self.tmp, self.link.port, reorder_window_s=0.5, resync_retry_s=2.0)
+        return start_hq(self.tmp, self.link.port, reorder_window_s=0.5, resync_retry_s=2.0, **self.hq_keys)
 
     def other_streams(self) -> None:
         """A traffic bucket, a label state and a command (answered on cmd-result, with a snapshot)."""
@@ -191,10 +192,10 @@ def check_everything_once(h: Harness, total: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("persistence", [False, True], ids=["persistence-off", "persistence-on"])
-def test_broker_sigkill_loses_nothing(tmp_path: Path, persistence: bool) -> None:
+def test_broker_sigkill_loses_nothing(tmp_path: Path, persistence: bool, hq_backend: HqBackend) -> None:
     rng = random.Random(1207 + persistence)
     total = 40_000
-    h = Harness(tmp_path, persistence, total)
+    h = Harness(tmp_path, persistence, total, hq_backend.config())
     kills = 0
     try:
         wait_for(lambda: h.agent.outbox.last_seq("inventory/delta") > 5, 20, "deltas flowing")
