@@ -25,6 +25,7 @@ from edge_agent.clock import Clock, RealClock, VirtualClock, rfc3339
 from edge_agent.contract import CmdResultItem, Command, HealthBody, InventoryResyncArgs, parse_message
 from edge_agent.health import HealthReporter
 from edge_agent.hq.applier import MAX_PAYLOAD, HqApplier
+from edge_agent.hq.receiver import subscriptions
 from edge_agent.inventory.book import Delta, InventoryBook
 from edge_agent.sync.downlink import CommandRejected, Downlink, Outcome
 from edge_agent.sync.outbox import Outbox, SealedMessage
@@ -579,8 +580,12 @@ def test_garbage_over_mqtt_while_the_agent_runs(tmp_path: Path, broker: Mosquitt
         garbage = [(topic, payload) for _, topic, payload, _ in GARBAGE
                    if topic.startswith(CMD)]  # what reaches the agent's subscription
         garbage += [(CMD + "inventory.resync", b"\x00" * 10), (CMD + "x/y/z", b"{}")]
-        uplink_garbage = [(t, p) for _, t, p in hq_garbage(b'{"v":1}')
-                          if t.startswith(f"{PREFIX}/") and len(p) < 1 << 20]
+        # What reaches HQ: a topic of no stream of the contract (a store-level one, an unknown stream)
+        # matches none of HQ's subscriptions, so the broker gives it to no receiver.
+        to_hq = [(t, p) for _, t, p in hq_garbage(b'{"v":1}') if t.startswith(f"{PREFIX}/") and len(p) < 1 << 20]
+        uplink_garbage = [(t, p) for t, p in to_hq if any(mqtt.topic_matches_sub(f, t) for f in subscriptions(PREFIX))]
+        assert {t for t, _ in to_hq} - {t for t, _ in uplink_garbage} == {f"{PREFIX}/{STORE}/no/such/stream",
+                                                                        f"{PREFIX}/{STORE}"}
         infos = []
         for _round in range(3):  # while the feed is flowing
             for topic, payload in garbage + uplink_garbage:

@@ -76,6 +76,7 @@ CMD_RESULT = "cmd-result"
 MAX_PAYLOAD = 16 * 1024 * 1024
 JOURNAL_KEEP = 4096
 CLONE_QUIET_S = 10.0
+AUTO = "hq:auto"  # who, in the audit log, for the commands HQ sends on its own (no token name has a colon)
 DISCOVER_S = 1.0  # how often a receiver looks in the database for gaps and snapshots others left open
 
 
@@ -712,7 +713,7 @@ class HqApplier:
                 if not c.execute("UPDATE status SET clone_suspect = 0 WHERE store = ? AND clone_suspect = 1",
                                  (store,)).rowcount:
                     continue  # another receiver asked
-            out.append(self.issue(store, "inventory.resync", {"reason": "two agents ran as this store"}))
+            out.append(self.issue(store, "inventory.resync", {"reason": "two agents ran as this store"}, who=AUTO))
         return out
 
     def _unanswered(self) -> list[Outgoing]:
@@ -743,18 +744,26 @@ class HqApplier:
             c.execute("INSERT INTO commands_out(store, cmd_id, payload, issued_at, sent_at) VALUES (?,?,?,?,?)",
                       (store, cmd_id, o.payload, self.clock.now(), self.clock.now()))
             if who is not None:
-                c.execute("INSERT INTO audit(at, who, request, store, cmd_id, name, args) VALUES (?,?,?,?,?,?,?)",
-                          (self.clock.now(), who, request, store, cmd_id, name, json.dumps(args, sort_keys=True)))
+                self._audit(c, who, request, o)
         return o
+
+    def _audit(self, c: Tx, who: str, request: str, o: Outgoing) -> None:
+        cmd = json.loads(o.payload)
+        c.execute("INSERT INTO audit(at, who, request, store, cmd_id, name, args) VALUES (?,?,?,?,?,?,?)",
+                  (self.clock.now(), who, request, cmd["store"], cmd["id"], cmd["name"],
+                   json.dumps(cmd["args"], sort_keys=True)))
 
     def _replay(self, c: Tx, store: str, stream: str, from_seq: int) -> Outgoing:
         c.execute("UPDATE streams SET replays = replays + 1, replay_asked_at = ? WHERE store = ? AND stream = ?",
                   (self.clock.now(), store, stream))
         log.info("%s %s: missing from seq %d; asking the store to replay", store, stream, from_seq)
-        return self.command(store, "replay", {"stream": stream, "from_seq": from_seq})
+        o = self.command(store, "replay", {"stream": stream, "from_seq": from_seq})
+        self._audit(c, AUTO, "", o)  # HQ's own commands are in the log too, under its own name
+        return o
 
     def _resync(self, c: Tx, store: str) -> Outgoing:
         o = self.command(store, "inventory.resync", {"reason": "gap in inventory/delta"})
+        self._audit(c, AUTO, "", o)
         c.execute("INSERT INTO resyncs(store, cmd_id, requested_at) VALUES (?,?,?)",
                   (store, json.loads(o.payload)["id"], self.clock.now()))
         log.warning("%s: gap in %s the store cannot replay; asking for inventory.resync", store, DELTA)

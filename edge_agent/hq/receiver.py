@@ -56,6 +56,13 @@ log = logging.getLogger(__name__)
 SNAPSHOTS_PER_STORE = 10  # /state shows each store's newest snapshots, not its whole history
 
 
+def subscriptions(prefix: str) -> list[str]:
+    """The stores' streams, one filter each: a wildcard over a store's whole topic tree would bring HQ's
+    own acks and commands back to it (twice the broker's traffic at a chain's ack rate). A topic outside
+    the contract reaches no receiver."""
+    return [f"{prefix}/+/{stream}" for stream in (*STREAMS, STATUS_STREAM)]
+
+
 class HqReceiver:
     def __init__(
         self,
@@ -125,10 +132,8 @@ class HqReceiver:
     # ------------------------------------------------------------ MQTT
 
     def _on_up(self, client: mqtt.Client, _no: int) -> None:
-        # The stores' streams, one filter each: a wildcard over the store's whole topic tree would bring
-        # HQ's own acks and commands back to it (twice the broker's traffic at a chain's ack rate).
         share = f"$share/{self.cfg.hq.share_group}/" if self.cfg.hq.share_group else ""
-        client.subscribe([(f"{share}{self.cfg.mqtt.topic_prefix}/+/{stream}", 1) for stream in (*STREAMS, STATUS_STREAM)])
+        client.subscribe([(share + f, 1) for f in subscriptions(self.cfg.mqtt.topic_prefix)])
         # Tell every store where HQ stands as soon as it is back: what a store published while HQ was
         # away may be lost with the broker's session, and an ack after a silence makes it send again.
         self._hello = True
