@@ -17,6 +17,7 @@ from ulid import ULID
 
 from edge_agent.clock import VirtualClock, rfc3339
 from edge_agent.config import ConfigError, HqFileConfig, load_config
+from edge_agent.contract import STREAMS
 from edge_agent.hq.applier import HqApplier
 from edge_agent.hq.store import HqStore, open_store
 from edge_agent.hq.telemetry import DAY_S, HOUR_S, Retention, day_of, partition_name
@@ -211,3 +212,17 @@ def test_retention_is_configured_and_errors_name_the_key(tmp_path: Path) -> None
     assert store.retention == Retention(30, 90)
     store.close()
     assert HqFileConfig.model_validate({}).hq.retention_days == 14
+
+
+def test_a_batch_of_bodies_is_kept_byte_for_byte(hq_backend: HqBackend) -> None:
+    """Many rows at once (PostgreSQL sends them as one JSON parameter): text and times come back exact."""
+    store = hq_backend.store()
+    t = T0 + 0.123456789
+    alert = {"ts": rfc3339(t), "kind": "x", "message": 'quote " backslash \\ tab \t newline \n é 漢 \U0001F600'}
+    rows = [("S001", "health", k + 1, t + k / 7, bool(k % 2),
+             STREAMS["health"].body.model_validate(HEALTH | {"pending_facts": k, "alerts": [alert]})) for k in range(40)]
+    with store.tx() as c:
+        assert store.record_messages(c, rows, t) == 0
+    got = store.read("SELECT seq, ts, historical, body FROM telemetry ORDER BY seq")
+    assert got == [(k + 1, t + k / 7, k % 2, b.model_dump_json()) for k, (*_, b) in enumerate(rows)]
+    assert json.loads(got[0][3])["alerts"][0]["message"] == alert["message"]

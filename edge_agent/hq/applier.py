@@ -416,7 +416,7 @@ class HqApplier:
                                 env.store, it.cmd_id) for it in items or ()])
             # Telemetry into its day and hourly roll-ups (retention), any other stream kept for good.
             self.db.record_messages(c, [(env.store, env.stream, env.seq, env.ts.timestamp(), env.historical,
-                                         env.body)], self.clock.now())  # type: ignore[attr-defined]
+                                         env.body)], self.clock.now())
         now = self.clock.now()
         facts = len(items) if items is not None else 1
         c.execute(
