@@ -165,8 +165,8 @@ class HqStore(ABC):
             kept.append((store, stream, seq, day, ts, int(historical), text))
         if others:
             self._insert(c, "INSERT INTO messages(store, stream, seq, ts, historical, body)", 6, others,
-                        " ON CONFLICT(store, stream, seq) DO UPDATE SET ts = excluded.ts,"
-                        " historical = excluded.historical, body = excluded.body")
+                         " ON CONFLICT(store, stream, seq) DO UPDATE SET ts = excluded.ts,"
+                         " historical = excluded.historical, body = excluded.body")
         self._keep(c, kept, roll)
         return rehomed
 
@@ -174,20 +174,20 @@ class HqStore(ABC):
         if rows:
             self._make_partitions(c, {r[3] for r in rows})
             self._insert(c, "INSERT INTO telemetry(store, stream, seq, day, ts, historical, body)", 7, rows,
-                        " ON CONFLICT(store, stream, seq, day) DO UPDATE SET ts = excluded.ts,"
-                        " historical = excluded.historical, body = excluded.body")
+                         " ON CONFLICT(store, stream, seq, day) DO UPDATE SET ts = excluded.ts,"
+                         " historical = excluded.historical, body = excluded.body")
         self._insert(c, "INSERT INTO telemetry_hourly(store, stream, hour, messages, items, bytes, rehomed, max_backlog)",
-                    8, [(*k, *v) for k, v in roll.streams.items()],
-                    " ON CONFLICT(store, stream, hour) DO UPDATE SET"
-                    " messages = telemetry_hourly.messages + excluded.messages,"
-                    " items = telemetry_hourly.items + excluded.items, bytes = telemetry_hourly.bytes + excluded.bytes,"
-                    " rehomed = telemetry_hourly.rehomed + excluded.rehomed,"
-                    " max_backlog = greatest(telemetry_hourly.max_backlog, excluded.max_backlog)")
+                     8, [(*k, *v) for k, v in roll.streams.items()],
+                     " ON CONFLICT(store, stream, hour) DO UPDATE SET"
+                     " messages = telemetry_hourly.messages + excluded.messages,"
+                     " items = telemetry_hourly.items + excluded.items, bytes = telemetry_hourly.bytes + excluded.bytes,"
+                     " rehomed = telemetry_hourly.rehomed + excluded.rehomed,"
+                     " max_backlog = greatest(telemetry_hourly.max_backlog, excluded.max_backlog)")
         self._insert(c, "INSERT INTO traffic_hourly(store, camera, hour, entries, exits, visits, person_s)",
-                    7, [(*k, *v) for k, v in roll.traffic.items()],
-                    " ON CONFLICT(store, camera, hour) DO UPDATE SET entries = traffic_hourly.entries + excluded.entries,"
-                    " exits = traffic_hourly.exits + excluded.exits, visits = traffic_hourly.visits + excluded.visits,"
-                    " person_s = traffic_hourly.person_s + excluded.person_s")
+                     7, [(*k, *v) for k, v in roll.traffic.items()],
+                     " ON CONFLICT(store, camera, hour) DO UPDATE SET entries = traffic_hourly.entries + excluded.entries,"
+                     " exits = traffic_hourly.exits + excluded.exits, visits = traffic_hourly.visits + excluded.visits,"
+                     " person_s = traffic_hourly.person_s + excluded.person_s")
 
     def _insert(self, c: Tx, head: str, width: int, rows: list[tuple], tail: str = "") -> None:
         """``c.executemany(f"{head} VALUES (?,...){tail}", rows)``, the backend's fastest way."""
