@@ -187,7 +187,7 @@ def test_a_version_2_database_keeps_its_messages_rows(hq_backend: HqBackend) -> 
     _version_2(hq_backend, [("S001", "health", 1, t, 0, health), ("S001", "traffic/stats", 1, t, 1, traffic),
                             ("S001", "traffic/stats", 2, t + DAY_S, 0, later), ("S001", "epcis/events", 1, t, 0, epcis)])
     store = hq_backend.store("old")
-    assert store.read("SELECT max(version) FROM schema_version") == [(3,)]
+    assert store.read("SELECT max(version) FROM schema_version") == [(4,)]
     assert store.read("SELECT store, stream, seq, day, ts, historical, body FROM telemetry ORDER BY stream, seq") == [
         ("S001", "health", 1, day_of(t), t, 0, health), ("S001", "traffic/stats", 1, day_of(t), t, 1, traffic),
         ("S001", "traffic/stats", 2, day_of(t) + 1, t + DAY_S, 0, later)]

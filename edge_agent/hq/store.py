@@ -124,7 +124,7 @@ class HqStore(ABC):
                 self._script(c, sql)
                 if version == 1:
                     self._adopt(c)
-                if version == 3:
+                if version == 4:
                     self._move_telemetry(c)
                 c.execute("INSERT INTO schema_version(version, name, applied_at) VALUES (?,?,?)",
                           (version, name, time.time()))
@@ -132,7 +132,7 @@ class HqStore(ABC):
         return current
 
     def _move_telemetry(self, c: Tx) -> None:
-        """Version 3: the telemetry rows of ``messages`` into ``telemetry`` in the day of their ts, whatever
+        """Version 4: the telemetry rows of ``messages`` into ``telemetry`` in the day of their ts, whatever
         their age (the next ``expire`` applies the retention), with their roll-ups."""
         marks = ",".join("?" * len(TELEMETRY))
         rows = c.execute(f"SELECT store, stream, seq, ts, historical, body FROM messages WHERE stream IN ({marks})",
