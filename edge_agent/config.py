@@ -318,6 +318,11 @@ class HqConfig(Section):
     max_seq_jump: int = Field(100_000, ge=1)
     # Acks to a store are coalesced: at most one per store per this many seconds.
     ack_interval_s: float = Field(0.05, ge=0)
+    # Telemetry (traffic/stats, traffic/heatmap, health, esl/state) is kept raw for this many UTC days,
+    # today included, in day partitions dropped whole after that (hq/store.py); its hourly roll-ups for
+    # rollup_retention_days. Inventory, labels, EPCIS events, commands and their results are kept for good.
+    retention_days: int = Field(14, ge=1)
+    rollup_retention_days: int = Field(400, ge=1)
     http_host: str = "127.0.0.1"
     http_port: int = Field(8780, ge=0, le=65535)
     print_applied: bool = True
@@ -340,6 +345,13 @@ class HqConfig(Section):
         if self.database is not None and "db_path" in self.model_fields_set:
             raise ValueError("give hq.database (PostgreSQL) or hq.db_path (SQLite), not both")
         return self
+
+    @field_validator("rollup_retention_days")
+    @classmethod
+    def _rollups_outlive_rows(cls, v: int, info: ValidationInfo) -> int:
+        if v < info.data.get("retention_days", 1):
+            raise ValueError("must be at least hq.retention_days: the roll-ups outlive the rows they sum")
+        return v
 
 
 class CameraConfig(TrafficAnalyticsConfig):

@@ -184,9 +184,9 @@ def _traffic_summary(hq_db: Path) -> list[str]:
     lines = []
     try:
         stats = [json.loads(b) for (b,) in con.execute(
-            "SELECT body FROM messages WHERE stream = 'traffic/stats' ORDER BY seq")]
+            "SELECT body FROM telemetry WHERE stream = 'traffic/stats' ORDER BY seq")]
         heat = [json.loads(b) for (b,) in con.execute(
-            "SELECT body FROM messages WHERE stream = 'traffic/heatmap' ORDER BY seq")]
+            "SELECT body FROM telemetry WHERE stream = 'traffic/heatmap' ORDER BY seq")]
     finally:
         con.close()
     items = [i for b in stats for i in b["items"] if i["camera"] != "*"]  # one camera: "*" repeats its figures

@@ -104,7 +104,7 @@ def label_fact(i: int) -> Fact:
 
 
 def hq_items(hq: HqReceiver, stream: str) -> list[dict[str, Any]]:
-    return [it for (b,) in hq.db.read("SELECT body FROM messages WHERE store = ? AND stream = ?", (STORE, stream))
+    return [it for b in hq.db.bodies(stream, STORE)
             for it in json.loads(b)["items"]]
 
 

@@ -280,7 +280,7 @@ def test_disk_cap_during_long_outage(tmp_path: Path, broker: Mosquitto) -> None:
 
         def reported_drops() -> list[int]:
             bodies = [json.loads(b) for (b,) in hq.db.read(
-                "SELECT body FROM messages WHERE store = ? AND stream = 'health'", (store,))]
+                "SELECT body FROM telemetry WHERE store = ? AND stream = 'health'", (store,))]
             return [b["dropped_facts"].get("traffic/heatmap", 0) for b in bodies]
 
         # The health report made after the last drop carries the full count up to HQ.
@@ -363,7 +363,7 @@ def test_corrupt_outbox_is_moved_aside_and_agent_carries_on(tmp_path: Path, brok
         wait_for(lambda: hq.db.inventory("S001") == truth, 60, "HQ inventory to equal the ground truth")
 
         def corrupt_alerts() -> list[dict]:
-            bodies = [json.loads(b) for (b,) in hq.db.read("SELECT body FROM messages WHERE stream = 'health'")]
+            bodies = [json.loads(b) for (b,) in hq.db.read("SELECT body FROM telemetry WHERE stream = 'health'")]
             return [a for b in bodies for a in b["alerts"] if a["kind"] == "outbox.corrupt"]
 
         wait_for(lambda: bool(corrupt_alerts()), 30, "a health message with the outbox.corrupt alert")

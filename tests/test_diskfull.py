@@ -487,7 +487,7 @@ def _publish_store(port: int, sim: StoreSim, open_cycles: int, closed_cycles: in
 
 def _health_alerts(hq: Any, kind: str) -> list[dict]:
     out = []
-    for (body,) in hq.db.read("SELECT body FROM messages WHERE store = 'S001' AND stream = 'health'"):
+    for (body,) in hq.db.read("SELECT body FROM telemetry WHERE store = 'S001' AND stream = 'health'"):
         out += [a for a in json.loads(body)["alerts"] if a["kind"] == kind]
     return out
 
@@ -546,7 +546,7 @@ def test_a_disk_that_fills_during_trading_loses_nothing(tmp_path: Path, disk: Ti
         assert 1 <= len(began) == len(ended) <= 5, [x["msg"] for x in began + ended]
         wait_for(lambda: len(_health_alerts(hq, DISK_FULL)) == len(ended), 10, "the outbox.disk_full alerts at HQ")
         # The readers' payloads waited in the intake queue: none was dropped.
-        (last,) = hq.db.read("SELECT body FROM messages WHERE store = 'S001' AND stream = 'health' ORDER BY seq DESC"
+        (last,) = hq.db.read("SELECT body FROM telemetry WHERE store = 'S001' AND stream = 'health' ORDER BY seq DESC"
                              " LIMIT 1")
         figures = json.loads(last[0])["counters"]
         assert figures["rfid.intake_dropped"] == 0 and figures["outbox.writes_refused"] > 0, figures

@@ -24,7 +24,7 @@ LABELS = 20
 
 
 def hq_rows(rx, stream: str) -> list[dict]:  # type: ignore[no-untyped-def]
-    return [it for (b,) in rx.db.read("SELECT body FROM messages WHERE stream = ? ORDER BY seq", (stream,))
+    return [it for b in rx.db.bodies(stream)
             for it in json.loads(b)["items"]]
 
 

@@ -29,8 +29,9 @@ ZONES = ["backroom", "salesfloor"]
 SIM = {"seed": 5, "total": 2_000, "rate_per_s": 4_000, "batch": 100, "zones": ZONES, "gtins": 10}
 T0 = 1_767_225_600.0
 # What HQ knows and keeps: every table but the log of what it refused.
-STATE_TABLES = ("streams", "inventory", "stash", "snapshot_parts", "snapshots", "messages", "status", "resyncs",
-                "floors", "labels", "inv_journal", "alerts", "commands_out")
+STATE_TABLES = ("streams", "inventory", "stash", "snapshot_parts", "snapshots", "messages", "telemetry",
+                "telemetry_hourly", "traffic_hourly", "status", "resyncs", "floors", "labels", "inv_journal", "alerts",
+                "commands_out")
 
 
 def dump(db: HqStore) -> list[tuple[str, list[tuple[Any, ...]]]]:

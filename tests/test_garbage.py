@@ -684,7 +684,7 @@ def test_a_flood_of_garbage_over_mqtt(tmp_path: Path, broker: Mosquitto) -> None
         assert len(errors) <= len(kinds) * (answered_s + 2), (len(errors), answered_s)
 
         def health_figures() -> tuple[dict[str, int], int]:
-            rows = hq.db.read("SELECT body FROM messages WHERE store = ? AND stream = 'health' ORDER BY seq DESC"
+            rows = hq.db.read("SELECT body FROM telemetry WHERE store = ? AND stream = 'health' ORDER BY seq DESC"
                               " LIMIT 1", (STORE,))
             body = json.loads(rows[0][0]) if rows else {}
             return body.get("refused_commands", {}), body.get("quarantined", {}).get("downlink", 0)

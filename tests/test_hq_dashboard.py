@@ -7,9 +7,13 @@ import re
 import urllib.request
 from pathlib import Path
 
+from edge_agent.clock import parse_rfc3339
+from edge_agent.contract import STREAMS
 from simulators.mosquitto import Mosquitto, free_port
 
 from .helpers import start_hq
+
+T = parse_rfc3339("2026-11-25T10:02:00Z")
 
 
 def fetch(url: str) -> tuple[int, str, bytes]:
@@ -37,8 +41,7 @@ def test_dashboard_page_and_every_endpoint_it_reads(tmp_path: Path, broker: Mosq
                     ("S001", "traffic/stats", 2, {"items": [stats("*", 0, 2)]}),
                     ("S001", "traffic/heatmap", 1, {"items": [heat("cam1", [1, 2]), heat("*", [1, 2])]}),
                     ("S001", "traffic/heatmap", 2, {"items": [heat("*", [0.5, 0])]})]
-            c.executemany("INSERT INTO messages(store, stream, seq, ts, historical, body) VALUES (?,?,?,0,0,?)",
-                          [(s, st, q, json.dumps(b)) for s, st, q, b in rows])
+            rx.db.record_messages(c, [(s, st, q, T, False, STREAMS[st].body.model_validate(b)) for s, st, q, b in rows], T)
         status, ctype, page = fetch(f"{base}/dashboard")
         assert status == 200 and ctype.startswith("text/html") and b"HQ receiver" in page
         for path in sorted(set(re.findall(r'(?:get|pages)\(`?"?(/[a-z]+)', page.decode()))):

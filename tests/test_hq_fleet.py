@@ -22,11 +22,11 @@ from .helpers import HqBackend, start_hq
 NOW = 1_767_225_600.0
 
 
-def health(pending: int = 0, sealed: int = 0, alerts: list[dict[str, str]] | None = None) -> str:
-    """A health body as HQ stores it (the applier writes model_dump_json)."""
+def health(pending: int = 0, sealed: int = 0, alerts: list[dict[str, str]] | None = None) -> HealthBody:
+    """A health body, kept as the applier keeps it (HqStore.record_messages)."""
     return HealthBody(uptime_s=100, connected=True, pending_facts=pending, sealed_messages=sealed, db_bytes=4096,
                       cap_bytes=1 << 20, queued_bytes=pending * 10, compacted_facts=0, coarsened_facts=0,
-                      dropped_facts={}, quarantined={}, alerts=alerts or []).model_dump_json()
+                      dropped_facts={}, quarantined={}, alerts=alerts or [])
 
 
 def label(n: int, matches: bool | None) -> tuple[str, str]:
@@ -54,10 +54,9 @@ def seed(db: HqStore, now: float) -> list[str]:
         # Older health messages too: only the newest body counts for the backlog; S005's old one had an alert
         # two hours ago (no longer open).
         old_alert = [{"ts": rfc3339(now - 7200), "kind": "old", "message": "long ago"}]
-        c.executemany("INSERT INTO messages(store, stream, seq, ts, historical, body) VALUES (?,'health',?,?,0,?)",
-                      [(s, seq, now - heard[s] - 60 * (3 - seq),
-                        body[s] if seq == 3 else health(pending=999_999, alerts=old_alert if s == "S005" else None))
-                       for s in heard for seq in (1, 2, 3)])
+        db.record_messages(c, [(s, "health", seq, now - heard[s] - 60 * (3 - seq), False,
+                                body[s] if seq == 3 else health(pending=999_999, alerts=old_alert if s == "S005" else None))
+                               for s in heard for seq in (1, 2, 3)], now)
         c.executemany("INSERT INTO alerts(at, store, kind, message) VALUES (?,?,?,?)",
                       [(now - 600, "S005", "store.rewind", "inventory/delta went back in time"),
                        (now - 7200, "S005", "store.rewind", "an old one"),
@@ -121,9 +120,8 @@ def test_the_fleet_is_a_fixed_handful_of_queries_at_600_stores(hq_backend: HqBac
         c.executemany("INSERT INTO status(store, state, at) VALUES (?, 'online', ?)", [(s, NOW - 5) for s in stores])
         c.executemany("INSERT INTO streams(store, stream, last_seq, hwm, last_sent, last_applied_at)"
                       " VALUES (?, 'health', 10, 10, ?, ?)", [(s, NOW - 6, NOW - 5) for s in stores])
-        c.executemany("INSERT INTO messages(store, stream, seq, ts, historical, body) VALUES (?, 'health', ?, ?, 0, ?)",
-                      [(s, q, NOW - 600 + 60 * q, health(pending=i % 7 * 100)) for i, s in enumerate(stores)
-                       for q in range(1, 11)])
+        db.record_messages(c, [(s, "health", q, NOW - 600 + 60 * q, False, health(pending=i % 7 * 100))
+                               for i, s in enumerate(stores) for q in range(1, 11)], NOW)
         c.executemany("INSERT INTO labels(store, label, ts, state) VALUES (?,?,0,?)",
                       [(s, *label(n, n % 9 != 0)) for s in stores for n in range(20)])
     reads = 0

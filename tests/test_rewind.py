@@ -96,7 +96,7 @@ def test_rewound_outbox_is_detected_and_healed(
         assert "store.rewind" in kinds, kinds
 
         def store_alerts() -> set[str]:
-            return {a["kind"] for (b,) in hq.db.read("SELECT body FROM messages WHERE stream = 'health'")
+            return {a["kind"] for (b,) in hq.db.read("SELECT body FROM telemetry WHERE stream = 'health'")
                     for a in json.loads(b)["alerts"]}
 
         wait_for(lambda: "outbox.rewind" in store_alerts(), 30, "the store's own outbox.rewind alert at HQ")

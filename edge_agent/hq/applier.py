@@ -464,13 +464,9 @@ class HqApplier:
                 c.executemany("UPDATE audit SET result = ?, result_at = ? WHERE store = ? AND cmd_id = ?",
                               [(it.model_dump_json(include={"status", "reason", "detail"}), self.clock.now(),
                                 env.store, it.cmd_id) for it in items or ()])
-            c.execute(
-                "INSERT INTO messages(store, stream, seq, ts, historical, body) VALUES (?,?,?,?,?,?)"
-                " ON CONFLICT(store, stream, seq) DO UPDATE SET ts = excluded.ts, historical = excluded.historical,"
-                " body = excluded.body",
-                (env.store, env.stream, env.seq, env.ts.timestamp(), int(env.historical),
-                 env.body.model_dump_json()),  # type: ignore[attr-defined]
-            )
+            # Telemetry into its day and hourly roll-ups (retention), any other stream kept for good.
+            self.db.record_messages(c, [(env.store, env.stream, env.seq, env.ts.timestamp(), env.historical,
+                                         env.body)], self.clock.now())
         now = self.clock.now()
         facts = len(items) if items is not None else 1
         c.execute(

@@ -221,15 +221,15 @@ def read_facts(db: HqStore, now: float, p: FleetParams = FleetParams(), store: s
     # The newest health body per store: its stream row, then the message at the highest seq HQ holds of it
     # (a primary-key lookup per store on both backends; last_seq may name a seq skipped after a loss).
     for s, body in db.read(
-            "SELECT m.store, m.body FROM streams AS s JOIN messages AS m ON m.store = s.store AND m.stream = s.stream"
-            " AND m.seq = (SELECT max(x.seq) FROM messages AS x WHERE x.store = s.store AND x.stream = s.stream)"
+            "SELECT m.store, m.body FROM streams AS s JOIN telemetry AS m ON m.store = s.store AND m.stream = s.stream"
+            " AND m.seq = (SELECT max(x.seq) FROM telemetry AS x WHERE x.store = s.store AND x.stream = s.stream)"
             f" WHERE s.stream = ?{one_s}", (HEALTH, *arg)):
         of(s).health = json.loads(body)
     since = now - p.alert_window_s
     for s, n in db.read(f"SELECT store, count(*) FROM alerts WHERE at >= ?{one} GROUP BY store", (since, *arg)):
         of(s).hq_alerts = n
     for s, body in db.read(
-            "SELECT m.store, m.body FROM streams AS s JOIN messages AS m ON m.store = s.store AND m.stream = s.stream"
+            "SELECT m.store, m.body FROM streams AS s JOIN telemetry AS m ON m.store = s.store AND m.stream = s.stream"
             " AND m.seq > s.last_seq - ? WHERE s.stream = ? AND m.ts >= ? AND m.body NOT LIKE ?" + one_s,
             (p.health_scan, HEALTH, since, _NO_ALERTS, *arg)):
         of(s).store_alerts += len(_health_alerts(body, since))
@@ -264,7 +264,7 @@ def store_alerts(db: HqStore, store: str, now: float, p: FleetParams = FleetPara
            for at, kind, message in db.read(
                "SELECT at, kind, message FROM alerts WHERE store = ? ORDER BY id DESC LIMIT ?", (store, limit))]
     for (body,) in db.read(
-            "SELECT m.body FROM streams AS s JOIN messages AS m ON m.store = s.store AND m.stream = s.stream"
+            "SELECT m.body FROM streams AS s JOIN telemetry AS m ON m.store = s.store AND m.stream = s.stream"
             " AND m.seq > s.last_seq - ? WHERE s.store = ? AND s.stream = ? AND m.ts >= ? AND m.body NOT LIKE ?",
             (p.health_scan, store, HEALTH, since, _NO_ALERTS)):
         out += [{"at": parse_rfc3339(a["ts"]), "source": "store", "kind": a.get("kind", ""),

@@ -54,6 +54,7 @@ from .store import open_store
 log = logging.getLogger(__name__)
 
 SNAPSHOTS_PER_STORE = 10  # /state shows each store's newest snapshots, not its whole history
+RETENTION_EVERY_S = 3600.0
 
 
 def subscriptions(prefix: str) -> list[str]:
@@ -205,8 +206,13 @@ class HqReceiver:
 
     def _tick_loop(self) -> None:
         last_print = time.monotonic()
+        retention_at = 0.0  # at start, then hourly: telemetry partitions made ahead, days past retention dropped
         while not self._stop.wait(0.1):
             try:
+                if time.monotonic() >= retention_at:
+                    retention_at = time.monotonic() + RETENTION_EVERY_S
+                    self.db.ensure_partitions(self.clock.now())
+                    log.info("telemetry retention: %s", self.db.expire(self.clock.now()))
                 with self._lock:
                     out = self.applier.tick()
                     if self._hello:

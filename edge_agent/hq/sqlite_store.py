@@ -73,5 +73,12 @@ class SqliteStore(HqStore):
         if stmt.strip():
             c.execute(stmt)  # a last statement without its ";" (or a trailing comment)
 
+    def _make_partitions(self, c: Tx, days: set[int]) -> None:
+        """SQLite has no partitioning: one table, indexed by day."""
+
+    def _drop_days(self, c: Tx, before: int) -> tuple[list[int], int | None]:
+        days = [d for (d,) in c.execute("SELECT DISTINCT day FROM telemetry WHERE day < ? ORDER BY day", (before,))]
+        return days, c.execute("DELETE FROM telemetry WHERE day < ?", (before,)).rowcount
+
     def _adopt(self, c: Tx) -> None:
         add_missing_columns(self.conn, UNVERSIONED_COLUMNS)  # the connection c is

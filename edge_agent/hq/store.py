@@ -11,6 +11,12 @@ A value the backend cannot hold raises ``Unstorable`` and rolls its transaction 
 
 The schema is versioned: ``migrations/<dialect>/NNNN_name.sql``, applied in order in one transaction
 that also records them in ``schema_version``.
+
+Telemetry does not grow for ever (rules in ``telemetry.py``): its raw rows live in day partitions on
+PostgreSQL (``telemetry``, PARTITION BY RANGE of the day), made ahead by ``ensure_partitions`` and
+dropped whole by ``expire``; SQLite has no partitioning, so there it is one table indexed by day and
+``expire`` deletes. Hourly roll-ups, written with each apply, outlive the raw rows. Every other stream's
+bodies (EPCIS events, command results, ESL alerts, counts) stay in ``messages`` for good.
 """
 
 from __future__ import annotations
@@ -23,10 +29,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..clock import parse_rfc3339
+from ..contract import STREAMS
+from ..sync.outbox import insert_rows
+from .telemetry import PARTITIONS_AHEAD, TELEMETRY, Retention, Rollup, day_of, keep_day
 
 if TYPE_CHECKING:
     from ..config import HqConfig
@@ -62,10 +72,21 @@ class Tx(Protocol):
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> object: ...
 
 
+@dataclass(frozen=True)
+class Expired:
+    """What one ``expire`` removed: the days of raw telemetry (partitions dropped on PostgreSQL), their
+    rows where counted (SQLite deletes them; PostgreSQL drops tables unread: None), and roll-up rows."""
+
+    days: list[int]
+    rows: int | None
+    rollups: int
+
+
 class HqStore(ABC):
     dialect: str  # the migrations/ folder of this backend
     outage: tuple[type[Exception], ...]  # the database failing (not one statement): a batch waits and retries
     conn: Any  # the backend's one connection (sqlite3 or psycopg), closed by close()
+    retention = Retention()  # open_store sets the configured one
 
     def __init__(self) -> None:
         # One connection per process, so one transaction at a time within it.
@@ -146,10 +167,104 @@ class HqStore(ABC):
                 self._script(c, sql)
                 if version == 1:
                     self._adopt(c)
+                if version == 4:
+                    self._move_telemetry(c)
                 c.execute("INSERT INTO schema_version(version, name, applied_at) VALUES (?,?,?)",
                           (version, name, time.time()))
                 current = version
         return current
+
+    def _move_telemetry(self, c: Tx) -> None:
+        """Version 4: the telemetry rows of ``messages`` into ``telemetry`` in the day of their ts, whatever
+        their age (the next ``expire`` applies the retention), with their roll-ups."""
+        marks = ",".join("?" * len(TELEMETRY))
+        rows = c.execute(f"SELECT store, stream, seq, ts, historical, body FROM messages WHERE stream IN ({marks})",
+                         tuple(TELEMETRY)).fetchall()
+        roll = Rollup()
+        kept = []
+        for store, stream, seq, ts, historical, body in rows:
+            roll.add(store, stream, ts, STREAMS[stream].body.model_validate_json(body), len(body), False)
+            kept.append((store, stream, seq, day_of(ts), ts, historical, body))
+        self._keep(c, kept, roll)
+        c.execute(f"DELETE FROM messages WHERE stream IN ({marks})", tuple(TELEMETRY))
+
+    # ------------------------------------------------------------ applied bodies, telemetry retention
+
+    def record_messages(self, c: Tx, rows: Iterable[tuple[str, str, int, float, bool, Any]], now: float) -> int:
+        """Keep applied messages' bodies, in the transaction ``c`` that applies them: rows of (store,
+        stream, seq, ts, historical, typed body). Telemetry goes to its day (``telemetry.py``) and its
+        roll-ups; any other stream to ``messages``. Returns how many were kept in HQ's today, their own day
+        being past the retention or too far ahead."""
+        kept, others, roll, rehomed = [], [], Rollup(), 0
+        for store, stream, seq, ts, historical, body in rows:
+            text = body.model_dump_json()
+            if stream not in TELEMETRY:
+                others.append((store, stream, seq, ts, int(historical), text))
+                continue
+            day = keep_day(ts, now, self.retention)
+            moved = day != day_of(ts)
+            rehomed += moved
+            roll.add(store, stream, ts, body, len(text), moved)
+            kept.append((store, stream, seq, day, ts, int(historical), text))
+        if others:
+            self._insert(c, "INSERT INTO messages(store, stream, seq, ts, historical, body)", 6, others,
+                         " ON CONFLICT(store, stream, seq) DO UPDATE SET ts = excluded.ts,"
+                         " historical = excluded.historical, body = excluded.body")
+        self._keep(c, kept, roll)
+        return rehomed
+
+    def _keep(self, c: Tx, rows: list[tuple], roll: Rollup) -> None:
+        if rows:
+            self._make_partitions(c, {r[3] for r in rows})
+            self._insert(c, "INSERT INTO telemetry(store, stream, seq, day, ts, historical, body)", 7, rows,
+                         " ON CONFLICT(store, stream, seq, day) DO UPDATE SET ts = excluded.ts,"
+                         " historical = excluded.historical, body = excluded.body")
+        self._insert(c, "INSERT INTO telemetry_hourly(store, stream, hour, messages, items, bytes, rehomed, max_backlog)",
+                     8, [(*k, *v) for k, v in roll.streams.items()],
+                     " ON CONFLICT(store, stream, hour) DO UPDATE SET"
+                     " messages = telemetry_hourly.messages + excluded.messages,"
+                     " items = telemetry_hourly.items + excluded.items, bytes = telemetry_hourly.bytes + excluded.bytes,"
+                     " rehomed = telemetry_hourly.rehomed + excluded.rehomed,"
+                     " max_backlog = greatest(telemetry_hourly.max_backlog, excluded.max_backlog)")
+        self._insert(c, "INSERT INTO traffic_hourly(store, camera, hour, entries, exits, visits, person_s)",
+                     7, [(*k, *v) for k, v in roll.traffic.items()],
+                     " ON CONFLICT(store, camera, hour) DO UPDATE SET entries = traffic_hourly.entries + excluded.entries,"
+                     " exits = traffic_hourly.exits + excluded.exits, visits = traffic_hourly.visits + excluded.visits,"
+                     " person_s = traffic_hourly.person_s + excluded.person_s")
+
+    def _insert(self, c: Tx, head: str, width: int, rows: list[tuple], tail: str = "") -> None:
+        """``c.executemany(f"{head} VALUES (?,...){tail}", rows)``, the backend's fastest way."""
+        insert_rows(c, head, width, rows, tail)  # type: ignore[arg-type]
+
+    def ensure_partitions(self, now: float) -> None:
+        """The day partitions from today to ``PARTITIONS_AHEAD`` days ahead (PostgreSQL); idempotent."""
+        today = day_of(now)
+        with self.tx() as c:
+            self._make_partitions(c, set(range(today, today + PARTITIONS_AHEAD + 1)))
+
+    def expire(self, now: float) -> Expired:
+        """Drop the raw telemetry of the days past the retention, and the roll-ups past theirs."""
+        with self.tx() as c:
+            days, rows = self._drop_days(c, self.retention.horizon(now))
+            cut = self.retention.rollup_horizon(now)
+            rollups = sum(c.execute(f"DELETE FROM {t} WHERE hour < ?", (cut,)).rowcount
+                          for t in ("telemetry_hourly", "traffic_hourly"))
+        return Expired(days, rows, rollups)
+
+    @abstractmethod
+    def _make_partitions(self, c: Tx, days: set[int]) -> None:
+        """Make sure telemetry rows of these days have a place (PostgreSQL: their partitions)."""
+
+    @abstractmethod
+    def _drop_days(self, c: Tx, before: int) -> tuple[list[int], int | None]:
+        """Remove the raw telemetry of every day before ``before``: (the days, the rows if counted)."""
+
+    def bodies(self, stream: str, store: str | None = None) -> list[str]:
+        """The kept bodies of one stream (of one store, or all), in store and seq order: from ``telemetry``
+        or ``messages``, wherever the stream is kept."""
+        table = "telemetry" if stream in TELEMETRY else "messages"
+        where, params = ("stream = ?", (stream,)) if store is None else ("store = ? AND stream = ?", (store, stream))
+        return [b for (b,) in self.read(f"SELECT body FROM {table} WHERE {where} ORDER BY store, seq", params)]
 
     def inventory(self, store: str) -> dict[tuple[str, str], int]:
         return {
@@ -166,7 +281,7 @@ class HqStore(ABC):
         heatmap messages: store-wide ("*") cells where a store sends them, else its first camera's."""
         def newest(stream: str) -> list[list[dict]]:  # the items of each message, newest message first
             return [json.loads(b)["items"] for (b,) in self.read(
-                "SELECT body FROM messages WHERE store = ? AND stream = ? ORDER BY seq DESC LIMIT ?",
+                "SELECT body FROM telemetry WHERE store = ? AND stream = ? ORDER BY seq DESC LIMIT ?",
                 (store, stream, messages))]
 
         stats = sorted((it for items in reversed(newest("traffic/stats")) for it in items),
@@ -183,7 +298,8 @@ class HqStore(ABC):
 
     def epcis_events(self, store: str, since: float, until: float) -> list[dict]:
         """A store's EPCIS events with eventTime in [since, until), in the order HQ applied them. HQ keeps
-        every message it applies (the store forgets its own once acked): the record an export reads."""
+        every EPCIS message it applies for good, outside the telemetry retention (the store forgets its
+        own once acked): the business record an export reads."""
         out = []
         for (body,) in self.read("SELECT body FROM messages WHERE store = ? AND stream = 'epcis/events' ORDER BY seq",
                                  (store,)):
@@ -224,10 +340,14 @@ class HqStore(ABC):
 def open_store(hq: HqConfig) -> HqStore:
     """The configured backend: PostgreSQL when ``hq.database`` names one, else SQLite at ``hq.db_path``."""
     # Imported here: both backends import this module for HqStore.
+    store: HqStore
     if hq.database:
         from .pg_store import PgStore
 
-        return PgStore(hq.database)
-    from .sqlite_store import SqliteStore
+        store = PgStore(hq.database)
+    else:
+        from .sqlite_store import SqliteStore
 
-    return SqliteStore(hq.db_path)
+        store = SqliteStore(hq.db_path)
+    store.retention = Retention(hq.retention_days, hq.rollup_retention_days)
+    return store
