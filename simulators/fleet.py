@@ -499,6 +499,20 @@ class WorkerSpec:
     idle_poll_s: float | None
 
 
+class _Tagged:
+    """Replies carry the number of the command they answer, so a late one is never taken for the next."""
+
+    def __init__(self, ctl: Any, n: int) -> None:
+        self._ctl = getattr(ctl, "_ctl", ctl)
+        self._n = n
+
+    def send(self, value: Any) -> None:
+        self._ctl.send((self._n, value))
+
+    def recv(self) -> Any:
+        return self._ctl.recv()
+
+
 def _worker(spec: WorkerSpec, ctl: Connection) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"fleet-{spec.index} %(levelname)s %(name)s: %(message)s")
     group = StoreGroup(spec.stores, Path(spec.workdir), spec.port, Workload(**spec.workload), spec.seed,
@@ -506,7 +520,8 @@ def _worker(spec: WorkerSpec, ctl: Connection) -> None:
                        record_rows=spec.record_rows, idle_poll_s=spec.idle_poll_s)
     ctl.send(("built", os.getpid()))
     while True:
-        cmd, arg = ctl.recv()
+        n, cmd, arg = ctl.recv()
+        ctl = _Tagged(ctl, n)  # type: ignore[assignment]
         if cmd == "start_agents":
             group.start_agents()
             ctl.send(True)
@@ -521,7 +536,7 @@ def _worker(spec: WorkerSpec, ctl: Connection) -> None:
         elif cmd == "drained":
             ctl.send((group.drained(), group.workload_done()))
         elif cmd == "results":
-            ctl.send(str(group.results(Path(arg))))
+            ctl.send(str(group.results(Path(spec.workdir) / "results.json")))
         elif cmd == "stop":
             group.stop()
             ctl.send(True)
@@ -540,6 +555,7 @@ class Fleet:
         self.procs: list[mp.process.BaseProcess] = []
         self.ctls: list[Connection] = []
         self.pids: list[int] = []
+        self._n = 0
         ctx = mp.get_context("spawn")
         procs = max(1, min(procs, n_stores))
         for k in range(procs):
@@ -554,13 +570,19 @@ class Fleet:
             self.ctls.append(parent)
 
     def _all(self, cmd: str, arg: Any = None, timeout: float = 120.0) -> list[Any]:
+        self._n += 1
         for c in self.ctls:
-            c.send((cmd, arg))
+            c.send((self._n, cmd, arg))
         out = []
+        deadline = time.monotonic() + timeout
         for c in self.ctls:
-            if not c.poll(timeout):
-                raise TimeoutError(f"a fleet worker did not answer {cmd!r} within {timeout}s")
-            out.append(c.recv())
+            while True:
+                if not c.poll(max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError(f"a fleet worker did not answer {cmd!r} within {timeout}s")
+                n, value = c.recv()
+                if n == self._n:  # else the late answer to an earlier command
+                    out.append(value)
+                    break
         return out
 
     def start(self, connect_timeout: float = 120.0) -> float:
@@ -583,14 +605,17 @@ class Fleet:
         self._all("stop_workload")
 
     def drained(self) -> tuple[int, bool]:
-        answers = self._all("drained")
+        answers = self._all("drained", timeout=300)
         return sum(a[0] for a in answers), all(a[1] for a in answers)
 
     def wait_drained(self, timeout: float, poll: float = 0.5,
                      on_poll: Callable[[int], None] | None = None) -> bool:
         deadline = time.monotonic() + timeout
         while True:
-            n, done = self.drained()
+            try:
+                n, done = self.drained()
+            except TimeoutError:  # a worker too busy to answer (an overloaded box) has not drained either
+                n, done = 0, False
             if on_poll:
                 on_poll(n)
             if n == len(self.stores) and done:
@@ -601,10 +626,8 @@ class Fleet:
 
     def results(self) -> dict[str, Any]:
         merged: dict[str, Any] = {"stores": [], "errors": [], "records": {}}
-        for k, c in enumerate(self.ctls):
-            c.send(("results", str(self.workdir / f"results-{k}.json")))
-        for c in self.ctls:
-            part = json.loads(Path(c.recv()).read_text())
+        for path in self._all("results", None, timeout=600):
+            part = json.loads(Path(path).read_text())
             merged["stores"] += part["stores"]
             merged["errors"] += part["errors"]
             merged["records"].update(part["records"])
