@@ -398,14 +398,17 @@ class HqApplier:
 
     def _drain_stash(self, c: Tx, store: str, stream: str, last: int) -> list[Applied]:
         applied = []
-        c.execute("DELETE FROM stash WHERE store = ? AND stream = ? AND seq <= ?", (store, stream, last))
-        while True:
-            row = c.execute(
-                "SELECT payload FROM stash WHERE store = ? AND stream = ? AND seq = ?", (store, stream, last + 1)
-            ).fetchone()
-            if row is None:
+        # All of the stream's stash in one read: after every apply, and nearly always empty.
+        stashed = c.execute("SELECT seq, payload FROM stash WHERE store = ? AND stream = ? ORDER BY seq",
+                            (store, stream)).fetchall()
+        if stashed:
+            c.execute("DELETE FROM stash WHERE store = ? AND stream = ? AND seq <= ?", (store, stream, last))
+        for seq, payload in stashed:
+            if seq <= last:
+                continue
+            if seq != last + 1:
                 break
-            env = MESSAGE_MODELS[json.loads(row[0])["type"]].model_validate_json(row[0])
+            env = MESSAGE_MODELS[json.loads(payload)["type"]].model_validate_json(payload)
             last_id = c.execute("SELECT last_id FROM streams WHERE store = ? AND stream = ?", (store, stream)).fetchone()[0]
             c.execute("DELETE FROM stash WHERE store = ? AND stream = ? AND seq = ?", (store, stream, env.seq))
             if last_id and env.prev != last_id:  # a message that does not chain on (or names nothing) is not next
@@ -414,7 +417,7 @@ class HqApplier:
             applied += self._apply(c, env)
             last = env.seq
         hwm = c.execute("SELECT hwm FROM streams WHERE store = ? AND stream = ?", (store, stream)).fetchone()[0]
-        if hwm > last or c.execute("SELECT 1 FROM stash WHERE store = ? AND stream = ? LIMIT 1", (store, stream)).fetchone():
+        if hwm > last or any(seq > last for seq, _ in stashed):
             self._gaps.setdefault((store, stream), Gap(self._mono(), last))
         else:
             self._gaps.pop((store, stream), None)

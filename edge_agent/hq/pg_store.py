@@ -86,6 +86,9 @@ class PgStore(HqStore):
                 raise Unstorable(str(e)) from e
             raise
 
+    def _tx(self) -> Tx:
+        return self._c
+
     def _lock_stores(self, c: Tx, stores: list[str]) -> None:
         # One statement: its select list is evaluated left to right, in the order given.
         c.execute("SELECT " + ", ".join(["pg_advisory_xact_lock(?)"] * len(stores)),

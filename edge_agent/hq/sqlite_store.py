@@ -52,6 +52,9 @@ class SqliteStore(HqStore):
             raise
         self.conn.execute("RELEASE tx" if nested else "COMMIT")
 
+    def _tx(self) -> Tx:
+        return self.conn
+
     def _lock_stores(self, c: Tx, stores: list[str]) -> None:
         """Nothing: BEGIN IMMEDIATE already holds the whole file against other writers."""
 
