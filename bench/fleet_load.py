@@ -294,6 +294,9 @@ def check(run: Run, res: dict[str, Any]) -> dict[str, int]:
                 out["facts_truth"] += st["facts"].get(stream, 0)
                 out["facts_hq"] += facts
             out["streams_ok"] += ok
+            if not ok:  # said, not only counted: which stream, and how it is off
+                print(f"# off: {s} {stream} hwm={hwm} last={last} applied={applied} facts={facts}"
+                      f" truth={st['facts'].get(stream)} gaps={gaps} lost={lost}", file=sys.stderr)
             out["applied_twice"] += max(0, applied - last)
             out["missing_messages"] += max(0, hwm - last)
             out["gaps"] += gaps

@@ -193,6 +193,7 @@ class SimStore:
         self.wl = wl
         self.rng = random.Random(f"{seed}:{store}")
         self.rec = StoreRecord(store)
+        self.quiet = False  # the workload stopped: no more health reports either
         self.rows_out = rows_out
         self.cfg = AgentConfig.model_validate({
             "store": {"id": store},
@@ -233,6 +234,8 @@ class SimStore:
             return result
 
         def health_tick(force: bool = False) -> bool:
+            if self.quiet:  # health is part of the workload: none after it stopped, so the truth stays exact
+                return False
             done = tick(force)
             if done:
                 rec.facts["health"] += 1
@@ -396,6 +399,8 @@ class StoreGroup:
 
     def stop_workload(self) -> None:
         self._stop_workload.set()
+        for s in self.stores:
+            s.quiet = True
 
     def _run(self, t0: float) -> None:
         wl = self.wl
