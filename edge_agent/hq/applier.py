@@ -629,13 +629,18 @@ class HqApplier:
     def acks(self) -> list[Outgoing]:
         """HQ's position per stream for every store that moved (or needs telling), after the commit."""
         out = []
-        due, self.ack_due = self.ack_due, set()
-        for store in sorted(due):
-            rows = self.db.read("SELECT stream, last_seq, last_id FROM streams WHERE store = ? AND last_seq > 0", (store,))
-            if not rows:
+        due, self.ack_due = sorted(self.ack_due), set()
+        marks: dict[str, dict[str, Mark]] = defaultdict(dict)
+        for i in range(0, len(due), 500):  # one read per 500 stores, not one per store
+            part = due[i:i + 500]
+            for store, stream, seq, mid in self.db.read(
+                    "SELECT store, stream, last_seq, last_id FROM streams WHERE last_seq > 0"
+                    f" AND store IN ({','.join('?' * len(part))})", part):
+                marks[store][stream] = Mark(seq=seq, id=mid)
+        for store in due:
+            if store not in marks:
                 continue
-            ack = Ack(store=store, ts=rfc3339(self.clock.now()),  # type: ignore[arg-type]
-                      streams={s: Mark(seq=seq, id=i) for s, seq, i in rows})
+            ack = Ack(store=store, ts=rfc3339(self.clock.now()), streams=marks[store])  # type: ignore[arg-type]
             out.append(Outgoing(ack_topic(self.prefix, store), self._encode(ack.model_dump(mode="json", exclude={"sig"}))))
         return out
 
