@@ -11,11 +11,16 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
+from edge_agent.clock import VirtualClock
+from edge_agent.hq.applier import HqApplier
 from edge_agent.hq.receiver import HqReceiver
+from edge_agent.inventory.book import Delta, InventoryBook
+from edge_agent.sync.outbox import Outbox
 from simulators.inventory_feed import InventoryFeed
 from simulators.mosquitto import Mosquitto
 from simulators.postgres import Postgres
@@ -25,6 +30,8 @@ from .helpers import AgentProcess, HqBackend, HqProcess, agent_config, start_hq,
 ZONES = ["backroom", "salesfloor", "fitting-room", "pos"]
 STORES = {"S001": 41, "S002": 42, "S003": 43}  # store: its feed's seed
 TOTAL = 9_000
+T0 = 1_767_225_600.0
+GTIN = "04000000000006"
 APPLIED_LINE = re.compile(r"hq applied (\S+) inventory/delta\s+msgs=(\d+)")
 
 
@@ -119,3 +126,41 @@ def delta_facts(hq: HqReceiver) -> int:
     except psycopg.OperationalError:  # the connection this read used was just cut; the next one reconnects
         return 0
     return rows[0][0] if rows else 0
+
+
+def test_a_batch_that_fails_teaches_the_duplicate_filter_nothing(tmp_path: Path, hq_backend: HqBackend) -> None:
+    """A receiver counts a message below what it saw committed as a duplicate without applying it; what
+    it saw in a batch that rolled back (the database failed at its end) must not count as committed, or
+    the batch's retry would drop its own messages as duplicates."""
+    clock = VirtualClock(T0)
+    ob = Outbox(tmp_path / "agent.db", clock)
+    book = InventoryBook(ob, clock)
+    hq = HqApplier(hq_backend.store(), clock, prefix="retail/v1")
+    topic = "retail/v1/S001/inventory/delta"
+    msgs = []
+    for k in range(4):
+        book.apply([Delta(T0 + k, "salesfloor", GTIN, 1)])
+        m = ob.seal("inventory/delta")
+        assert m is not None
+        msgs.append((topic, m.payload("S001", T0, False), False))
+    hq.receive_batch(msgs[:2])
+    real_one = hq._one
+
+    calls = []
+
+    def fail_after(*args: Any) -> None:
+        real_one(*args)
+        calls.append(args)
+        if len(calls) == 2:  # seqs 3 and 4 applied, then the database goes, before the commit
+            raise hq.db.outage[0]("the database went away")
+
+    hq._one = fail_after  # type: ignore[method-assign]
+    with pytest.raises(hq.db.outage[0]):
+        hq.receive_batch(msgs[2:4])
+    hq._one = real_one  # type: ignore[method-assign]
+    hq.receive_batch(msgs)  # the retry, with 1 and 2 again
+    (st,) = hq.db.stream_stats()
+    assert (st["last_seq"], st["applied"], st["facts"], st["duplicates"]) == (4, 4, 4, 2), st
+    assert hq.db.inventory("S001") == {("salesfloor", GTIN): 4}
+    hq.db.close()
+    ob.close()

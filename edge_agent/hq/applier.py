@@ -31,7 +31,9 @@ replay was asked and when an unanswered command was last sent. Each receiver dis
 the database (every ``DISCOVER_S``), so one killed with a gap open leaves it to the others.
 
 A receiver hands the applier a batch of messages (``receive_batch``): one transaction, each message in
-a savepoint of it, so a bad one undoes only itself and the batch commits once (group commit).
+a savepoint of it, so a bad one undoes only itself and the batch commits once (group commit). A
+message below the seq this receiver saw committed in its stream is a duplicate (a store resending while
+HQ was away piles them up at the broker): counted per stream, never opened in a savepoint of its own.
 
 Timers (reorder window, retries) run on each receiver's injected monotonic clock; the wall clock
 stamps, and is what receivers compare across processes, only to ask a store for a replay, a resync
@@ -43,7 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,6 +152,9 @@ class HqApplier:
         self._gaps: dict[tuple[str, str], Gap] = {}
         self._waiting_snapshots: set[str] = set()
         self._pending: list[Applied] | None = None  # applied in the open batch, told once it commits
+        # Per (store, stream), the highest seq this receiver saw committed: a lower bound of last_seq
+        # (which never goes down), learnt only after the commit, so a batch rolled back teaches nothing.
+        self._committed: dict[tuple[str, str], int] = {}
         self._discovered_at = -1e9
         self._discover()
 
@@ -175,14 +180,24 @@ class HqApplier:
         has applied nothing) only if the database itself failed: the caller acks nothing and retries."""
         parsed = [(topic, payload, retained, self._parse(topic, payload)) for topic, payload, retained in batch]
         stores = {env.store for *_, env in parsed if isinstance(env, Envelope)}
+        # A message below what this receiver saw committed is a duplicate (a store resending while HQ was
+        # away, a broker redelivering): counted in one statement per stream, not applied one by one.
+        dups: Counter[tuple[str, str]] = Counter()
         self._pending = []
         try:
-            with self.db.tx(*stores):
+            with self.db.tx(*stores) as c:
                 for topic, payload, retained, env in parsed:
                     if isinstance(env, str):
                         self._reject(topic, env, payload)
-                    elif env is not None:
+                    elif env is None:
+                        continue
+                    elif env.stream != STATUS_STREAM and env.seq < self._committed.get((env.store, env.stream), 0):
+                        dups[(env.store, env.stream)] += 1
+                        self.ack_due.add(env.store)  # it resends because it has not heard: tell it again
+                    else:
                         self._one(topic, payload, retained, env)
+                c.executemany("UPDATE streams SET duplicates = duplicates + ? WHERE store = ? AND stream = ?",
+                              [(n, *key) for key, n in dups.items()])
             applied = self._pending
         finally:
             self._pending = None
@@ -501,7 +516,9 @@ class HqApplier:
             self._pending += applied
             return
         for a in applied:
-            self.figures.by_stream[(a.store, a.stream)] += a.facts
+            key = (a.store, a.stream)
+            self._committed[key] = max(self._committed.get(key, 0), a.seq)
+            self.figures.by_stream[key] += a.facts
             if self.on_applied:
                 self.on_applied(a)
 
