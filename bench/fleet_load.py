@@ -347,6 +347,16 @@ def emit_cpu(prefix: str, cpu: dict[str, float], wall: float, background: float)
     emit(f"{prefix}_cpu_background_pct_of_box", background / wall / (os.cpu_count() or 1) * 100)
 
 
+def emit_check(prefix: str, c: dict[str, int], stores: int, drained: bool) -> bool:
+    """The truth check's figures, and its verdict: every store's inventory and every stream exact, drained."""
+    for k in ("stores_inventory_ok", "streams_ok", "streams", "applied_twice", "missing_messages",
+              "gaps", "lost", "redelivered_ignored", "facts_truth", "facts_hq", "compacted_or_dropped"):
+        emit(f"{prefix}_{k}", c.get(k, 0))
+    ok = c.get("stores_inventory_ok") == stores and c.get("streams_ok") == c.get("streams") and drained
+    emit(f"{prefix}_hq_equals_truth", int(ok))
+    return ok
+
+
 def load(a: argparse.Namespace, stores: int, prefix: str, *, outages_on: bool, kill: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-fleet-", dir=a.workdir) as tmp:
         run = Run(a, stores, Path(tmp))
@@ -403,12 +413,7 @@ def load(a: argparse.Namespace, stores: int, prefix: str, *, outages_on: bool, k
             emit_cpu(prefix, cpu, wall, bg)
             emit(f"{prefix}_fleet_rss_mb", rss)
             emit(f"{prefix}_fleet_rss_mb_per_store", rss / stores)
-            for k in ("stores_inventory_ok", "streams_ok", "streams", "applied_twice", "missing_messages",
-                      "gaps", "lost", "redelivered_ignored", "facts_truth", "facts_hq", "compacted_or_dropped"):
-                emit(f"{prefix}_{k}", c.get(k, 0))
-            ok = (c.get("stores_inventory_ok") == stores and c.get("streams_ok") == c.get("streams")
-                  and drained and not res["errors"])
-            emit(f"{prefix}_hq_equals_truth", int(ok))
+            ok = emit_check(prefix, c, stores, drained and not res["errors"])
             if res["errors"]:
                 note(f"fleet errors: {res['errors'][:5]}")
             if run.sampler.errors:
@@ -465,11 +470,7 @@ def drain(a: argparse.Namespace, stores: int) -> None:
             emit(f"{prefix}_inventory_facts_per_s", (d_after - d_before) / took)
             emit(f"{prefix}_all_drained", int(drained))
             emit_cpu(prefix, cpu, took, bg)
-            for k in ("stores_inventory_ok", "streams_ok", "streams", "applied_twice", "missing_messages",
-                      "gaps", "lost", "redelivered_ignored", "facts_truth", "facts_hq", "compacted_or_dropped"):
-                emit(f"{prefix}_{k}", c.get(k, 0))
-            ok = c.get("stores_inventory_ok") == stores and c.get("streams_ok") == c.get("streams") and drained
-            emit(f"{prefix}_hq_equals_truth", int(ok))
+            emit_check(prefix, c, stores, drained)
             plain = plain_insert(run, run.fleet.rows_files())  # type: ignore[union-attr]
             for k, v in plain.items():
                 emit(f"{prefix}_plain_{k}", v)
