@@ -669,7 +669,8 @@ class HqApplier:
     def tick(self) -> list[Outgoing]:
         """Act on gaps whose reorder window has run out: replay, and only then resync or skip."""
         now = self._mono()
-        if now - self._discovered_at >= DISCOVER_S:
+        periodic = now - self._discovered_at >= DISCOVER_S  # the database-wide scans, once a second
+        if periodic:
             self._discover()
         out: list[Outgoing] = []
         for (store, stream), gap in list(self._gaps.items()):
@@ -719,7 +720,7 @@ class HqApplier:
             self._notify(applied)
         for store in list(self._waiting_snapshots):
             self._retry_snapshots(store)
-        return out + self._clones_gone() + self._unanswered()
+        return out + (self._clones_gone() if periodic else []) + self._unanswered()
 
     def _clones_gone(self) -> list[Outgoing]:
         """While two agents fight, each one's snapshot is soon overtaken by the other's messages. Once
