@@ -567,12 +567,27 @@ def _validate(path: Path, text: str, data: dict[str, Any], model: type[B], from_
         raise ConfigError(path, issues) from e
 
 
-def load_config(path: str | Path, env: dict[str, str] | None = None, model: type[M] = AgentConfig) -> M:
+def state_dir(config_path: str | Path, given: str | Path | None = None, env: dict[str, str] | None = None) -> Path:
+    """The folder every relative path of a config file resolves against: ``given`` (``--state-dir``), else
+    ``$STATE_DIRECTORY`` (what systemd sets from the unit's StateDirectory=; the first, if it lists several),
+    else the config file's own folder (a checkout, the demo, the tests)."""
+    if given is not None:
+        return Path(given)
+    if first := (os.environ if env is None else env).get("STATE_DIRECTORY", "").split(":")[0]:
+        return Path(first)
+    return Path(config_path).parent
+
+
+def load_config(path: str | Path, env: dict[str, str] | None = None, model: type[M] = AgentConfig,
+                state: str | Path | None = None) -> M:
+    """``state``: the state directory (see state_dir); ``env`` (default: the process's) supplies the secret
+    overrides and $STATE_DIRECTORY."""
     path = Path(path)
     text = _read(path)
     data = _parse(path, text)
-    from_env = _apply_env(data, dict(os.environ) if env is None else env)
-    cfg = _resolve_paths(_validate(path, text, data, model, from_env), path.parent)
+    environ = dict(os.environ) if env is None else env
+    from_env = _apply_env(data, environ)
+    cfg = _resolve_paths(_validate(path, text, data, model, from_env), state_dir(path, state, environ))
     if isinstance(cfg, AgentConfig):
         _check_epcis_zones(cfg.rfid, path, text)
     return _load_key_files(cfg, path, text)
@@ -659,7 +674,9 @@ def _load_key_files(cfg: M, path: Path, text: str) -> M:
 
 
 def _resolve_paths(cfg: M, base: Path) -> M:
-    """Relative paths in a config file are relative to that file, not to the current directory."""
+    """Every relative path in a config file resolves against ``base`` (state_dir), never against the current
+    directory: files the agent writes (outbox, snapshots) and files it reads (keys, certificates, the model)
+    alike, so one rule answers where any of them is."""
 
     def rel(p: Path) -> Path:
         return p if p.is_absolute() else (base / p)
@@ -673,6 +690,11 @@ def _resolve_paths(cfg: M, base: Path) -> M:
     if isinstance(cfg, AgentConfig):
         update["outbox"] = cfg.outbox.model_copy(update={"path": rel(cfg.outbox.path)})
         update["signing"] = cfg.signing.model_copy(update=rel_fields(cfg.signing, "key_file"))
+        vision = cfg.vision
+        cameras = [c.model_copy(update={"url": str(rel(Path(c.url)))}) if _is_relative_file(c.url) else c
+                   for c in vision.cameras]
+        update["vision"] = vision.model_copy(
+            update=rel_fields(vision, "model", "debug_snapshot_dir") | {"cameras": cameras})
     return cfg.model_copy(
         update=update
         | {
@@ -688,3 +710,8 @@ def _resolve_paths(cfg: M, base: Path) -> M:
             ),
         }
     )
+
+
+def _is_relative_file(url: str) -> bool:
+    """A camera url that names a video file by a relative path (not a stream URL, not /dev/video0)."""
+    return "://" not in url and not Path(url).is_absolute()
