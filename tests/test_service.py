@@ -204,9 +204,12 @@ def test_install_lays_out_the_box_and_keeps_the_operators_config(scratch_root: P
     # again, over an operator's edits: the config is kept, the unit rewritten
     config.write_text('[store]\nid = "S777"\n')
     unit.write_text("")
+    (config.parent / "var").mkdir()  # an outbox where the old rule put it, beside the config
+    (config.parent / "var" / "outbox.db").write_bytes(b"")
     out = subprocess.run([*cli, "install", "--root", str(scratch_root), "--user", service_user.pw_name],
                          capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert f"kept {config}" in out and config.read_text() == '[store]\nid = "S777"\n' and unit.read_text() == text
+    assert f"warning: state from before the state directory is in {config.parent / 'var'}" in out
     # a user that does not exist is not invented inside a scratch root
     r = subprocess.run([*cli, "install", "--root", str(scratch_root), "--user", "no-such-user-here"],
                        capture_output=True, text=True, cwd=REPO)

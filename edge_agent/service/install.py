@@ -93,6 +93,11 @@ def install(root: Path, user: str, *, create_user: bool = True) -> list[str]:
         shutil.chown(state, user, group)
     elif pw.pw_uid != os.geteuid():
         done.append(f"warning: not root, so {config} and {state} are not given to {user}")
+    if (etc / "var").is_dir() and not (state / "var").exists():
+        # Before the state directory, relative paths resolved against the config's folder: an outbox left
+        # there holds facts HQ has not had, and a fresh one would start the streams' seqs again.
+        done.append(f"warning: state from before the state directory is in {etc / 'var'}: with the agent "
+                    f"stopped, move it before starting the service: mv {etc / 'var'} {state}/ && chown -R {user}: {state}")
     unit.write_text(unit_text(user), encoding="utf-8")
     done.append(f"wrote {unit} (runs {sys.executable} as {user})")
     for what, path in (("the interpreter", Path(sys.executable)), ("the agent's code", Path(__file__))):
