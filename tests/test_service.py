@@ -45,14 +45,15 @@ class NotifySocket:
         self.name = f"@edge-agent-test-{uuid.uuid4().hex}"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind("\0" + self.name[1:])
-        self.sock.settimeout(0.1)
+        self.sock.setblocking(False)
         self.got: list[str] = []
 
     def drain(self) -> list[str]:
+        """Everything received so far (what has arrived by now; callers poll)."""
         while True:
             try:
                 self.got += self.sock.recv(4096).decode().split("\n")
-            except TimeoutError:
+            except BlockingIOError:
                 return self.got
 
     def close(self) -> None:
@@ -85,6 +86,38 @@ def test_notifier_speaks_sd_notify(notify_socket: NotifySocket, tmp_path: Path) 
         assert s.recv(4096) == b"READY=1\nSTATUS=up"
     # not under systemd: nothing to do, no error
     Notifier({}).ready("running")
+
+
+def test_watchdog_pings_stop_while_the_housekeeping_loop_hangs(tmp_path: Path, notify_socket: NotifySocket,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """What makes systemd restart a hung agent: no WATCHDOG=1 while the loop is stuck, pings again after."""
+    import threading
+
+    from edge_agent.agent import Agent
+
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.name)
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # a ping at most every 50 ms
+    agent = Agent(load_config(agent_config(tmp_path, 1, outbox={"cap_check_interval_s": 0.02}), env={}))
+    gate = threading.Event()
+    gate.set()
+    enforce = agent.outbox.enforce_cap
+    monkeypatch.setattr(agent.outbox, "enforce_cap", lambda: (gate.wait(), enforce())[1])
+    agent._housekeeper.start()
+    try:
+        wait_for(lambda: notify_socket.drain().count("WATCHDOG=1") >= 3, 5, "pings while the loop ticks")
+        gate.clear()  # the next round hangs in the outbox
+        time.sleep(0.2)
+        notify_socket.drain()
+        notify_socket.got.clear()
+        time.sleep(0.5)  # ten watchdog quarters
+        assert notify_socket.drain().count("WATCHDOG=1") == 0
+        gate.set()
+        wait_for(lambda: "WATCHDOG=1" in notify_socket.drain(), 5, "pings once the loop is back")
+    finally:
+        gate.set()
+        agent._stop.set()
+        agent._housekeeper.join(5)
+        agent.outbox.close()
 
 
 # ---------------------------------------------------------------- SIGHUP, in-process
