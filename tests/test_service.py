@@ -4,6 +4,7 @@ sd_notify on a real socket, SIGHUP reloads, and a SIGTERM that ends within a con
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import re
@@ -234,7 +235,8 @@ def test_install_lays_out_the_box_and_keeps_the_operators_config(scratch_root: P
     assert (config.stat().st_mode & 0o777, config.stat().st_gid) == (0o640, service_user.pw_gid)
     assert (state.stat().st_mode & 0o777, state.stat().st_uid) == (0o750, service_user.pw_uid)
     text = unit.read_text()
-    assert f"\nUser={service_user.pw_name}\n" in text and "\nType=notify\n" in text
+    assert f"\nUser={service_user.pw_name}\nGroup={grp.getgrgid(service_user.pw_gid).gr_name}\n" in text
+    assert "\nType=notify\n" in text
     assert f"\nExecStart={sys.executable} -m edge_agent.cli run -c /etc/edge-agent/config.toml\n" in text
     verify_unit(unit)
     # again, over an operator's edits: the config is kept, the unit rewritten

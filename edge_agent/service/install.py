@@ -39,11 +39,10 @@ def under(root: Path, path: Path) -> Path:
     return root / path.relative_to("/")
 
 
-def unit_text(user: str, python: str | None = None) -> str:
+def unit_text(user: str, group: str) -> str:
     template = (resources.files(__package__) / "edge-agent.service").read_text(encoding="utf-8")
-    exec_start = f"{python or sys.executable} -m edge_agent.cli"
-    return (template.replace("@EXEC@", exec_start).replace("@CONFIG@", str(CONFIG_DIR / "config.toml"))
-            .replace("@USER@", user))
+    return (template.replace("@EXEC@", f"{sys.executable} -m edge_agent.cli")
+            .replace("@CONFIG@", str(CONFIG_DIR / "config.toml")).replace("@USER@", user).replace("@GROUP@", group))
 
 
 def _unreachable(path: Path) -> Path | None:
@@ -98,7 +97,7 @@ def install(root: Path, user: str, *, create_user: bool = True) -> list[str]:
         # there holds facts HQ has not had, and a fresh one would start the streams' seqs again.
         done.append(f"warning: state from before the state directory is in {etc / 'var'}: with the agent "
                     f"stopped, move it before starting the service: mv {etc / 'var'} {state}/ && chown -R {user}: {state}")
-    unit.write_text(unit_text(user), encoding="utf-8")
+    unit.write_text(unit_text(user, group), encoding="utf-8")
     done.append(f"wrote {unit} (runs {sys.executable} as {user})")
     for what, path in (("the interpreter", Path(sys.executable)), ("the agent's code", Path(__file__))):
         if (folder := _unreachable(path)) is not None:
