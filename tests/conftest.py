@@ -12,6 +12,9 @@ from simulators.postgres import Postgres
 from .helpers import HqBackend
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
+# Relative config paths resolve against $STATE_DIRECTORY when it is set (edge_agent.config.state_dir): a CI
+# runner that is itself a systemd service with StateDirectory= must not move the tests' files into its own.
+os.environ.pop("STATE_DIRECTORY", None)
 
 
 @pytest.fixture
