@@ -39,13 +39,18 @@ def under(root: Path, path: Path) -> Path:
     return root / path.relative_to("/")
 
 
+def _shipped(name: str) -> str:
+    """A file shipped beside this module as package data."""
+    return (resources.files("edge_agent.service") / name).read_text(encoding="utf-8")
+
+
 def unit_text(user: str, group: str) -> str:
-    template = (resources.files(__package__) / "edge-agent.service").read_text(encoding="utf-8")
+    template = _shipped("edge-agent.service")
     return (template.replace("@EXEC@", f"{sys.executable} -m edge_agent.cli")
             .replace("@CONFIG@", str(CONFIG_DIR / "config.toml")).replace("@USER@", user).replace("@GROUP@", group))
 
 
-def _unreachable(path: Path) -> Path | None:
+def unreachable(path: Path) -> Path | None:
     """The first folder above ``path`` that other users cannot enter (a venv under /root, say)."""
     for folder in reversed(path.resolve().parents):
         if not folder.stat().st_mode & stat.S_IXOTH:
@@ -63,14 +68,14 @@ def install(root: Path, user: str, *, create_user: bool = True) -> list[str]:
     """Lay out the files under ``root``; returns what was done and what to do next, a line each."""
     done: list[str] = []
     real_root = root.resolve() == Path("/")
+    if real_root and os.geteuid() != 0:
+        raise InstallError("installing into / needs root (to write /etc and /var/lib, and make the user)")
     try:
         pw = pwd.getpwnam(user)
     except KeyError:
         if not (create_user and real_root):
             raise InstallError(f"no user {user!r} on this machine: create it first (useradd --system {user}), or "
                                "install into / as root, which creates it") from None
-        if os.geteuid() != 0:
-            raise InstallError("installing into / needs root (to create the user and write /etc)") from None
         done.append(_create_user(user))
         pw = pwd.getpwnam(user)
     group = grp.getgrgid(pw.pw_gid).gr_name
@@ -82,8 +87,7 @@ def install(root: Path, user: str, *, create_user: bool = True) -> list[str]:
     if config.exists():
         done.append(f"kept {config} (an existing config is never overwritten)")
     else:
-        example = resources.files(__package__) / "config.example.toml"
-        config.write_text(example.read_text(encoding="utf-8"), encoding="utf-8")
+        config.write_text(_shipped("config.example.toml"), encoding="utf-8")
         done.append(f"wrote {config} from config.example.toml: set store.id and [mqtt] there")
     config.chmod(0o640)
     state.chmod(0o750)
@@ -100,7 +104,7 @@ def install(root: Path, user: str, *, create_user: bool = True) -> list[str]:
     unit.write_text(unit_text(user, group), encoding="utf-8")
     done.append(f"wrote {unit} (runs {sys.executable} as {user})")
     for what, path in (("the interpreter", Path(sys.executable)), ("the agent's code", Path(__file__))):
-        if (folder := _unreachable(path)) is not None:
+        if (folder := unreachable(path)) is not None:
             done.append(f"warning: {user} cannot enter {folder}, where {what} is: install the agent into a "
                         "virtual environment others can read (e.g. python3 -m venv /opt/edge-agent)")
         if str(path.resolve()).startswith(("/home/", "/root/")):

@@ -88,4 +88,6 @@ def reload(agent: Agent, reread: Callable[[], AgentConfig]) -> tuple[list[str], 
     # A warning when something waits for a restart: it must show even at log.level = "WARNING".
     log.log(logging.WARNING if restart else logging.INFO, "config reloaded: applied %s; needs a restart: %s",
             ", ".join(applied) or "nothing", ", ".join(restart) or "nothing")
+    # What `systemctl status` shows until the next reload or restart.
+    agent.notifier.status(f"running; needs a restart for {', '.join(restart)}" if restart else "running")
     return applied, restart
