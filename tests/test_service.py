@@ -345,6 +345,8 @@ def test_installed_layout_runs_as_the_service_user(installed_agent: InstalledAge
     wait_for(lambda: a.notify.drain().count("WATCHDOG=1") >= 2, 10, "the watchdog fed while alive")
     version = a.cli("--version")
     assert version.returncode == 0 and version.stdout.startswith("edge-agent "), version
+    check = a.cli("check-config", str(a.config))  # the user reads its 0640 config; paths go to the state dir
+    assert check.returncode == 0 and f"relative paths resolve against {a.state}\n" in check.stdout, check
     # SIGHUP: the live key applied, the other listed, the agent still running.
     write_toml(a.config, a.tables | {"log": {"level": "WARNING"}, "mqtt": a.tables["mqtt"] | {"keepalive_s": 45}})
     a.proc.send_signal(signal.SIGHUP)
