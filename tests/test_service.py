@@ -190,6 +190,14 @@ def service_user() -> Iterator[pwd.struct_passwd]:
         subprocess.run(["userdel", name], check=False)
 
 
+def as_user(user: pwd.struct_passwd) -> dict[str, Any]:
+    """subprocess arguments that run a child as ``user``, with its group only, as User= and Group= do; nothing
+    when the tests already run as that user (only root may drop supplementary groups)."""
+    if os.geteuid() != 0:
+        return {}
+    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+
+
 def service_python(root: Path) -> Path:
     """A virtual environment in the scratch root that the service user can run. This test's interpreter may
     sit where other users cannot enter (a pyenv under /root), so: a system Python of the same minor version,
@@ -284,8 +292,7 @@ class InstalledAgent:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(self.python), "-m", "edge_agent.cli", *args], env=self.env, cwd=self.state,
-                              capture_output=True, text=True, timeout=60, user=self.user.pw_uid,
-                              group=self.user.pw_gid, extra_groups=[])
+                              capture_output=True, text=True, timeout=60, **as_user(self.user))
 
 
 @pytest.fixture
@@ -319,7 +326,7 @@ def installed_agent(scratch_root: Path, service_user: pwd.struct_passwd, broker:
     log = tmp_path / "agent.log"
     with open(log, "wb") as sink:
         proc = subprocess.Popen(argv, env=env, cwd=state, stdout=sink, stderr=subprocess.STDOUT,
-                                user=service_user.pw_uid, group=service_user.pw_gid, extra_groups=[])
+                                **as_user(service_user))
     installed = InstalledAgent(scratch_root, service_user, python, config, tables, env, proc, log, hq, notify_socket,
                                total)
     try:
