@@ -133,23 +133,25 @@ def test_reload_applies_live_keys_and_lists_the_rest(tmp_path: Path, caplog: pyt
     from edge_agent.agent import Agent
     from edge_agent.service.reload import reload
 
-    conf = agent_config(tmp_path, 1, esl={"enabled": True, "urls": ["http://127.0.0.1:9"]})
+    conf = agent_config(tmp_path, 1, rfid={"enabled": True}, esl={"enabled": True, "urls": ["http://127.0.0.1:9"]})
     agent = Agent(load_config(conf, env={}))
     root_level = logging.getLogger().level
     try:
         text = conf.read_text()
         conf.write_text(text.replace('level = "INFO"', 'level = "DEBUG"').replace("interval_s = 5.0", "interval_s = 7.0")
-                        .replace("connect_timeout_s", "keepalive_s = 45\nconnect_timeout_s") + "low_battery_mv = 2500\n")
+                        .replace("connect_timeout_s", "keepalive_s = 45\nconnect_timeout_s")
+                        .replace("[rfid]", "[rfid]\nsilent_antenna_s = 60.0") + "low_battery_mv = 2500\n")
         with caplog.at_level(logging.INFO, logger="edge_agent.service.reload"):
             applied, restart = reload(agent, lambda: load_config(conf, env={}))
-        assert applied == ["esl.low_battery_mv", "health.interval_s", "log.level"]
+        assert applied == ["esl.low_battery_mv", "health.interval_s", "log.level", "rfid.silent_antenna_s"]
         assert restart == ["mqtt.keepalive_s"]
         assert agent.health.interval_s == 7.0 and agent.esl is not None and agent.esl.engine.p.low_battery_mv == 2500
         assert logging.getLogger().level == logging.DEBUG and agent.cfg.log.level == "DEBUG"
+        assert agent.rfid is not None and agent.rfid.cfg.silent_antenna_s == 60.0  # the object the pipeline reads
         assert agent.cfg.mqtt.keepalive_s == 30  # the running value until a restart
         (line,) = [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage()]
-        assert line == ("config reloaded: applied esl.low_battery_mv, health.interval_s, log.level; "
-                        "needs a restart: mqtt.keepalive_s")
+        assert line == ("config reloaded: applied esl.low_battery_mv, health.interval_s, log.level, "
+                        "rfid.silent_antenna_s; needs a restart: mqtt.keepalive_s")
         # a broken file changes nothing and names the key and its line
         conf.write_text(conf.read_text().replace("interval_s = 7.0", 'interval_s = "often"'))
         caplog.clear()

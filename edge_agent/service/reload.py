@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Keys their components read from the running config object at every use: setting the value there is enough.
-READ_LIVE = ("log.level", "rfid.silent_antenna_s", "rfid.snapshot_interval_s", "esl.poll_interval_s",
+READ_LIVE = ("rfid.silent_antenna_s", "rfid.snapshot_interval_s", "esl.poll_interval_s",
              "esl.max_sends_per_poll", "esl.low_stock_below", "esl.low_stock_zones")
 # The label reconcile engine's thresholds, copied into its frozen ReconcileParams at start.
 ESL_ENGINE = ("resend_after_s", "mismatch_deadline_s", "pending_deadline_s", "silent_after_s", "low_battery_mv",
@@ -54,7 +54,7 @@ def flatten(model: BaseModel) -> dict[str, Any]:
 def live_setters(agent: Agent) -> dict[str, Callable[[Any], None]]:
     """What each live key's new value must reach beyond the running config object."""
     setters: dict[str, Callable[[Any], None]] = {key: lambda _v: None for key in READ_LIVE}
-    setters["log.level"] = lambda v: logging.getLogger().setLevel(v)
+    setters["log.level"] = lambda v: logging.getLogger().setLevel(v)  # the root logger's, as setup_logging set
     setters["health.interval_s"] = lambda v: setattr(agent.health, "interval_s", v)
     setters["outbox.hq_silent_alert_s"] = lambda v: setattr(agent.uplink, "hq_silent_alert_s", v)
     setters["outbox.resend_after_s"] = lambda v: setattr(agent.uplink, "resend_after_s", v)
