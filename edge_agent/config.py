@@ -424,6 +424,8 @@ class EslConfig(Section):
 
 class StoreConfig(Section):
     id: StoreId
+    # The store's IANA time zone: sent in health so HQ shows the store's local times (timestamps stay UTC).
+    timezone: Annotated[str, AfterValidator(_time_zone)] | None = None
 
 
 class AgentConfig(Section):

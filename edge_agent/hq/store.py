@@ -298,7 +298,8 @@ class HqStore(ABC):
         grid = None
         for h in wide:
             if grid is None:
-                grid = {k: h[k] for k in ("camera", "cell_m", "cols", "rows")} | {"cells": [0.0] * len(h["cells"])}
+                grid = {k: h[k] for k in ("camera", "cell_m", "cols", "rows")} | {
+                    "cells": [0.0] * len(h["cells"]), "origin": h.get("origin"), "doors": h.get("doors", [])}
             if (h["cols"], h["rows"]) == (grid["cols"], grid["rows"]):
                 grid["cells"] = [a + b for a, b in zip(grid["cells"], h["cells"], strict=True)]
         return {"stats": stats, "heatmap": grid}
