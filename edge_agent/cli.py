@@ -103,7 +103,8 @@ def _epcis_export(args: argparse.Namespace) -> int:
         print(f"--from/--to must be RFC 3339 times: {e}", file=sys.stderr)
         return 2
     store = open_store(hq)
-    doc = document(store.epcis_events(args.store, since, until), time.time())
+    events, _ = store.epcis_events(args.store, since, until)
+    doc = document(events, time.time())
     store.close()
     text = json.dumps(doc, indent=1) + "\n"
     if args.out:
