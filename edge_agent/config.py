@@ -84,9 +84,11 @@ class OutboxConfig(Section):
     inflight_window: int = Field(32, ge=1, le=65535)
     # Sealed messages per stream that may wait for HQ's ack; past it, new facts stay pending (compactable).
     ack_window: int = Field(128, ge=1, le=65535)
-    # No ack progress for this long: publish a stream's unacknowledged messages again (doubling up to the max).
+    # No ack progress for this long: publish a stream's unacknowledged messages again, once while HQ says nothing.
     resend_after_s: float = Field(3.0, gt=0)
     resend_max_s: float = Field(60.0, gt=0)
+    # HQ silent this long: seal nothing more for it; facts stay pending and go out packed when HQ speaks.
+    hold_when_silent_s: float = Field(10.0, gt=0)
     # Unacknowledged messages older than this raise an uplink.hq_silent alert (once per episode).
     hq_silent_alert_s: float = Field(600.0, gt=0)
     synchronous: Literal["FULL", "NORMAL"] = "FULL"

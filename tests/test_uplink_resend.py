@@ -1,6 +1,6 @@
 """The uplink's resend rule against a real mosquitto: while HQ is silent it publishes its unacknowledged
-messages again once, not once per doubled timeout; HQ's next word (any ack, even one that moves nothing)
-re-arms the timer. Before this rule, a 10-minute HQ outage left about six copies of every message in
+messages again once, not once per doubled timeout, and seals nothing new (facts wait, to go out packed);
+HQ's next word (any ack, even one that moves nothing) re-arms both. Before this rule, a 10-minute HQ outage left about six copies of every message in
 HQ's persistent broker session (README, "drain"), and the drain spent its time on them.
 
 The HQ here is a bare MQTT client with a persistent session that counts what reaches it (a witness
@@ -71,7 +71,7 @@ def test_a_silent_hq_gets_one_resend_not_one_per_timeout(tmp_path: Path, broker:
     witness = Witness(broker.port)
     outbox = Outbox(tmp_path / "outbox.db", RealClock())
     up = Uplink(MqttConfig(port=broker.port, topic_prefix=PREFIX), STORE, outbox, RealClock(),
-                windows=OutboxConfig(resend_after_s=0.3, resend_max_s=0.6))
+                windows=OutboxConfig(resend_after_s=0.3, resend_max_s=0.6, hold_when_silent_s=1.0))
     up.start()
     try:
         outbox.enqueue(STREAM, [Fact(time.time(), json.dumps({"epc": f"e{i}", "zone": "z", "d": 1}))
@@ -84,12 +84,23 @@ def test_a_silent_hq_gets_one_resend_not_one_per_timeout(tmp_path: Path, broker:
         assert up.resent_rounds == 1, f"{up.resent_rounds} resend rounds while HQ said nothing"
         assert set(silent.values()) == {2}, f"copies per seq while HQ was silent: {dict(silent)}"
 
-        # HQ speaks (a hello that moves nothing): the timer is armed again, and fires once more.
+        # Facts made while HQ is silent stay pending: no small messages queue for it meanwhile.
+        sealed = outbox.sealed_count()
+        for i in range(40):
+            outbox.enqueue(STREAM, [Fact(time.time(), json.dumps({"epc": f"late{i}", "zone": "z", "d": 1}))])
+            time.sleep(0.02)
+        time.sleep(0.5)
+        assert (outbox.sealed_count(), outbox.pending_count()) == (sealed, 40)
+
+        # HQ speaks (a hello that moves nothing): the stream is re-armed, the 40 facts go out in one
+        # message, and the resend timer fires once more for what HQ still lacks.
         witness.say(0)
         wait_for(lambda: up.resent_rounds == 2, 5, "a resend after HQ's hello")
         time.sleep(2.0)
         assert up.resent_rounds == 2
-        assert set(witness.counts().values()) == {3}
+        assert outbox.sealed_count() == sealed + 1 and outbox.pending_count() == 0
+        copies = witness.counts()
+        assert [copies[s] for s in sorted(copies)] == [3, 2], dict(copies)  # the new message: sent, then resent
 
         # HQ acks everything: nothing is left to send, and the outbox forgets it.
         last = outbox.read("SELECT seq, id FROM sealed WHERE stream = ? ORDER BY seq DESC LIMIT 1", (STREAM,))[0]

@@ -13,8 +13,9 @@ applied; if it stops making progress for ``resend_after_s`` (a broker that crash
 unsaved, an HQ that was away), the stream's unacknowledged messages are published again, same seq,
 same id, same bytes, and HQ ignores those it has. Again only once HQ has been heard since: a silent HQ's
 broker session already holds the first copy, and more copies would stand in front of its backlog when
-it returns (HQ acks every store when it connects, which re-arms the timer). HQ can also ask with the
-``replay`` command.
+it returns (HQ acks every store when it connects, which re-arms the timer). Meanwhile such a stalled
+stream seals nothing new: its facts stay pending and go out packed into full messages once HQ speaks,
+not as hundreds of small ones queued for it. HQ can also ask with the ``replay`` command.
 Intervals run on the monotonic clock: a wall-clock step changes no timer and no ``historical`` flag.
 """
 
@@ -72,6 +73,7 @@ class Uplink:
         self.resend_after_s = w.resend_after_s
         self.resend_max_s = w.resend_max_s
         self.hq_silent_alert_s = w.hq_silent_alert_s
+        self.hold_when_silent_s = w.hold_when_silent_s
         self.boot_id = boot_id or str(ULID())
         self.agent_version = agent_version
         self._on_rewind = on_rewind or (lambda _stream: None)
@@ -112,7 +114,7 @@ class Uplink:
         # When each stream was last published again, and when HQ was last heard: while HQ has said nothing
         # since a resend, another copy would only queue behind the first in its broker session.
         self._resent_at: dict[str, float] = {}
-        self._heard_at = float("-inf")
+        self._heard_at = monotonic()  # HQ is presumed there at start: the first seals go out at once
         self._silent_alerted = False
         self._taken: dict[str, tuple[int, str]] = {}  # the last ack mark applied, per stream
         self._last_ack_at = monotonic()  # a (re)connection sends everything again anyway
@@ -353,6 +355,14 @@ class Uplink:
             self._rto[stream] = min(rto * 2, self.resend_max_s)
             self.resent_rounds += 1
 
+    def _stalled(self, stream: str, now: float) -> bool:
+        """HQ has said nothing for hold_when_silent_s and this stream waits for its ack: seal nothing more of
+        it until HQ speaks. Its facts wait as pending, where the next seal packs a message full, instead of going
+        out a few at a time to queue in a silent HQ's broker session (each small message then costs HQ a
+        transaction when it returns). Any ack ends it, a hello that moves nothing included. A stream stuck
+        while HQ talks (its message lost in a broker) keeps sealing: the resend timer deals with it."""
+        return now - self._heard_at >= self.hold_when_silent_s and self.outbox.unacked(stream) > 0
+
     def _check_silent(self) -> None:
         now = self._mono()
         oldest = min((t for s, t in self._progress_at.items() if self.outbox.unacked(s)), default=None)
@@ -405,10 +415,11 @@ class Uplink:
                     return
                 room -= 1
         self._live |= self.outbox.take_dirty()
+        now = self._mono()
         while room > 0:
             progressed = False
             for stream in STREAM_ORDER:
-                if stream in self._resend or self.outbox.unacked(stream) >= self.ack_window:
+                if stream in self._resend or self.outbox.unacked(stream) >= self.ack_window or self._stalled(stream, now):
                     continue
                 for lane in (self._live, self._backlog):
                     if stream not in lane:
