@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -23,7 +24,7 @@ def _report(e: ConfigError) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args.file)
+        cfg = load_config(args.file, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     except ConfigError as e:
         return _report(e)
     if cfg.rfid.epcis:
@@ -41,15 +42,20 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _load_or_exit(path: str, model: type[M] = AgentConfig) -> M:  # type: ignore[assignment]
+    """The config, with logging set up from it; its warnings are then logged like any other line."""
+    warnings: list[str] = []
     try:
-        return load_config(path, model=model)
+        cfg = load_config(path, model=model, warn=warnings.append)
     except ConfigError as e:
         sys.exit(_report(e))
+    setup_logging(cfg.log.level)
+    for w in warnings:
+        logging.getLogger("edge_agent.config").warning("%s", w)
+    return cfg
 
 
 def _run(args: argparse.Namespace) -> int:
     cfg = _load_or_exit(args.config)
-    setup_logging(cfg.log.level)
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from .agent import Agent
 
@@ -63,7 +69,6 @@ def _hq(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"db_path": Path(args.db), "database": None})})
     if args.http_port is not None:
         cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"http_port": args.http_port})})
-    setup_logging(cfg.log.level)
     from .hq.receiver import HqReceiver
 
     rx = HqReceiver(cfg)
@@ -197,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--out", required=True, help="folder for <name>.key (0600) and <name>.pub")
     k.add_argument("--name", help="the store id; without it, HQ's pair hq.key/hq.pub")
     k.set_defaults(fn=_keygen)
-    t = sub.add_parser("hq-token", help="make an API token for HQ's POST /cmd and /prices; prints its hash line")
-    t.add_argument("--name", required=True, help="who holds it: the name the audit log shows")
+    t = sub.add_parser("hq-token", help="make an API token (HQ's POST /cmd and /prices, or a reader's for "
+                                        "rfid.http.tokens); prints its hash line")
+    t.add_argument("--name", required=True, help="who holds it: the name the audit log shows, or the reader's id")
     t.set_defaults(fn=_hq_token)
     d = sub.add_parser("demo", help="replay a simulated store: brokers, simulators, agent, HQ receiver, dashboard")
     d.add_argument("--seconds", type=float, default=20.0)
