@@ -26,6 +26,8 @@ from simulators.mosquitto import Mosquitto, free_port
 from .helpers import start_hq, wait_for
 from .test_rfid_pipeline import EPCS, T0, generic, make
 
+READER_TOKEN = "rdr-canary-4c1f9e-hardening"  # a canary: tests/conftest.py fails the run if a log shows it
+
 
 @dataclass
 class Server:
@@ -33,7 +35,7 @@ class Server:
     path: str
     limit: int
     good: bytes  # a body the server accepts with 202
-    auth: tuple[str, ...] = ()  # the headers a write needs besides its body's (HQ: a token, JSON)
+    auth: tuple[str, ...] = ()  # the headers a write needs besides its body's: a token, JSON
 
 
 @pytest.fixture(params=["agent", "hq"])
@@ -41,10 +43,11 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
     if request.param == "agent":
         _clock, ob, _book, pipe = make(tmp_path)
         intake = ReaderIntake(pipe, maxsize=100, tick_s=3600)
-        src = HttpReaderSource(ReaderHttpConfig(enabled=True, port=0), intake)
+        src = HttpReaderSource(ReaderHttpConfig(enabled=True, port=0, tokens={"r1": token_hash(READER_TOKEN)}), intake)
         intake.start()
         src.start()
-        yield Server(src.port, "/rfid/events", MAX_PAYLOAD, json.dumps([generic(EPCS[0], 1, T0)]).encode())
+        yield Server(src.port, "/rfid/events", MAX_PAYLOAD, json.dumps([generic(EPCS[0], 1, T0)]).encode(),
+                     (f"Authorization: Bearer {READER_TOKEN}", "Content-Type: application/json"))
         src.stop()
         intake.stop()
         ob.close()

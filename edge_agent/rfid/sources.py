@@ -148,11 +148,16 @@ def _reader_from_topic(pattern: str, topic: str) -> str | None:
     return parts[i] if i < len(parts) else None
 
 
+def needs_token(cfg: ReaderHttpConfig) -> bool:
+    """Tokens configured, or bound where the store LAN reaches it."""
+    return bool(cfg.tokens) or not is_loopback(cfg.host)
+
+
 class HttpReaderSource:
     def __init__(self, cfg: ReaderHttpConfig, intake: ReaderIntake) -> None:
         self.cfg = cfg
         self.intake = intake
-        self.auth_required = bool(cfg.tokens) or not is_loopback(cfg.host)
+        self.auth_required = needs_token(cfg)
         self.server = ThreadingHTTPServer((cfg.host, cfg.port), _handler(self))
         self.port = self.server.server_address[1]
 
