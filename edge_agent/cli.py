@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import AgentConfig, ConfigError, HqFileConfig, M, load_config
@@ -41,13 +42,17 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_or_exit(path: str, model: type[M] = AgentConfig) -> M:  # type: ignore[assignment]
-    """The config, with logging set up from it; its warnings are then logged like any other line."""
-    warnings: list[str] = []
+def _load_or_exit(path: str, model: type[M] = AgentConfig, warn: Callable[[str], None] | None = None) -> M:  # type: ignore[assignment]
     try:
-        cfg = load_config(path, model=model, warn=warnings.append)
+        return load_config(path, model=model, warn=warn)
     except ConfigError as e:
         sys.exit(_report(e))
+
+
+def _load_for_service(path: str, model: type[M] = AgentConfig) -> M:  # type: ignore[assignment]
+    """The config, with logging set up from it; its warnings are then logged like any other line."""
+    warnings: list[str] = []
+    cfg = _load_or_exit(path, model, warnings.append)
     setup_logging(cfg.log.level)
     for w in warnings:
         logging.getLogger("edge_agent.config").warning("%s", w)
@@ -55,7 +60,7 @@ def _load_or_exit(path: str, model: type[M] = AgentConfig) -> M:  # type: ignore
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = _load_or_exit(args.config)
+    cfg = _load_for_service(args.config)
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from .agent import Agent
 
@@ -64,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _hq(args: argparse.Namespace) -> int:
-    cfg = _load_or_exit(args.config, HqFileConfig)
+    cfg = _load_for_service(args.config, HqFileConfig)
     if args.db:
         cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"db_path": Path(args.db), "database": None})})
     if args.http_port is not None:
