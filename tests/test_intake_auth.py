@@ -116,3 +116,32 @@ def test_who_needs_a_token() -> None:
     assert needs_token(ReaderHttpConfig(host="0.0.0.0"))  # the store LAN: refused without tokens
     assert needs_token(ReaderHttpConfig(host="10.1.2.3"))
     assert needs_token(ReaderHttpConfig(host="127.0.0.1", tokens={"r1": token_hash(TOKEN)}))
+
+
+def test_the_reader_simulator_posts_with_each_readers_token(tmp_path: Path) -> None:
+    """simulators/rfid_reader.py --http --token READER=TOKEN against the real intake: every payload of
+    every reader is taken in; without the tokens its first POST is refused."""
+    import urllib.error
+
+    from simulators.rfid_reader import SimConfig, StoreSim, main
+
+    sim = StoreSim(SimConfig(n_items=100, n_gtins=10))
+    readers = sorted({a["reader"] for a in sim.layout()})
+    tokens = {r: f"rdr-canary-{i:06x}-simulator" for i, r in enumerate(readers)}
+    _clock, ob, _book, pipe = make(tmp_path, sim)
+    q = ReaderIntake(pipe, maxsize=100, tick_s=3600)
+    src = HttpReaderSource(ReaderHttpConfig(enabled=True, port=0, tokens={r: token_hash(t) for r, t in tokens.items()}), q)
+    q.start()
+    src.start()
+    url = f"http://127.0.0.1:{src.port}/rfid/events"
+    args = ["--items", "100", "--gtins", "10", "--hours", str(5 / 3600), "--http", url, "--quiet"]
+    try:
+        assert main(args + [f"--token={r}={t}" for r, t in tokens.items()]) == 0
+        wait_for(lambda: pipe.engine.reads_seen > 0 and q._q.empty(), 20, "the simulator's reads taken in")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            main(args)
+        assert e.value.code == 401
+    finally:
+        src.stop()
+        q.stop()
+        ob.close()
