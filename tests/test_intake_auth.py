@@ -145,3 +145,15 @@ def test_the_reader_simulator_posts_with_each_readers_token(tmp_path: Path) -> N
         src.stop()
         q.stop()
         ob.close()
+
+
+def test_a_token_speaks_for_its_own_reader_only(intake: tuple[Server, RfidPipeline, Outbox]) -> None:
+    """r1's token on a payload whose events name r2 (an Impinj hostname, a generic reader): accepted as a
+    request, but the reads that name another reader are quarantined, never counted; r1's own are kept."""
+    srv, pipe, ob = intake
+    mixed = json.dumps([generic(EPCS[1], 1, T0, reader="r2"), generic(EPCS[0], 1, T0)]).encode()
+    assert exchange(srv, post(srv, BEARER, JSON, body=mixed)) == 202
+    wait_for(lambda: len(ob.quarantined()) == 1 and pipe.engine.reads_seen == 1, 10, "the payload taken in")
+    (_at, source, reason, raw), = ob.quarantined()
+    assert source == "rfid.http" and reason == "names reader 'r2' but came with reader 'r1''s token"
+    assert json.loads(raw or b"{}")["epc"] == EPCS[1]

@@ -15,7 +15,8 @@ intake authentication"):
 - no credentials, or a token that is no reader's: 401, with ``WWW-Authenticate`` challenges for Basic
   (firmware that sends basic auth only when challenged) and Bearer;
 - a reader's token with ``?reader=`` naming another reader: 403 (the token's name is the reader's id, and
-  what Zebra's events do not say, which reader read them, comes from it);
+  what Zebra's events do not say, which reader read them, comes from it); reads in the payload naming
+  another reader are quarantined by the pipeline (``only_reader``);
 - a ``Content-Type`` other than JSON or NDJSON: 415;
 - then the body rules of httpbody.py (411, 400, 413).
 On loopback with no tokens configured the intake is open, for tools on the box; bound anywhere else
@@ -55,7 +56,8 @@ class ReaderIntake:
     def __init__(self, pipeline: RfidPipeline, maxsize: int, tick_s: float) -> None:
         self.pipeline = pipeline
         self.tick_s = tick_s
-        self._q: queue.Queue[tuple[bytes, str, str | None] | None] = queue.Queue(maxsize=maxsize)
+        # (payload, source, reader hint, the only reader it may speak for): pipeline.ingest's arguments
+        self._q: queue.Queue[tuple[bytes, str, str | None, str | None] | None] = queue.Queue(maxsize=maxsize)
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="rfid-intake", daemon=True)
         self._ticker = threading.Thread(target=self._tick, name="rfid-tick", daemon=True)
@@ -79,8 +81,9 @@ class ReaderIntake:
     def writes_failing(self) -> bool:
         return self.pipeline.outbox.write_failing
 
-    def submit(self, payload: bytes, source: str, reader: str | None = None, timeout: float = 0.0) -> bool:
-        item = (payload, source, reader)
+    def submit(self, payload: bytes, source: str, reader: str | None = None, timeout: float = 0.0,
+               only_reader: str | None = None) -> bool:
+        item = (payload, source, reader, only_reader)
         try:
             self._q.put(item, timeout=timeout) if timeout else self._q.put_nowait(item)
         except queue.Full:
@@ -198,6 +201,7 @@ def _handler(src: HttpReaderSource) -> type[BaseHTTPRequestHandler]:
                 self._reply(404, f"POST reader events to {src.cfg.path}")
                 return
             reader = parse_qs(urlparse(self.path).query).get("reader", [None])[0]
+            owner = None
             if src.auth_required:
                 owner = credential_owner(self.headers.get("Authorization"), src.cfg.tokens)
                 if owner is None:
@@ -220,7 +224,7 @@ def _handler(src: HttpReaderSource) -> type[BaseHTTPRequestHandler]:
                 if src.intake.writes_failing:
                     # Taken in now, it would only wait in the queue; the reader keeps it better.
                     self._retry_later("the agent's disk refuses writes")
-                elif src.intake.submit(body, "rfid.http", reader):
+                elif src.intake.submit(body, "rfid.http", reader, only_reader=owner):
                     self._reply(202, "accepted")
                 else:
                     self._retry_later("intake full")
