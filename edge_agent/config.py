@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -593,13 +593,19 @@ def load_config(path: str | Path, env: dict[str, str] | None = None, model: type
         (warn or log.warning)(f"environment variable {var} names no setting (see edge_agent/config_sources.py)")
     cfg = _resolve_paths(_validate(path, text, data, model, from_env), path.parent)
     if isinstance(cfg, AgentConfig):
-        http = cfg.rfid.http
-        if http.enabled and not http.tokens and not is_loopback(http.host):
-            (warn or log.warning)(f"rfid.http is bound to {http.host!r}, beyond loopback, without rfid.http.tokens:"
-                                  " it refuses every reader (401) until each has a token")
+        for problem in _open_endpoints(cfg):
+            (warn or log.warning)(problem)
     if isinstance(cfg, AgentConfig):
         _check_epcis_zones(cfg.rfid, path, text)
     return _load_key_files(cfg, path, text)
+
+
+def _open_endpoints(cfg: AgentConfig) -> Iterator[str]:
+    """The HTTP endpoints bound beyond loopback without a token (check-config and the agent warn)."""
+    http = cfg.rfid.http
+    if http.enabled and not http.tokens and not is_loopback(http.host):
+        yield (f"rfid.http is bound to {http.host!r}, beyond loopback, without rfid.http.tokens: it refuses every "
+               "reader (401) until each has a token")
 
 
 def _check_epcis_zones(rfid: RfidConfig, path: Path, text: str) -> None:
