@@ -589,8 +589,8 @@ def load_config(path: str | Path, env: dict[str, str] | None = None, model: type
         from_env = config_sources.apply(model, data, env)
     except config_sources.SourceProblem as e:
         raise ConfigError(path, [ConfigIssue(e.key, None, str(e))]) from e
-    for var in config_sources.unknown_variables(AgentConfig, data, env):  # the agent's keys include HQ's
-        (warn or log.warning)(f"environment variable {var} names no setting (see edge_agent/config_sources.py)")
+    for source in config_sources.unknown_sources(AgentConfig, data, env):  # the agent's keys include HQ's
+        (warn or log.warning)(f"{source} names no setting (see edge_agent/config_sources.py)")
     cfg = _resolve_paths(_validate(path, text, data, model, from_env), path.parent)
     if isinstance(cfg, AgentConfig):
         for problem in _open_endpoints(cfg):

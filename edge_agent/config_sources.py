@@ -16,8 +16,9 @@ A file's value is its content without one trailing newline (what ``echo`` and ed
 and 2 for a key is an error: which one counts must not depend on a precedence rule. Only keys that hold one
 value can be given (tables, arrays of values and maps cannot); entries of an array of tables can, when the
 file has that entry: ``vision.cameras.0.url`` exists once the file has a first camera, whose other keys say
-what it is. A variable named ``EDGE_AGENT_...`` that is no key's is reported as a warning, not ignored:
-``EDGE_AGENT_RFID_MQTT_PASWORD`` would otherwise leave the reader broker without its password, silently.
+what it is. A variable named ``EDGE_AGENT_...``, or a credential, that is no key's is reported as a
+warning, not ignored: ``EDGE_AGENT_RFID_MQTT_PASWORD`` would otherwise leave the reader broker without its
+password, silently.
 
 Why not pydantic-settings: it merges its sources before validation, so a bad value could no longer be
 traced to the environment variable, file or credential that gave it (errors here name it, as file values
@@ -136,8 +137,15 @@ def _put(data: dict[str, Any], key: tuple[str, ...], value: str) -> bool:
     return True
 
 
-def unknown_variables(model: type[BaseModel], data: Any, env: Mapping[str, str]) -> list[str]:
-    """The ``EDGE_AGENT_*`` variables that name no key of ``model`` (with this file's arrays)."""
-    known = {env_name(k) for k in keys(model, data)}
+def unknown_sources(model: type[BaseModel], data: Any, env: Mapping[str, str]) -> list[str]:
+    """The ``EDGE_AGENT_*`` variables, and the files of ``$CREDENTIALS_DIRECTORY``, that name no key of
+    ``model`` (with this file's arrays), each said as a warning would say it."""
+    ks = list(keys(model, data))
+    known = {env_name(k) for k in ks}
     known |= {v + FILE_SUFFIX for v in known} | OTHER_VARIABLES
-    return sorted(v for v in env if v.startswith(PREFIX) and v not in known)
+    out = [f"environment variable {v}" for v in sorted(env) if v.startswith(PREFIX) and v not in known]
+    creds = Path(env["CREDENTIALS_DIRECTORY"]) if env.get("CREDENTIALS_DIRECTORY") else None
+    if creds is not None and creds.is_dir():
+        dotted = {".".join(k) for k in ks}
+        out += [f"credential {p}" for p in sorted(creds.iterdir()) if p.name not in dotted]
+    return out

@@ -102,6 +102,13 @@ def test_unknown_variables_are_warned_about_by_name(tmp_path: Path) -> None:
     assert cfg.mqtt.host == "h"
     assert len(heard) == 2, heard
     assert "EDGE_AGENT_RFID_MQTT_PASWORD" in heard[0] and "EDGE_AGENT_VISION_CAMERAS_1_URL" in heard[1]
+    # A credential file that is no key's: systemd's LoadCredential= with a mistyped name.
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "mqtt.pasword").write_text("x")
+    heard.clear()
+    load_config(conf(tmp_path), env={"CREDENTIALS_DIRECTORY": str(creds)}, warn=heard.append)
+    assert heard == [f"credential {creds / 'mqtt.pasword'} names no setting (see edge_agent/config_sources.py)"]
     # HQ's process reads the same variables without calling the agent's ones unknown.
     heard.clear()
     load_config(conf(tmp_path), env={"EDGE_AGENT_RFID_MQTT_PASSWORD": "x"}, model=HqFileConfig, warn=heard.append)
