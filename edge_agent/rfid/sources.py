@@ -36,7 +36,7 @@ from urllib.parse import parse_qs, urlparse
 import paho.mqtt.client as mqtt
 
 from ..config import MqttConfig, ReaderHttpConfig, ReaderMqttConfig, is_loopback
-from ..httpbody import read_body, refuse
+from ..httpbody import HeadersInTime, read_body, refuse
 from ..sync.diskstate import WriteFailed, until_written
 from ..sync.mqtt_client import Connection
 from ..tokens import credential_owner
@@ -174,7 +174,7 @@ class HttpReaderSource:
 
 
 def _handler(src: HttpReaderSource) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(HeadersInTime):
         timeout = 10  # a client that stops mid-request frees its thread
 
         def log_message(self, fmt: str, *args: Any) -> None:
