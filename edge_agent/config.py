@@ -188,10 +188,10 @@ class ReaderHttpConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8781, ge=0, le=65535)
     path: str = "/rfid/events"
-    # The readers that may POST: reader name = "sha256:<hex>" of its token (`edge-agent token <reader>`
+    # The readers that may POST: reader id = "sha256:<hex>" of its token (`edge-agent hq-token --name <reader>`
     # prints the line and, once, the token). A reader sends "Authorization: Bearer <token>" or, where its
-    # firmware has only basic auth, user <reader name> and password <token> (rfid/intake_auth.py says
-    # which readers do what). The name is the reader's id: a payload for another reader is refused (403).
+    # firmware has only basic auth, user <reader id> and password <token> (README: which readers do what).
+    # A token speaks for its reader only: ?reader= naming another is 403, reads naming another quarantined.
     # Needed when host is beyond loopback: without tokens the intake then refuses every request (401);
     # on loopback without tokens it is open, for tools on the box itself.
     tokens: dict[TokenName, TokenHash] = {}
