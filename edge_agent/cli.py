@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 from .config import AgentConfig, ConfigError, HqFileConfig, M, load_config
@@ -42,25 +40,16 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_or_exit(path: str, model: type[M] = AgentConfig, warn: Callable[[str], None] | None = None) -> M:  # type: ignore[assignment]
+def _load_or_exit(path: str, model: type[M] = AgentConfig) -> M:  # type: ignore[assignment]
     try:
-        return load_config(path, model=model, warn=warn)
+        return load_config(path, model=model)
     except ConfigError as e:
         sys.exit(_report(e))
 
 
-def _load_for_service(path: str, model: type[M] = AgentConfig) -> M:  # type: ignore[assignment]
-    """The config, with logging set up from it; its warnings are then logged like any other line."""
-    warnings: list[str] = []
-    cfg = _load_or_exit(path, model, warnings.append)
-    setup_logging(cfg.log.level)
-    for w in warnings:
-        logging.getLogger("edge_agent.config").warning("%s", w)
-    return cfg
-
-
 def _run(args: argparse.Namespace) -> int:
-    cfg = _load_for_service(args.config)
+    cfg = _load_or_exit(args.config)
+    setup_logging(cfg.log.level)
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from .agent import Agent
 
@@ -69,11 +58,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _hq(args: argparse.Namespace) -> int:
-    cfg = _load_for_service(args.config, HqFileConfig)
+    cfg = _load_or_exit(args.config, HqFileConfig)
     if args.db:
         cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"db_path": Path(args.db), "database": None})})
     if args.http_port is not None:
         cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"http_port": args.http_port})})
+    setup_logging(cfg.log.level)
     from .hq.receiver import HqReceiver
 
     rx = HqReceiver(cfg)

@@ -580,7 +580,8 @@ def _validate(path: Path, text: str, data: dict[str, Any], model: type[B], from_
 
 def load_config(path: str | Path, env: dict[str, str] | None = None, model: type[M] = AgentConfig,
                 warn: Callable[[str], None] | None = None) -> M:
-    """``warn`` hears what is suspicious but not wrong (default: logged as a warning)."""
+    """``warn`` hears what is suspicious but not wrong (default: a warning log line; before logging is set
+    up, as in ``run``, Python prints it on stderr)."""
     path = Path(path)
     text = _read(path)
     data = _parse(path, text)
