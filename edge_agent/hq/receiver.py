@@ -32,7 +32,7 @@ from ..authenticity import hq_encoder, uplink_check
 from ..clock import Clock, RealClock, parse_rfc3339
 from ..config import HqFileConfig
 from ..contract import COMMAND_ARGS, STATUS_STREAM, STREAMS
-from ..httpbody import read_body, refuse
+from ..httpbody import HeadersInTime, read_body, refuse
 from ..rfid.epcis import document as epcis_document
 from ..sync.mqtt_client import Connection
 from . import fleet
@@ -307,7 +307,7 @@ class HqReceiver:
 
 
 def _handler(rx: HqReceiver) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(HeadersInTime):
         def log_message(self, fmt: str, *args: Any) -> None:
             log.debug("http: " + fmt, *args)
 
