@@ -77,6 +77,7 @@ class Agent:
             cfg.health.interval_s,
             connected=lambda: self.uplink.connected,
             extra=self._figures,
+            timezone=cfg.store.timezone,
         )
         self.sources: list[Startable] = []
         if cfg.sources.simulated_inventory.enabled:

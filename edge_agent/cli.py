@@ -24,7 +24,7 @@ def _report(e: ConfigError) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args.file, state=args.state_dir)
+        cfg = load_config(args.file, warn=lambda m: print(f"warning: {m}", file=sys.stderr), state=args.state_dir)
     except ConfigError as e:
         return _report(e)
     print(f"relative paths resolve against {state_dir(args.file, args.state_dir)}")
@@ -117,7 +117,8 @@ def _epcis_export(args: argparse.Namespace) -> int:
         print(f"--from/--to must be RFC 3339 times: {e}", file=sys.stderr)
         return 2
     store = open_store(hq)
-    doc = document(store.epcis_events(args.store, since, until), time.time())
+    events, _ = store.epcis_events(args.store, since, until)
+    doc = document(events, time.time())
     store.close()
     text = json.dumps(doc, indent=1) + "\n"
     if args.out:
@@ -223,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--out", required=True, help="folder for <name>.key (0600) and <name>.pub")
     k.add_argument("--name", help="the store id; without it, HQ's pair hq.key/hq.pub")
     k.set_defaults(fn=_keygen)
-    t = sub.add_parser("hq-token", help="make an API token for HQ's POST /cmd and /prices; prints its hash line")
-    t.add_argument("--name", required=True, help="who holds it: the name the audit log shows")
+    t = sub.add_parser("hq-token", help="make an API token (HQ's POST /cmd and /prices, or a reader's for "
+                                        "rfid.http.tokens); prints its hash line")
+    t.add_argument("--name", required=True, help="who holds it: the name the audit log shows, or the reader's id")
     t.set_defaults(fn=_hq_token)
     d = sub.add_parser("demo", help="replay a simulated store: brokers, simulators, agent, HQ receiver, dashboard")
     d.add_argument("--seconds", type=float, default=20.0)
