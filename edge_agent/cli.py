@@ -9,7 +9,8 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import AgentConfig, ConfigError, HqFileConfig, M, load_config
+from . import __version__
+from .config import AgentConfig, ConfigError, HqFileConfig, M, load_config, state_dir
 from .contract import write_schemas
 from .logs import setup_logging
 
@@ -23,9 +24,10 @@ def _report(e: ConfigError) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args.file, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+        cfg = load_config(args.file, warn=lambda m: print(f"warning: {m}", file=sys.stderr), state=args.state_dir)
     except ConfigError as e:
         return _report(e)
+    print(f"relative paths resolve against {state_dir(args.file, args.state_dir)}")
     if cfg.rfid.epcis:
         from .rfid.epcis import EpcisEvents
 
@@ -40,20 +42,32 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_or_exit(path: str, model: type[M] = AgentConfig) -> M:  # type: ignore[assignment]
+def _load_or_exit(path: str, model: type[M] = AgentConfig, state: str | None = None) -> M:  # type: ignore[assignment]
     try:
-        return load_config(path, model=model)
+        return load_config(path, model=model, state=state)
     except ConfigError as e:
         sys.exit(_report(e))
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = _load_or_exit(args.config)
+    cfg = _load_or_exit(args.config, state=args.state_dir)
     setup_logging(cfg.log.level)
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from .agent import Agent
 
-    Agent(cfg).run_until_signalled()
+    Agent(cfg).run_until_signalled(lambda: load_config(args.config, state=args.state_dir))
+    return 0
+
+
+def _install(args: argparse.Namespace) -> int:
+    from .service.install import InstallError, install
+
+    try:
+        for line in install(Path(args.root), args.user, create_user=args.create_user):
+            print(line)
+    except InstallError as e:
+        print(f"install: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -169,13 +183,25 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="edge-agent", description="Per-store smart-store IoT agent")
+    p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
+    state_help = ("folder relative paths in the config resolve against (default: $STATE_DIRECTORY, which systemd "
+                  "sets, else the config file's folder)")
     c = sub.add_parser("check-config", help="validate a config file; exit 2 with every error")
     c.add_argument("file")
+    c.add_argument("--state-dir", help=state_help)
     c.set_defaults(fn=_check_config)
-    r = sub.add_parser("run", help="run the agent")
+    r = sub.add_parser("run", help="run the agent (SIGHUP re-reads the config, SIGTERM stops)")
     r.add_argument("-c", "--config", required=True)
+    r.add_argument("--state-dir", help=state_help)
     r.set_defaults(fn=_run)
+    i = sub.add_parser("install", help="lay out /etc/edge-agent, /var/lib/edge-agent, the service user and the "
+                                       "systemd unit (an existing config is kept)")
+    i.add_argument("--root", default="/", help="install under this folder instead of / (an image, a test)")
+    i.add_argument("--user", default="edge-agent", help="the unprivileged user the service runs as")
+    i.add_argument("--no-create-user", dest="create_user", action="store_false",
+                   help="do not create the user (default: create it when installing into / as root)")
+    i.set_defaults(fn=_install)
     h = sub.add_parser("hq", help="run the reference HQ receiver")
     h.add_argument("-c", "--config", required=True)
     h.add_argument("--db", help="override hq.db_path (and hq.database): run on this SQLite file")

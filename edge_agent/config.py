@@ -582,10 +582,22 @@ def _validate(path: Path, text: str, data: dict[str, Any], model: type[B], from_
         raise ConfigError(path, issues) from e
 
 
+def state_dir(config_path: str | Path, given: str | Path | None = None, env: dict[str, str] | None = None) -> Path:
+    """The folder every relative path of a config file resolves against: ``given`` (``--state-dir``), else
+    ``$STATE_DIRECTORY`` (what systemd sets from the unit's StateDirectory=; the first, if it lists several),
+    else the config file's own folder (a checkout, the demo, the tests)."""
+    if given is not None:
+        return Path(given)
+    if first := (os.environ if env is None else env).get("STATE_DIRECTORY", "").split(":")[0]:
+        return Path(first)
+    return Path(config_path).parent
+
+
 def load_config(path: str | Path, env: dict[str, str] | None = None, model: type[M] = AgentConfig,
-                warn: Callable[[str], None] | None = None) -> M:
+                warn: Callable[[str], None] | None = None, state: str | Path | None = None) -> M:
     """``warn`` hears what is suspicious but not wrong (default: a warning log line; before logging is set
-    up, as in ``run``, Python prints it on stderr)."""
+    up, as in ``run``, Python prints it on stderr). ``state``: the state directory (see state_dir); ``env``
+    (default: the process's) supplies the settings from the environment and $STATE_DIRECTORY."""
     path = Path(path)
     text = _read(path)
     data = _parse(path, text)
@@ -596,7 +608,7 @@ def load_config(path: str | Path, env: dict[str, str] | None = None, model: type
         raise ConfigError(path, [ConfigIssue(e.key, None, str(e))]) from e
     for source in config_sources.unknown_sources(AgentConfig, data, env):  # the agent's keys include HQ's
         (warn or log.warning)(f"{source} names no setting (see edge_agent/config_sources.py)")
-    cfg = _resolve_paths(_validate(path, text, data, model, from_env), path.parent)
+    cfg = _resolve_paths(_validate(path, text, data, model, from_env), state_dir(path, state, env))
     if isinstance(cfg, AgentConfig):
         for problem in _open_endpoints(cfg):
             (warn or log.warning)(problem)
@@ -694,7 +706,9 @@ def _load_key_files(cfg: M, path: Path, text: str) -> M:
 
 
 def _resolve_paths(cfg: M, base: Path) -> M:
-    """Relative paths in a config file are relative to that file, not to the current directory."""
+    """Every relative path in a config file resolves against ``base`` (state_dir), never against the current
+    directory: files the agent writes (outbox, snapshots) and files it reads (keys, certificates, the model)
+    alike, so one rule answers where any of them is."""
 
     def rel(p: Path) -> Path:
         return p if p.is_absolute() else (base / p)
@@ -712,6 +726,13 @@ def _resolve_paths(cfg: M, base: Path) -> M:
             update={"tls": rtls.model_copy(update=rel_fields(rtls, "ca_file", "cert_file", "key_file"))})
         update["rfid"] = cfg.rfid.model_copy(update={"mqtt": rmqtt})
         update["signing"] = cfg.signing.model_copy(update=rel_fields(cfg.signing, "key_file"))
+        vision = cfg.vision
+        cameras = []
+        for c in vision.cameras:
+            url = c.url.get_secret_value()
+            cameras.append(c.model_copy(update={"url": SecretStr(str(rel(Path(url))))}) if _is_relative_file(url) else c)
+        update["vision"] = vision.model_copy(
+            update=rel_fields(vision, "model", "debug_snapshot_dir") | {"cameras": cameras})
     return cfg.model_copy(
         update=update
         | {
@@ -727,3 +748,8 @@ def _resolve_paths(cfg: M, base: Path) -> M:
             ),
         }
     )
+
+
+def _is_relative_file(url: str) -> bool:
+    """A camera url that names a video file by a relative path (not a stream URL, not /dev/video0)."""
+    return "://" not in url and not Path(url).is_absolute()

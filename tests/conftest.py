@@ -14,6 +14,9 @@ from simulators.postgres import Postgres
 from .helpers import HqBackend
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
+# Relative config paths resolve against $STATE_DIRECTORY when it is set (edge_agent.config.state_dir): a CI
+# runner that is itself a systemd service with StateDirectory= must not move the tests' files into its own.
+os.environ.pop("STATE_DIRECTORY", None)
 
 # ---------------------------------------------------------------- no secret in any log line
 # Tests give the agents they run distinctive secrets, "<kind>-canary-<6 hex>-..." (reader tokens, broker

@@ -237,6 +237,35 @@ def test_default_and_absolute_paths(tmp_path: Path) -> None:
     assert load_config(conf2, env={}).outbox.path.resolve() == (tmp_path / "etc2" / "var" / "outbox.db").resolve()
 
 
+HOMOGRAPHY = "homography = {image = [[0, 0], [1, 0], [1, 1], [0, 1]], floor = [[0, 0], [1, 0], [1, 1], [0, 1]]}\n"
+
+
+def test_every_relative_path_resolves_against_the_state_directory(tmp_path: Path) -> None:
+    """$STATE_DIRECTORY (systemd's StateDirectory=) or --state-dir: one rule for every path key, the ones the
+    agent writes and the ones it reads, vision.model, debug_snapshot_dir and a camera's video file included."""
+    conf = write(
+        tmp_path / "etc" / "agent.toml",
+        '[store]\nid = "S001"\n[mqtt.tls]\nenabled = true\nca_file = "certs/ca.pem"\n'
+        '[vision]\nmodel = "models/m.onnx"\ndebug_snapshot_dir = "snapshots"\n'
+        + "".join(f'[[vision.cameras]]\ncamera = "{cam}"\nurl = "{url}"\n{HOMOGRAPHY}' for cam, url in
+                  (("door", "clips/door.mp4"), ("aisle", "rtsp://cam/stream"), ("usb", "/dev/video0"))),
+    )
+    state = tmp_path / "state"
+    for cfg in (load_config(conf, env={"STATE_DIRECTORY": f"{state}:{tmp_path / 'other'}"}),
+                load_config(conf, env={"STATE_DIRECTORY": str(tmp_path / "not-this")}, state=state)):
+        assert cfg.outbox.path == state / "var" / "outbox.db"
+        assert cfg.hq.db_path == state / "var" / "hq.db"
+        assert cfg.mqtt.tls.ca_file == state / "certs" / "ca.pem"
+        assert cfg.vision.model == state / "models" / "m.onnx"
+        assert cfg.vision.debug_snapshot_dir == state / "snapshots"
+        assert [c.url.get_secret_value() for c in cfg.vision.cameras] == [str(state / "clips" / "door.mp4"), "rtsp://cam/stream",
+                                                        "/dev/video0"]
+    # without either, the config file's folder, as before (a checkout, the demo)
+    cfg = load_config(conf, env={})
+    assert cfg.vision.model == tmp_path / "etc" / "models" / "m.onnx"
+    assert cfg.vision.debug_snapshot_dir == tmp_path / "etc" / "snapshots"
+
+
 def test_bad_environment_override_names_the_variable(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text('[store]\nid = "S001"\n[mqtt]\nport = 1883\n')
