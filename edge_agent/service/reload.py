@@ -58,6 +58,7 @@ def live_setters(agent: Agent) -> dict[str, Callable[[Any], None]]:
     setters["health.interval_s"] = lambda v: setattr(agent.health, "interval_s", v)
     setters["outbox.hq_silent_alert_s"] = lambda v: setattr(agent.uplink, "hq_silent_alert_s", v)
     setters["outbox.resend_after_s"] = lambda v: setattr(agent.uplink, "resend_after_s", v)
+    setters["outbox.hold_when_silent_s"] = lambda v: setattr(agent.uplink, "hold_when_silent_s", v)
     if agent.esl is not None:
         engine = agent.esl.engine
         for name in ESL_ENGINE:
