@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -84,6 +85,9 @@ def _hq(args: argparse.Namespace) -> int:
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
+    # A service manager's reload must not kill the receiver (SIGHUP's default): nothing of HQ's is live.
+    signal.signal(signal.SIGHUP, lambda *_: logging.getLogger("edge_agent.hq").warning(
+        "SIGHUP: HQ reloads nothing while it runs; restart it to apply a changed config"))
     rx.start()
     done.wait()
     rx.stop()

@@ -119,16 +119,6 @@ class HqProcess:
             )
         return self
 
-    def wait_started(self, timeout: float = 30.0) -> None:
-        """Until this run has logged its start line: imports take seconds on a loaded box, and a kill
-        that lands before the agent runs tests nothing."""
-        def starts() -> int:
-            return self.log.read_text(errors="replace").count("starting for store") if self.log.exists() else 0
-
-        before = self._starts_seen
-        wait_for(lambda: starts() > before, timeout, f"the agent to start; log: {self.log}")
-        self._starts_seen = starts()
-
     def kill9(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)

@@ -34,7 +34,7 @@ from edge_agent.service.notify import Notifier
 from simulators.mosquitto import Mosquitto
 from simulators.toml_files import write_toml
 
-from .helpers import REPO, AgentProcess, CuttableLink, agent_config, start_hq, wait_for
+from .helpers import REPO, AgentProcess, CuttableLink, HqProcess, agent_config, start_hq, wait_for
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 
@@ -425,3 +425,18 @@ def test_sigterm_with_a_dead_uplink_and_a_backlog_ends_within_10s(tmp_path: Path
     assert "facts left in the outbox for next start" in (tmp_path / "agent.log").read_text()
     assert pending() > 1_000
 
+
+
+def test_sighup_does_not_kill_the_hq_receiver(tmp_path: Path, broker: Mosquitto) -> None:
+    """A service manager's reload sends SIGHUP, whose default action ends a process; HQ says so and runs on."""
+    hq = HqProcess(tmp_path, broker.port).start()
+    try:
+        wait_for(lambda: hq.log.exists() and "connected" in hq.log.read_text(errors="replace"), 30, "HQ to connect")
+        assert hq.proc is not None
+        hq.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloads nothing" in hq.log.read_text(errors="replace"), 10, "HQ's SIGHUP line")
+        time.sleep(0.5)
+        assert hq.proc.poll() is None, hq.log.read_text()
+    finally:
+        hq.terminate()
+    assert hq.proc.returncode == 0
