@@ -49,7 +49,7 @@ def _load_or_exit(path: str, model: type[M] = AgentConfig) -> M:  # type: ignore
 
 def _run(args: argparse.Namespace) -> int:
     cfg = _load_or_exit(args.config)
-    setup_logging(cfg.log.level)
+    setup_logging(cfg.log.level, coalesce_s=cfg.log.coalesce_s)
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from .agent import Agent
 
@@ -63,7 +63,7 @@ def _hq(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"db_path": Path(args.db), "database": None})})
     if args.http_port is not None:
         cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"http_port": args.http_port})})
-    setup_logging(cfg.log.level)
+    setup_logging(cfg.log.level, coalesce_s=cfg.log.coalesce_s)
     from .hq.receiver import HqReceiver
 
     rx = HqReceiver(cfg)

@@ -293,6 +293,7 @@ class HqSigningConfig(Section):
 
 class LogConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    coalesce_s: float = Field(60.0, ge=0)
 
 
 # An API token's name (the "who" of HQ's audit log) and the hash HQ keeps of it (`edge-agent hq-token`).

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..clock import parse_rfc3339
 from ..config import CameraConfig, VisionConfig
+from ..logs import camera_log_listener, child_logging
 from ..sync import compaction
 from ..sync.diskstate import until_written
 from ..sync.outbox import Fact, Outbox
@@ -33,10 +34,12 @@ from .storewide import STORE_WIDE, DwellCarry, StoreWideTraffic
 log = logging.getLogger(__name__)
 
 
-def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> None:
-    """The camera process: never returns frames, only messages of numbers."""
+def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any, logs: tuple[Any, int]) -> None:
+    """The camera process: never returns frames, only messages of numbers. ``logs`` is (queue, level): its
+    log records go to the main process, which writes them as it writes its own."""
     import os
 
+    child_logging(*logs, camera=cam.camera)
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from .analytics import TrafficAnalytics
     from .capture import Frame, FrameSource
@@ -115,9 +118,12 @@ class VisionService:
         ctx = mp.get_context("spawn")  # no forked copies of the agent's threads and sockets
         self._q: Any = ctx.Queue(maxsize=cfg.queue_max)
         self._stop = ctx.Event()
+        self._logs: Any = ctx.Queue()
+        logs = (self._logs, logging.getLogger().getEffectiveLevel())
+        self._log_listener: Any = None
         self._procs = {
-            c.camera: ctx.Process(target=run_camera, args=(c, cfg, self._q, self._stop), name=f"camera-{c.camera}",
-                                  daemon=True)
+            c.camera: ctx.Process(target=run_camera, args=(c, cfg, self._q, self._stop, logs),
+                                  name=f"camera-{c.camera}", daemon=True)
             for c in cfg.cameras
         }
         self._drain = threading.Thread(target=self._run, name="vision-drain", daemon=True)
@@ -129,6 +135,7 @@ class VisionService:
         self.done: set[str] = set()
 
     def start(self) -> None:
+        self._log_listener = camera_log_listener(self._logs)
         for p in self._procs.values():
             p.start()
         self._drain.start()
@@ -141,6 +148,8 @@ class VisionService:
                 p.kill()
         self._halt.set()
         self._drain.join(5)
+        if self._log_listener is not None:
+            self._log_listener.stop()  # after the cameras: what they logged on the way out is written
 
     def _run(self) -> None:
         while True:
