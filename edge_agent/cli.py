@@ -57,6 +57,41 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record(args: argparse.Namespace) -> int:
+    cfg = _load_or_exit(args.config)
+    setup_logging(cfg.log.level, coalesce_s=cfg.log.coalesce_s)
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    from .replay.taps import record
+
+    return record(cfg, Path(args.out))
+
+
+def _replay(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .replay.player import replay
+    from .replay.recording import RecordingError, read_recording
+
+    cfg = _load_or_exit(args.config)
+    setup_logging(cfg.log.level, coalesce_s=cfg.log.coalesce_s)
+    try:
+        entries = list(read_recording(Path(args.file)))
+    except (OSError, RecordingError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    speed = 0.0 if args.speed == "max" else float(args.speed)
+    with tempfile.TemporaryDirectory(prefix="edge-agent-replay-") as tmp:
+        n = replay(cfg, entries, Path(args.workdir or tmp), Path(args.out) if args.out else None, speed)
+    print(f"{args.file}: {len(entries)} inputs replayed, {n} output lines", file=sys.stderr)
+    return 0
+
+
+def _speed(v: str) -> str:
+    if v != "max" and not float(v) >= 0:
+        raise argparse.ArgumentTypeError("a number >= 0, or max")
+    return v
+
+
 def _hq(args: argparse.Namespace) -> int:
     cfg = _load_or_exit(args.config, HqFileConfig)
     if args.db:
@@ -175,6 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run the agent")
     r.add_argument("-c", "--config", required=True)
     r.set_defaults(fn=_run)
+    rec = sub.add_parser("record", help="run the agent and record its raw inputs (no images) into a file")
+    rec.add_argument("-c", "--config", required=True)
+    rec.add_argument("--out", required=True, help="the recording: JSON lines (gzip-compressed if it ends in .gz)")
+    rec.set_defaults(fn=_record)
+    rep = sub.add_parser("replay", help="feed a recording through the pipeline on a virtual clock; print its output")
+    rep.add_argument("file")
+    rep.add_argument("-c", "--config", required=True, help="the store's config (antennas, labels, cameras)")
+    rep.add_argument("--speed", type=_speed, default="max", help="N times real time; 0 or max: as fast as it goes")
+    rep.add_argument("--out", help="write the output here (default: standard output)")
+    rep.add_argument("--workdir", help="keep the replay's outbox here (default: a temporary folder)")
+    rep.set_defaults(fn=_replay)
     h = sub.add_parser("hq", help="run the reference HQ receiver")
     h.add_argument("-c", "--config", required=True)
     h.add_argument("--db", help="override hq.db_path (and hq.database): run on this SQLite file")

@@ -81,6 +81,7 @@ class Downlink:
         self.prefix = prefix
         self.outbox = outbox
         self.clock = clock
+        self.tap: Callable[[str, bytes, int], None] | None = None  # a recorder: each command queued
         self.topic = f"{prefix}/{store}/cmd/#"
         self._handlers: dict[str, tuple[type[BaseModel], Handler]] = {}
         self._queue: queue.Queue[tuple[str, bytes, int] | None] = queue.Queue(maxsize=queue_max)
@@ -123,6 +124,8 @@ class Downlink:
                 try:
                     self._queue.put_nowait((msg.topic, payload, size))
                     self._queued_bytes += len(payload)
+                    if self.tap is not None:
+                        self.tap(msg.topic, payload, size)
                 except queue.Full:
                     room = False
             if not room:
