@@ -81,7 +81,11 @@ def _replay(args: argparse.Namespace) -> int:
         return 2
     speed = 0.0 if args.speed == "max" else float(args.speed)
     with tempfile.TemporaryDirectory(prefix="edge-agent-replay-") as tmp:
-        n = replay(cfg, entries, Path(args.workdir or tmp), Path(args.out) if args.out else None, speed)
+        try:
+            n = replay(cfg, entries, Path(args.workdir or tmp), Path(args.out) if args.out else None, speed)
+        except FileExistsError as e:
+            print(e, file=sys.stderr)
+            return 2
     print(f"{args.file}: {len(entries)} inputs replayed, {n} output lines", file=sys.stderr)
     return 0
 

@@ -11,7 +11,10 @@ import gzip
 import json
 import os
 import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -76,6 +79,51 @@ def test_replay_command_paces_and_writes_the_output(tmp_path: Path) -> None:
     assert out.read_text() == OUTPUT.read_text()
 
 
+def test_record_command_records_until_sigterm(tmp_path: Path, broker: Mosquitto) -> None:
+    """`edge-agent record` is `edge-agent run` with the recorder: a payload POSTed is in the file it closes."""
+    port = free_port()
+    cfg = tmp_path / "store.toml"
+    cfg.write_text(f"""[store]
+id = "{STORE}"
+[mqtt]
+port = {broker.port}
+[outbox]
+path = "{tmp_path / 'outbox.db'}"
+[rfid]
+enabled = true
+[rfid.http]
+enabled = true
+port = {port}
+[[rfid.antennas]]
+reader = "r1"
+port = 1
+zone = "salesfloor"
+""")
+    rec = tmp_path / "rec.jsonl"
+    with open(tmp_path / "agent.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "record", "-c", str(cfg), "--out", str(rec)],
+                                stdout=log, stderr=log, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        payload = b'[{"epc": "30340242201d8840009efdf7", "antenna": 1, "rssi": -50, "ts": 1767225600}]'
+
+        def posted() -> bool:
+            try:
+                post(f"http://127.0.0.1:{port}/rfid/events", "r1", payload)
+                return True
+            except OSError:
+                return False
+
+        wait_for(posted, 30, "the agent's HTTP intake")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    entries = list(read_recording(rec))
+    assert [e.kind for e in entries] == ["start", "reader"]
+    assert entries[1].data == payload and entries[1].reader == "r1"  # type: ignore[union-attr]
+    lines = [json.loads(x) for x in (tmp_path / "agent.log").read_text().splitlines() if x.startswith("{")]
+    assert any("recording" in x["msg"] and x["priority"] == 6 for x in lines)
+
+
 # ---------------------------------------------------------------- a live store, recorded
 
 
@@ -87,16 +135,17 @@ class Readers(threading.Thread):
         self.url, self.sim, self.cycles = url, sim, cycles
 
     def run(self) -> None:
-        self.post("r1", b'{"epc": "not hex", "antenna": 1, "ts": 0}')  # garbage is an input too: quarantined
+        post(self.url, "r1", b'{"epc": "not hex", "antenna": 1, "ts": 0}')  # garbage is an input too: quarantined
         for _ in range(self.cycles):
             for reader, payload in self.sim.step_by_reader():
-                self.post(reader, payload)
+                post(self.url, reader, payload)
             time.sleep(0.05)
 
-    def post(self, reader: str, payload: bytes) -> None:
-        req = urllib.request.Request(f"{self.url}?reader={reader}", data=payload, method="POST",
-                                     headers={"Content-Type": "application/json"})
-        urllib.request.urlopen(req, timeout=5).close()
+
+def post(url: str, reader: str, payload: bytes) -> None:
+    req = urllib.request.Request(f"{url}?reader={reader}", data=payload, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=5).close()
 
 
 def command(client: mqtt.Client, n: int, name: str, args: dict[str, Any]) -> None:

@@ -104,6 +104,8 @@ class Player:
             raise ValueError("a recording starts with its start line")
         if start.store != cfg.store.id:
             log.warning("the recording is of store %s, the config of %s", start.store, cfg.store.id)
+        if (workdir / "replay.db").exists():  # its state would carry into this replay
+            raise FileExistsError(f"{workdir / 'replay.db'} exists: replay into an empty folder")
         self.entries = entries
         self.clock = VirtualClock(start.t)
         self.agent = Agent(replay_config(cfg, workdir), clock=self.clock)

@@ -255,7 +255,8 @@ class OutboxTx:
         self.conn.execute(
             "INSERT INTO alerts(ts, kind, message) VALUES (?,?,?)", (self._outbox.clock.now(), kind, message)
         )
-        log.warning("alert %s: %s", kind, message)
+        # The kind in the template: the log coalesces repeats by template, and two kinds are not repeats.
+        log.warning(f"alert {kind}: %s", message)
 
 
 class Outbox:
@@ -456,7 +457,7 @@ class Outbox:
                 raise WriteFailed(kind, e) from e
             self.disk.committed()
         if closing is not None:
-            log.warning("alert %s: %s", *closing)
+            log.warning(f"alert {closing[0]}: %s", closing[1])
         if tx.enqueued:
             for fn in self._listeners:
                 fn()
@@ -483,7 +484,7 @@ class Outbox:
         now = self.clock.now()
         rows = [(now, source, reason[:2000], _quarantine_raw(raw)) for reason, raw in bad[:keep]]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        log.warning("quarantined input from %s: %s%s", source, bad[0][0], more)
+        log.warning(f"quarantined input from {source}: %s%s", bad[0][0], more)  # coalesced per source
         with self.transaction() as tx:
             tx.conn.executemany("INSERT INTO quarantine(at, source, reason, raw) VALUES (?,?,?,?)", rows)
             last = tx.conn.execute("SELECT max(id) FROM quarantine").fetchone()[0] or 0
