@@ -1,8 +1,12 @@
 """Record and replay: a live simulated store recorded through the agent's taps, replayed on the virtual clock.
 
 The golden files (tests/golden/) are a recording of such a session, the config it ran with and the output
-its replay gives. Regenerate them (after a change that is meant to change the output) with
-``EDGE_AGENT_REGEN_GOLDEN=1 pytest tests/test_replay.py -k live``.
+its replay gives. After a change that is meant to change the output (main's doors on the heatmap did),
+write the new output and review its diff::
+
+    edge-agent replay tests/golden/store.rec.jsonl.gz -c tests/golden/store.toml --out tests/golden/store.out.jsonl
+
+and to record a new session as well: ``EDGE_AGENT_REGEN_GOLDEN=1 pytest tests/test_replay.py -k live``.
 """
 
 from __future__ import annotations

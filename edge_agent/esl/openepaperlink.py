@@ -314,7 +314,6 @@ class ApTap(Protocol):
     def ap_push(self, ap: str, message: bytes | str) -> None: ...
 
 
-
 class OpenEPaperLinkController:
     """``EslController`` for one OEPL access point at ``base_url`` (e.g. ``http://192.168.1.20``)."""
 

@@ -18,7 +18,9 @@ as base64 otherwise. A file whose name ends in ``.gz`` is gzip-compressed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,6 +30,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ..clock import Clock
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 TrackRow = tuple[int, float, float, float, float, float]  # id, x1, y1, x2, y2, score
@@ -138,16 +142,23 @@ class Recorder:
         self.write(Start(t=clock.now(), store=store, agent=agent))
 
     def write(self, entry: _Line) -> None:
+        """Never raises: the taps run on the agent's input paths, and a recording must not break them."""
         line = entry.model_dump_json(exclude_none=True)
         with self._lock:
             if self._f.closed:
                 return  # an input arriving while the agent stops, after the recording ended
-            self._f.write(line + "\n")
-            self._f.flush()
+            try:
+                self._f.write(line + "\n")
+                self._f.flush()
+            except OSError as e:  # a full disk: the store goes on, the recording ends here
+                log.error("recording %s stopped after %d lines: %s", self.path, self.lines, e)
+                with contextlib.suppress(OSError):
+                    self._f.close()
+                return
             self.lines += 1
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, contextlib.suppress(OSError):
             self._f.close()
 
     # ------------------------------------------------------------ taps
