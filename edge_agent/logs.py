@@ -148,14 +148,20 @@ def summary_record(s: Summary) -> logging.LogRecord:
 
 class CoalescingHandler(logging.Handler):
     """Writes through ``target`` what the coalescer admits, and the summaries of closed windows (on the next
-    record, or at ``tick``, which a timer calls so that a flood that stops is still summed up)."""
+    record, or at ``tick``, which a timer calls every few seconds so that a flood that stops is still summed
+    up; ``timer=False`` leaves the calls to the caller, as tests on a virtual clock do)."""
 
-    def __init__(self, target: logging.Handler, window_s: float, clock: Clock | None = None) -> None:
+    def __init__(self, target: logging.Handler, window_s: float, clock: Clock | None = None,
+                 timer: bool = True) -> None:
         super().__init__()
         self.target = target
         self.clock = clock or RealClock()
         self.coalescer = Coalescer(window_s)
         self._guard = threading.Lock()
+        self._closed = threading.Event()
+        if window_s > 0 and timer:
+            threading.Thread(target=self._ticker, args=(min(window_s, 5.0),), name="log-coalesce",
+                             daemon=True).start()
 
     def emit(self, record: logging.LogRecord) -> None:
         with self._guard:
@@ -166,6 +172,10 @@ class CoalescingHandler(logging.Handler):
         for r in out:
             self.target.handle(r)
 
+    def _ticker(self, every: float) -> None:
+        while not self._closed.wait(every):
+            self.tick()
+
     def tick(self) -> None:
         with self._guard:
             out = [summary_record(s) for s in self.coalescer.due(self.clock.now())]
@@ -173,6 +183,7 @@ class CoalescingHandler(logging.Handler):
             self.target.handle(r)
 
     def close(self) -> None:
+        self._closed.set()
         with self._guard:
             out = [summary_record(s) for s in self.coalescer.flush()]
         for r in out:
@@ -181,35 +192,20 @@ class CoalescingHandler(logging.Handler):
         super().close()
 
 
-_ticker_stop: threading.Event | None = None
-
-
 def setup_logging(level: str = "INFO", component: str = "edge-agent", *, coalesce_s: float = 60.0,
-                  stream: TextIO | None = None, clock: Clock | None = None) -> CoalescingHandler:
+                  stream: TextIO | None = None, clock: Clock | None = None, timer: bool = True) -> CoalescingHandler:
     """JSON lines on stderr (or ``stream``) for this process; returns the handler camera logs go to."""
-    global _ticker_stop
     out = stream or sys.stderr
     writer = logging.StreamHandler(out)
     writer.setFormatter(JsonFormatter(journal=stderr_is_journal(out)))
-    handler = CoalescingHandler(writer, coalesce_s, clock)
+    handler = CoalescingHandler(writer, coalesce_s, clock, timer)
     root = logging.getLogger()
     for old in root.handlers:
         old.close()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    if _ticker_stop is not None:
-        _ticker_stop.set()
-    if coalesce_s > 0:
-        stop = _ticker_stop = threading.Event()
-        threading.Thread(target=_tick, args=(handler, stop, min(coalesce_s, 5.0)), name="log-coalesce",
-                         daemon=True).start()
     logging.getLogger(component).debug("logging ready")
     return handler
-
-
-def _tick(handler: CoalescingHandler, stop: threading.Event, every: float) -> None:
-    while not stop.wait(every):
-        handler.tick()
 
 
 # ---------------------------------------------------------------- camera processes

@@ -9,6 +9,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def logged() -> Iterator[tuple[io.StringIO, VirtualClock]]:
     root = logging.getLogger()
     saved, level = root.handlers[:], root.level
     out, clock = io.StringIO(), VirtualClock()
-    setup_logging("INFO", coalesce_s=60.0, stream=out, clock=clock)
+    setup_logging("INFO", coalesce_s=60.0, stream=out, clock=clock, timer=False)  # the test ticks
     yield out, clock
     for h in root.handlers:
         h.close()
@@ -149,3 +150,23 @@ def test_unmapped_antenna_flood_is_bounded_in_lines_and_transactions(
     assert len(warnings) == 2, warnings  # the first, then "repeated 149 times in 60 s"
     assert warnings[1]["repeated"] == 149
     ob.close()
+
+
+def test_the_timer_sums_up_a_flood_that_stopped() -> None:
+    """On the real clock nobody calls tick: the handler's own timer closes the window."""
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    out = io.StringIO()
+    try:
+        setup_logging("INFO", coalesce_s=0.3, stream=out)
+        for _ in range(20):
+            logging.getLogger("edge_agent.test").warning("antenna %d silent", 4)
+        deadline = time.monotonic() + 10
+        while len(lines(out)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        for h in root.handlers:
+            h.close()
+        root.handlers[:], root.level = saved, level
+    got = lines(out)
+    assert [g.get("repeated") for g in got] == [None, 19]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import shutil
 import signal
@@ -79,7 +80,14 @@ def test_replay_command_paces_and_writes_the_output(tmp_path: Path) -> None:
     from edge_agent.cli import main
 
     out = tmp_path / "out.jsonl"
-    assert main(["replay", str(RECORDING), "-c", str(CONFIG), "--speed", "max", "--out", str(out)]) == 0
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    try:
+        assert main(["replay", str(RECORDING), "-c", str(CONFIG), "--speed", "max", "--out", str(out)]) == 0
+    finally:  # the command set up this process's logging, on a stream that ends with the test
+        for h in root.handlers:
+            h.close()
+        root.handlers[:], root.level = saved, level
     assert out.read_text() == OUTPUT.read_text()
 
 
