@@ -91,6 +91,29 @@ def test_replay_command_paces_and_writes_the_output(tmp_path: Path) -> None:
     assert out.read_text() == OUTPUT.read_text()
 
 
+def test_recording_keeps_bytes_exactly_and_no_credentials(tmp_path: Path) -> None:
+    from edge_agent.clock import VirtualClock
+    from edge_agent.replay.recording import RecordingError
+
+    path = tmp_path / "r.jsonl.gz"
+    rec = Recorder(path, VirtualClock(), STORE, "test")
+    rec.reader(b"\xff\x00 not UTF-8", "rfid.mqtt", "r1")
+    rec.reader('{"epc": "é"}'.encode(), "rfid.http", None)
+    rec.ap_http("http://admin:secret@10.0.0.5:8080", "GET", "/get_db?pos=0", None, "refused")
+    rec.tracks("door", 12.5, [(3, 1.0, 2.0, 3.0, 4.0, 0.9)])
+    rec.close()
+    rec.reader(b"after the end", "rfid.mqtt", None)  # an input while the agent stops: not written, no error
+    entries = list(read_recording(path))
+    assert [e.data for e in entries[1:3]] == [b"\xff\x00 not UTF-8", '{"epc": "é"}'.encode()]  # type: ignore[union-attr]
+    assert entries[3].ap == "http://10.0.0.5:8080" and b"secret" not in gzip.decompress(path.read_bytes())  # type: ignore[union-attr]
+    assert len(entries) == 5
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(gzip.decompress(path.read_bytes()).decode()
+                   + '{"kind": "tracks", "t": 1, "camera": "door", "ts": 1, "tracks": [], "jpeg": "/9j/4AAQ"}\n')
+    with pytest.raises(RecordingError, match=r"bad.jsonl:6"):  # a field the format does not have
+        list(read_recording(bad))
+
+
 def test_record_command_records_until_sigterm(tmp_path: Path, broker: Mosquitto) -> None:
     """`edge-agent record` is `edge-agent run` with the recorder: a payload POSTed is in the file it closes."""
     port = free_port()
