@@ -187,11 +187,10 @@ class Downlink:
             tallies = self._refusals.take()
         if not tallies:
             return 0
-        # The samples first, each in its own transaction (Outbox.quarantine); a crash before the answers
-        # below loses one interval's answers to garbage, whose MQTT delivery was acknowledged anyway.
-        for t in tallies:
-            for s in t.samples:
-                self.outbox.quarantine(SOURCE, f"{s.topic}: {s.reason}", s.raw)
+        # The samples first, in one transaction of their own; a crash before the answers below loses one
+        # interval's answers to garbage, whose MQTT delivery was acknowledged anyway.
+        samples = [(f"{s.topic}: {s.reason}", s.raw) for t in tallies for s in t.samples]
+        self.outbox.quarantine_many(SOURCE, samples, len(samples))
         with self.outbox.transaction() as tx:
             tx.enqueue("cmd-result", [self._tally_fact(t) for t in tallies])
             for t in tallies:
