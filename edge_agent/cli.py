@@ -70,23 +70,19 @@ def _replay(args: argparse.Namespace) -> int:
     import tempfile
 
     from .replay.player import replay
-    from .replay.recording import RecordingError, read_recording
+    from .replay.recording import RecordingError
 
     cfg = _load_or_exit(args.config)
     setup_logging(cfg.log.level, coalesce_s=cfg.log.coalesce_s)
-    try:
-        entries = list(read_recording(Path(args.file)))
-    except (OSError, RecordingError) as e:
-        print(e, file=sys.stderr)
-        return 2
     speed = 0.0 if args.speed == "max" else float(args.speed)
     with tempfile.TemporaryDirectory(prefix="edge-agent-replay-") as tmp:
         try:
-            n = replay(cfg, entries, Path(args.workdir or tmp), Path(args.out) if args.out else None, speed)
-        except FileExistsError as e:
+            taken, n = replay(cfg, Path(args.file), Path(args.workdir or tmp), Path(args.out) if args.out else None,
+                              speed)
+        except (OSError, RecordingError) as e:  # FileExistsError: a workdir with a replay in it
             print(e, file=sys.stderr)
             return 2
-    print(f"{args.file}: {len(entries)} inputs replayed, {n} output lines", file=sys.stderr)
+    print(f"{args.file}: {taken} inputs replayed, {n} output lines", file=sys.stderr)
     return 0
 
 

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"/9j/", b"iVBORw0KGgo")  # JPEG and
 
 def replayed(cfg: AgentConfig, recording: Path, work: Path) -> str:
     out = work / "out.jsonl"
-    replay(cfg, list(read_recording(recording)), work, out)
+    replay(cfg, recording, work, out)
     return out.read_text()
 
 
@@ -76,19 +77,28 @@ def test_the_golden_recording_replays_to_the_golden_output(tmp_path: Path) -> No
     no_image_bytes(RECORDING)
 
 
-def test_replay_command_paces_and_writes_the_output(tmp_path: Path) -> None:
+@pytest.fixture
+def cli_logging() -> Iterator[None]:
+    """The commands set up this process's logging, on a stream that ends with the test: put it back."""
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    yield
+    for h in root.handlers:
+        h.close()
+    root.handlers[:], root.level = saved, level
+
+
+def test_replay_command_writes_the_output_and_refuses_what_it_cannot_replay(tmp_path: Path, cli_logging: None) -> None:
     from edge_agent.cli import main
 
     out = tmp_path / "out.jsonl"
-    root = logging.getLogger()
-    saved, level = root.handlers[:], root.level
-    try:
-        assert main(["replay", str(RECORDING), "-c", str(CONFIG), "--speed", "max", "--out", str(out)]) == 0
-    finally:  # the command set up this process's logging, on a stream that ends with the test
-        for h in root.handlers:
-            h.close()
-        root.handlers[:], root.level = saved, level
+    args = ["-c", str(CONFIG), "--speed", "max", "--out", str(out)]
+    assert main(["replay", str(RECORDING), *args, "--workdir", str(tmp_path / "w")]) == 0
     assert out.read_text() == OUTPUT.read_text()
+    assert main(["replay", str(RECORDING), *args, "--workdir", str(tmp_path / "w")]) == 2  # it holds a replay
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main(["replay", str(tmp_path / "empty.jsonl"), *args]) == 2
+    assert main(["replay", str(CONFIG), *args]) == 2  # not a recording at all
 
 
 def test_recording_keeps_bytes_exactly_and_no_credentials(tmp_path: Path) -> None:
@@ -296,7 +306,7 @@ def test_a_live_store_recorded_replays_identically(tmp_path: Path, broker: Mosqu
     assert runs[0] == runs[1], "two replays of one recording differ"
 
     # The same pipeline gives what the live store gave: the camera's traffic, item for item, and the book.
-    player = Player(cfg, list(read_recording(recording)), tmp_path / "c")
+    player = Player(cfg, recording, tmp_path / "c")
     player.run()
     out = [o for o in player.output() if "stream" in o]
     for stream in ("traffic/stats", "traffic/heatmap"):

@@ -29,7 +29,7 @@ import math
 import re
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +43,18 @@ from ..esl.service import PUSH_BATCH_S
 from ..vision.analytics import Track
 from ..vision.feed import TrackFeed
 from ..vision.service import VisionService
-from .recording import ApHttp, ApPush, CameraDone, Entry, HqCommand, ReaderPayload, Start, Tracks, without_credentials
+from .recording import (
+    ApHttp,
+    ApPush,
+    CameraDone,
+    Entry,
+    HqCommand,
+    ReaderPayload,
+    Start,
+    Tracks,
+    read_recording,
+    without_credentials,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +66,7 @@ _ULID = re.compile(r"\b[0-9A-HJKMNP-TV-Z]{26}\b")
 class RecordedAnswers:
     """Every recorded exchange with the access points, answered in recorded order per (AP, method, path)."""
 
-    def __init__(self, entries: Sequence[Entry]) -> None:
+    def __init__(self, entries: Iterable[Entry]) -> None:
         self._q: dict[tuple[str, str, str], deque[ApHttp]] = defaultdict(deque)
         for e in entries:
             if isinstance(e, ApHttp):
@@ -98,20 +109,23 @@ def replay_config(cfg: AgentConfig, workdir: Path) -> AgentConfig:
 
 
 class Player:
-    def __init__(self, cfg: AgentConfig, entries: Sequence[Entry], workdir: Path) -> None:
-        start = entries[0]
-        if not isinstance(start, Start):
-            raise ValueError("a recording starts with its start line")
+    def __init__(self, cfg: AgentConfig, recording: Path, workdir: Path) -> None:
+        """``recording`` is read twice, never held in memory: once for the access points' answers, once to
+        replay it."""
+        start = next(read_recording(recording))
+        assert isinstance(start, Start)  # read_recording checks the first line
         if start.store != cfg.store.id:
             log.warning("the recording is of store %s, the config of %s", start.store, cfg.store.id)
         if (workdir / "replay.db").exists():  # its state would carry into this replay
             raise FileExistsError(f"{workdir / 'replay.db'} exists: replay into an empty folder")
-        self.entries = entries
+        self.recording = recording
+        self.start = start
+        self.taken = 0
         self.clock = VirtualClock(start.t)
         self.agent = Agent(replay_config(cfg, workdir), clock=self.clock)
         self.first_ap: str | None = None
         if self.agent.esl is not None:
-            answers = RecordedAnswers(entries)
+            answers = RecordedAnswers(read_recording(recording))
             aps = [RecordedAccessPoint(u, answers) for u in cfg.esl.urls]
             self.agent.esl.controller = ControllerGroup(aps)
             self.first_ap = aps[0].recorded_as
@@ -128,8 +142,11 @@ class Player:
 
     def run(self, speed: float = 0.0) -> None:
         """Every entry at its time; ``speed`` N paces it at N times real time (0: no pacing)."""
-        began, t0 = time.monotonic(), self.entries[0].t
-        for e in self.entries[1:]:
+        began, t0 = time.monotonic(), self.start.t
+        entries = read_recording(self.recording)
+        next(entries)  # the start line
+        for e in entries:
+            self.taken += 1
             if speed > 0 and (ahead := (e.t - t0) / speed - (time.monotonic() - began)) > 0:
                 time.sleep(ahead)
             self._until(e.t)
@@ -233,12 +250,13 @@ class Player:
         self.agent.outbox.close()
 
 
-def replay(cfg: AgentConfig, entries: Sequence[Entry], workdir: Path, out: Path | None,
-           speed: float = 0.0) -> int:
-    """Replay ``entries``; write the output as JSON lines to ``out`` (None: standard output). Returns lines."""
+def replay(cfg: AgentConfig, recording: Path, workdir: Path, out: Path | None,
+           speed: float = 0.0) -> tuple[int, int]:
+    """Replay ``recording``; write the output as JSON lines to ``out`` (None: standard output). Returns the
+    inputs taken and the lines written."""
     import sys
 
-    player = Player(cfg, entries, workdir)
+    player = Player(cfg, recording, workdir)
     try:
         player.run(speed)
         lines = [json.dumps(o, sort_keys=True, separators=(",", ":")) for o in player.output()]
@@ -249,4 +267,4 @@ def replay(cfg: AgentConfig, entries: Sequence[Entry], workdir: Path, out: Path 
         sys.stdout.write(text)
     else:
         out.write_text(text)
-    return len(lines)
+    return player.taken, len(lines)

@@ -187,6 +187,7 @@ class Recorder:
 def read_recording(path: Path) -> Iterator[Entry]:
     """The entries of a recording, validated; a bad line raises RecordingError with its number."""
     with _open(path, "r") as f:
+        first = True
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -194,6 +195,9 @@ def read_recording(path: Path) -> Iterator[Entry]:
                 entry = _ENTRY.validate_json(line)
             except ValidationError as e:
                 raise RecordingError(f"{path}:{n}: {e}") from e
-            if n == 1 and not isinstance(entry, Start):
-                raise RecordingError(f"{path}:1: not a recording (its first line must be kind \"start\")")
+            if first and not isinstance(entry, Start):
+                raise RecordingError(f"{path}:{n}: not a recording (its first line must be kind \"start\")")
+            first = False
             yield entry
+        if first:
+            raise RecordingError(f"{path}: empty, not a recording")
