@@ -67,23 +67,12 @@ def _record(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from .replay.player import replay
-    from .replay.recording import RecordingError
-
     cfg = _load_or_exit(args.config)
     setup_logging(cfg.log.level, coalesce_s=cfg.log.coalesce_s)
-    speed = 0.0 if args.speed == "max" else float(args.speed)
-    with tempfile.TemporaryDirectory(prefix="edge-agent-replay-") as tmp:
-        try:
-            taken, n = replay(cfg, Path(args.file), Path(args.workdir or tmp), Path(args.out) if args.out else None,
-                              speed)
-        except (OSError, RecordingError) as e:  # FileExistsError: a workdir with a replay in it
-            print(e, file=sys.stderr)
-            return 2
-    print(f"{args.file}: {taken} inputs replayed, {n} output lines", file=sys.stderr)
-    return 0
+    from .replay.player import replay_command
+
+    return replay_command(cfg, Path(args.file), 0.0 if args.speed == "max" else float(args.speed),
+                          Path(args.out) if args.out else None, Path(args.workdir) if args.workdir else None)
 
 
 def _speed(v: str) -> str:

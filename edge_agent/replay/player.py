@@ -50,6 +50,7 @@ from .recording import (
     Entry,
     HqCommand,
     ReaderPayload,
+    RecordingError,
     Start,
     Tracks,
     read_recording,
@@ -268,3 +269,18 @@ def replay(cfg: AgentConfig, recording: Path, workdir: Path, out: Path | None,
     else:
         out.write_text(text)
     return player.taken, len(lines)
+
+
+def replay_command(cfg: AgentConfig, recording: Path, speed: float, out: Path | None, workdir: Path | None) -> int:
+    """``edge-agent replay``: the exit status; what went wrong on stderr."""
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edge-agent-replay-") as tmp:
+        try:
+            taken, n = replay(cfg, recording, workdir or Path(tmp), out, speed)
+        except (OSError, RecordingError) as e:  # FileExistsError: a workdir with a replay in it
+            print(e, file=sys.stderr)
+            return 2
+    print(f"{recording}: {taken} inputs replayed, {n} output lines", file=sys.stderr)
+    return 0
