@@ -261,7 +261,7 @@ flush_s = 1.0
         readers.start()
         readers.join(60)
         assert agent.vision is not None
-        wait_for(lambda: agent.vision.done == {camera["camera"]}, 120, "the camera to finish its clip")  # type: ignore[union-attr]
+        wait_for(lambda: agent.vision.done == {camera["camera"]}, 300, "the camera to finish its clip")  # type: ignore[union-attr]
         time.sleep(1.5)  # a last ESL poll and RFID tick
     finally:
         agent.stop()
@@ -294,7 +294,7 @@ def live_levels(db: Path) -> dict[tuple[str, str], int]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_a_live_store_recorded_replays_identically(tmp_path: Path, broker: Mosquitto) -> None:
     recording, cfg_path = record_store(tmp_path, broker)
     kinds = {e.kind for e in read_recording(recording)}
