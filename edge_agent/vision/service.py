@@ -21,26 +21,31 @@ import multiprocessing as mp
 import queue
 import threading
 import time
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from ..clock import parse_rfc3339
 from ..config import CameraConfig, VisionConfig
+from ..logs import camera_log_listener, child_logging
 from ..sync import compaction
 from ..sync.diskstate import until_written
 from ..sync.outbox import Fact, Outbox
-from .storewide import STORE_WIDE, DwellCarry, StoreWideTraffic
+from .storewide import STORE_WIDE, StoreWideTraffic
 
 log = logging.getLogger(__name__)
 
 
-def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> None:
-    """The camera process: never returns frames, only messages of numbers."""
+def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any, logs: tuple[Any, int], record: Any) -> None:
+    """The camera process: never returns frames, only messages of numbers. ``logs`` is (queue, level): its
+    log records go to the main process, which writes them as it writes its own. While ``record`` (an event)
+    is set, each frame's tracks are sent too, as numbers, for a recording."""
     import os
 
+    child_logging(*logs, camera=cam.camera)
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    from .analytics import TrafficAnalytics
     from .capture import Frame, FrameSource, NetworkOptions
     from .detector import PersonDetector
+    from .feed import TrackFeed
 
     dropped = [0]  # results the agent could not take in time; reported with the frame figures
 
@@ -55,8 +60,7 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> No
     fps = cam.fps_cap or 25.0
     detector = PersonDetector(vcfg.model, imgsz=vcfg.imgsz, conf=vcfg.conf, tracker=vcfg.tracker,
                               tracker_overrides={"track_buffer": max(1, round(cam.track_grace_s * fps))})
-    analytics = TrafficAnalytics(cam)
-    dwells = DwellCarry(cam.bucket_s)
+    feed = TrackFeed(cam, vcfg.flush_s)
     src = FrameSource(cam.url.get_secret_value(), fps_cap=cam.fps_cap, start_ts=cam.start_ts,
                       network=NetworkOptions(cam.open_timeout_s, cam.read_timeout_s, cam.rtsp_transport))
     snapshot = None
@@ -64,13 +68,7 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> No
         from .snapshot import SnapshotWriter
 
         snapshot = SnapshotWriter(vcfg.debug_snapshot_dir, cam.camera, vcfg.debug_snapshot_interval_s)
-    last_flush = last_report = None
-
-    def send_facts(until_ts: float) -> None:
-        stats, heat = analytics.flush(until_ts)
-        dwells.add(analytics.pop_visits())
-        if stats or heat:
-            send(("facts", cam.camera, stats, heat, dwells.take(stats)))
+    last_report = None
 
     def perf() -> dict[str, float]:
         return {"frames": n, "fps": n / t_frames if t_frames else 0.0, "detect_track_ms": 1000 * t_detect / max(n, 1),
@@ -78,7 +76,6 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> No
 
     t_detect = t_frames = 0.0
     n = 0
-    last_ts = 0.0
     t_prev = time.perf_counter()
     for item in src.frames():
         if stop.is_set():
@@ -90,35 +87,47 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> No
         t0 = time.perf_counter()
         tracks = detector.track(item.image)
         t1 = time.perf_counter()
-        analytics.update(item.ts, tracks)
+        if record.is_set():
+            send(("tracks", cam.camera, item.ts, [(t.track_id, *t.box, t.conf) for t in tracks]))
+        if (facts := feed.frame(item.ts, tracks)) is not None:
+            send(facts)
         if snapshot is not None:
             snapshot.offer(item.image, [t.box for t in tracks])
         t_detect += t1 - t0
         t_frames += t1 - t_prev
         t_prev = time.perf_counter()
         n += 1
-        last_ts = item.ts
-        if last_flush is None or item.ts - last_flush >= vcfg.flush_s:
-            last_flush = item.ts
-            send_facts(item.ts)
         if last_report is None or item.ts - last_report >= 10.0:
             last_report = item.ts
             send(("perf", cam.camera, perf()))
     # A file ended (or we are stopping): close every open bucket.
-    send_facts(last_ts + cam.bucket_s + cam.track_grace_s + 1)
+    if (facts := feed.end()) is not None:
+        send(facts)
     send(("done", cam.camera, perf()))
 
 
+class TracksTap(Protocol):
+    def tracks(self, camera: str, ts: float, rows: Sequence[Sequence[float]]) -> None: ...
+    def camera_done(self, camera: str) -> None: ...
+
+
 class VisionService:
-    def __init__(self, cfg: VisionConfig, outbox: Outbox) -> None:
+    def __init__(self, cfg: VisionConfig, outbox: Outbox, monotonic: Callable[[], float] = time.monotonic) -> None:
+        """``monotonic``: the store-wide merge's deadlines (a replay gives its virtual clock)."""
         self.cfg = cfg
         self.outbox = outbox
+        self._monotonic = monotonic
         ctx = mp.get_context("spawn")  # no forked copies of the agent's threads and sockets
         self._q: Any = ctx.Queue(maxsize=cfg.queue_max)
         self._stop = ctx.Event()
+        self._logs: Any = ctx.Queue()
+        logs = (self._logs, logging.getLogger().getEffectiveLevel())
+        self._log_listener: Any = None
+        self._record = ctx.Event()
+        self._tracks_tap: TracksTap | None = None
         self._procs = {
-            c.camera: ctx.Process(target=run_camera, args=(c, cfg, self._q, self._stop), name=f"camera-{c.camera}",
-                                  daemon=True)
+            c.camera: ctx.Process(target=run_camera, args=(c, cfg, self._q, self._stop, logs, self._record),
+                                  name=f"camera-{c.camera}", daemon=True)
             for c in cfg.cameras
         }
         self._drain = threading.Thread(target=self._run, name="vision-drain", daemon=True)
@@ -129,7 +138,13 @@ class VisionService:
         self.figures: dict[str, float] = {}
         self.done: set[str] = set()
 
+    def record_tracks(self, tap: TracksTap) -> None:
+        """From now on the cameras also send every frame's tracks (numbers only), handed to ``tap``."""
+        self._tracks_tap = tap
+        self._record.set()
+
     def start(self) -> None:
+        self._log_listener = camera_log_listener(self._logs)
         for p in self._procs.values():
             p.start()
         self._drain.start()
@@ -142,6 +157,8 @@ class VisionService:
                 p.kill()
         self._halt.set()
         self._drain.join(5)
+        if self._log_listener is not None:
+            self._log_listener.stop()  # after the cameras: what they logged on the way out is written
 
     def _run(self) -> None:
         while True:
@@ -152,11 +169,19 @@ class VisionService:
                     break  # the cameras have stopped and everything they sent has been taken
                 msg = None
             try:
-                if msg is not None:
-                    self._handle(msg)
-                self._enqueue(*self._storewide.due(time.monotonic()))
+                self.take(msg)
             except Exception:
                 log.exception("vision result %s could not be handled", msg[0] if msg else "(store-wide deadline)")
+        self.finish()
+
+    def take(self, msg: tuple | None) -> None:
+        """One message from a camera (None: none came), then what the store-wide deadline makes due."""
+        if msg is not None:
+            self._handle(msg)
+        self._enqueue(*self._storewide.due(self._monotonic()))
+
+    def finish(self) -> None:
+        """Every store-wide bucket still waiting (the agent is stopping)."""
         self._enqueue(*self._storewide.flush())
 
     def _handle(self, msg: tuple) -> None:
@@ -164,8 +189,11 @@ class VisionService:
         if kind == "facts":
             _, _, stats, heat, dwells = msg
             # The store-wide items a camera's bucket completes go into the same transaction as the camera's.
-            wide_stats, wide_heat = self._storewide.add(camera, stats, heat, dwells, time.monotonic())
+            wide_stats, wide_heat = self._storewide.add(camera, stats, heat, dwells, self._monotonic())
             self._enqueue(stats + wide_stats, heat + wide_heat)
+        elif kind == "tracks":
+            if self._tracks_tap is not None:
+                self._tracks_tap.tracks(camera, msg[2], msg[3])
         elif kind == "gap":
             _, _, start, end, reason = msg
             until_written(lambda: self.outbox.alert(
@@ -174,6 +202,8 @@ class VisionService:
             for k, v in msg[2].items():
                 self.figures[f"vision.{camera}.{k}"] = float(v)
             if kind == "done":
+                if self._tracks_tap is not None:
+                    self._tracks_tap.camera_done(camera)
                 self.done.add(camera)
                 self._enqueue(*self._storewide.camera_done(camera))
 
