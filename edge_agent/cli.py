@@ -57,6 +57,22 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    """What a running agent sees, from its status server: 0 ready, 1 not ready, 3 not answering."""
+    from .status.terminal import fetch, render
+
+    cfg = _load_or_exit(args.config)
+    host = "127.0.0.1" if cfg.status.host in ("0.0.0.0", "::") else cfg.status.host  # bound to all: ask loopback
+    url = args.url or f"http://{f'[{host}]' if ':' in host else host}:{cfg.status.port}"
+    try:
+        s = fetch(url, cfg.status.token)
+    except OSError as e:
+        print(f"cannot read the agent's status at {url}: {e}", file=sys.stderr)
+        return 3
+    print(s.model_dump_json(indent=1) if args.json else render(s))
+    return 0 if s.ready else 1
+
+
 def _hq(args: argparse.Namespace) -> int:
     cfg = _load_or_exit(args.config, HqFileConfig)
     if args.db:
@@ -175,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run the agent")
     r.add_argument("-c", "--config", required=True)
     r.set_defaults(fn=_run)
+    st = sub.add_parser("status", help="what a running agent sees: readiness, outbox, cameras, readers, labels, alerts")
+    st.add_argument("-c", "--config", required=True, help="the agent's config (status.host, port and token)")
+    st.add_argument("--url", help="the status server's address instead, e.g. http://127.0.0.1:8782")
+    st.add_argument("--json", action="store_true", help="the whole snapshot as JSON")
+    st.set_defaults(fn=_status)
     h = sub.add_parser("hq", help="run the reference HQ receiver")
     h.add_argument("-c", "--config", required=True)
     h.add_argument("--db", help="override hq.db_path (and hq.database): run on this SQLite file")

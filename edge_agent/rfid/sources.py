@@ -23,6 +23,7 @@ import paho.mqtt.client as mqtt
 
 from ..config import MqttConfig, ReaderHttpConfig, ReaderMqttConfig
 from ..httpbody import read_body
+from ..supervise import SupervisedThread
 from ..sync.diskstate import WriteFailed, until_written
 from ..sync.mqtt_client import Connection
 from .pipeline import RfidPipeline
@@ -39,8 +40,9 @@ class ReaderIntake:
         self.tick_s = tick_s
         self._q: queue.Queue[tuple[bytes, str, str | None] | None] = queue.Queue(maxsize=maxsize)
         self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._work, name="rfid-intake", daemon=True)
-        self._ticker = threading.Thread(target=self._tick, name="rfid-tick", daemon=True)
+        self._worker = SupervisedThread("rfid-intake", self._work)
+        self._ticker = SupervisedThread("rfid-tick", self._tick)
+        self.supervised = [self._worker, self._ticker]
         self.dropped = 0
         self._dropping = False  # logged once when dropping starts, once when it ends
 
