@@ -34,6 +34,7 @@ def agent_config(
         "outbox": {"path": str(tmp / f"outbox-{store}.db"), "cap_check_interval_s": 0.2},
         "health": {"interval_s": 5.0},
         "log": {"level": "INFO"},
+        "status": {"port": 0},  # any free port: test agents (and other runs on the box) never collide on 8782
     }
     if sim is not None:
         t["sources.simulated_inventory"] = {"enabled": True, **sim}
