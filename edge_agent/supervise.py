@@ -7,9 +7,10 @@ The rules (``Supervision``, pure: time comes in as an argument):
   ``min_s``, doubling with each death of the same episode up to ``max_s``: a child that dies at once
   on every start costs a restart a minute, not a busy loop.
 - An *episode* starts with the first death: one alert then (``vision.camera_down``, ``source.down``),
-  however often the child dies again within it. It ends when the child has stayed up ``stable_s`` after
-  a restart: one note (``vision.camera_recovered``, ``source.recovered``), and the backoff starts again
-  from ``min_s`` at the next death.
+  however often the child dies again within it. It ends when the restarted child has been *working*
+  for ``stable_s`` (a thread: running; a camera: analysing frames again, its model loaded): one note
+  (``vision.camera_recovered``, ``source.recovered``), and the backoff starts again from ``min_s`` at
+  the next death.
 - Restarts are counted per child and never reset, so the status page and /metrics show a crash loop.
 
 ``Supervisor`` is the shell: a thread that polls each child, applies the rules, restarts what is
@@ -63,7 +64,7 @@ class ChildState:
     last_reason: str = ""
     down_since: float | None = None  # when the episode began
     restart_at: float | None = None  # while down
-    up_since: float | None = None
+    working_since: float | None = None  # since its restart
 
 
 @dataclass
@@ -71,13 +72,13 @@ class Supervision:
     backoff: Backoff
     children: dict[str, ChildState] = field(default_factory=dict)
 
-    def add(self, name: str, alerts: tuple[str, str], now: float) -> None:
-        self.children[name] = ChildState(name, alerts, up_since=now)
+    def add(self, name: str, alerts: tuple[str, str]) -> None:
+        self.children[name] = ChildState(name, alerts)
 
     def died(self, name: str, reason: str, now: float) -> Notice | None:
         """A child found dead: when to restart it, and the alert if this starts an episode."""
         c = self.children[name]
-        c.state, c.last_reason, c.up_since = "down", reason, None
+        c.state, c.last_reason, c.working_since = "down", reason, None
         c.deaths += 1
         c.restart_at = now + self.backoff.delay(c.deaths)
         if c.down_since is not None:
@@ -94,20 +95,26 @@ class Supervision:
         return sorted(n for n, c in self.children.items() if c.state == "down" and c.restart_at is not None
                       and now >= c.restart_at)
 
-    def restarted(self, name: str, now: float) -> None:
+    def restarted(self, name: str) -> None:
         c = self.children[name]
-        c.state, c.restart_at, c.up_since = "up", None, now
+        c.state, c.restart_at = "up", None
         c.restarts += 1
 
+    def working(self, name: str, now: float) -> None:
+        """The child does its job again (called while it does; the first call after a restart counts)."""
+        c = self.children[name]
+        if c.state == "up" and c.working_since is None:
+            c.working_since = now
+
     def tick(self, now: float) -> list[Notice]:
-        """Episodes that are over: their children have stayed up ``stable_s`` since their restart."""
+        """Episodes that are over: their children have been working ``stable_s`` since their restart."""
         out = []
         for c in self.children.values():
-            if c.state == "up" and c.down_since is not None and c.up_since is not None \
-                    and now - c.up_since >= self.backoff.stable_s:
+            if c.state == "up" and c.down_since is not None and c.working_since is not None \
+                    and now - c.working_since >= self.backoff.stable_s:
                 out.append(Notice(c.name, c.alerts[1],
-                                  f"{c.name} is back: up for {now - c.up_since:.0f} s after {c.deaths} "
-                                  f"restart{'s' * (c.deaths != 1)}, down {c.up_since - c.down_since:.1f} s"))
+                                  f"{c.name} is back: working for {now - c.working_since:.0f} s after {c.deaths} "
+                                  f"restart{'s' * (c.deaths != 1)}, without it {c.working_since - c.down_since:.1f} s"))
                 c.down_since, c.deaths = None, 0
         return out
 
@@ -122,6 +129,10 @@ class Child(Protocol):
         """Whether it runs, finished, or died (and why)."""
         ...
 
+    def working(self) -> bool:
+        """Whether it does its job since its last (re)start, not only runs."""
+        ...
+
     def restart(self) -> None: ...
 
 
@@ -133,9 +144,8 @@ class Supervisor:
         self._poll_s = poll_s
         self._mono = mono
         self.engine = Supervision(backoff)
-        now = mono()
         for c in children:
-            self.engine.add(c.name, c.alerts, now)
+            self.engine.add(c.name, c.alerts)
         self._lock = threading.Lock()  # the engine's state, read by the status page
         self._unsent: list[Notice] = []
         self._stop = threading.Event()
@@ -171,7 +181,9 @@ class Supervisor:
                     continue
             status, reason = child.exit()
             with self._lock:
-                if status == "finished":
+                if status == "running" and child.working():
+                    self.engine.working(name, now)
+                elif status == "finished":
                     self.engine.finished(name)
                 elif status == "died":
                     log.error("%s died (%s)", name, reason)
@@ -190,7 +202,7 @@ class Supervisor:
                     self.engine.died(name, f"restart failed: {e}", now)
                 continue
             with self._lock:
-                self.engine.restarted(name, now)
+                self.engine.restarted(name)
                 log.warning("%s restarted (restart %d)", name, self.engine.children[name].restarts)
         with self._lock:
             notices += self.engine.tick(now)
@@ -237,6 +249,9 @@ class SupervisedThread:
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def working(self) -> bool:
+        return self.is_alive()
 
     def exit(self) -> tuple[Literal["running", "finished", "died"], str]:
         if self._thread is None or self._thread.is_alive():

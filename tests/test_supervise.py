@@ -21,7 +21,7 @@ CAM = ("vision.camera_down", "vision.camera_recovered")
 
 def engine(**kw: float) -> Supervision:
     s = Supervision(Backoff(**({"min_s": 1.0, "max_s": 8.0, "stable_s": 10.0} | kw)))
-    s.add("camera-a", CAM, 0.0)
+    s.add("camera-a", CAM)
     return s
 
 
@@ -36,14 +36,18 @@ def test_one_alert_per_episode_restarts_with_growing_backoff_then_one_recovered_
     n = s.died("camera-a", "killed by SIGKILL", 100.0)
     assert n is not None and n.kind == "vision.camera_down" and "SIGKILL" in n.message and "1.0 s" in n.message
     assert s.due(100.9) == [] and s.due(101.0) == ["camera-a"]
-    s.restarted("camera-a", 101.0)
-    # It dies again at once: no second alert, a longer wait.
+    s.restarted("camera-a")
+    # It dies again before it works (loading its model): no second alert, a longer wait.
     assert s.died("camera-a", "exit code 1", 101.5) is None
     assert s.due(102.5) == [] and s.due(103.5) == ["camera-a"]
-    s.restarted("camera-a", 103.5)
-    assert s.tick(113.4) == []  # not up long enough yet
-    [note] = s.tick(113.5)
-    assert note.kind == "vision.camera_recovered" and "2 restarts" in note.message and "down 3.5 s" in note.message
+    s.restarted("camera-a")
+    assert s.tick(120.0) == []  # running, but not working yet: the episode goes on
+    s.working("camera-a", 108.0)  # its first frames
+    s.working("camera-a", 110.0)  # (the first call counts)
+    assert s.tick(117.9) == []  # not working long enough yet
+    [note] = s.tick(118.0)
+    assert note.kind == "vision.camera_recovered" and "2 restarts" in note.message
+    assert "without it 8.0 s" in note.message
     c = s.children["camera-a"]
     assert (c.state, c.restarts, c.deaths, c.down_since) == ("up", 2, 0, None)
     assert s.tick(200.0) == []  # the note goes once
@@ -59,7 +63,8 @@ def test_a_crash_loop_costs_a_restart_per_max_s_and_never_recovers() -> None:
         alerts.append(s.died("camera-a", "exit code 1", t))
         t = s.children["camera-a"].restart_at or t
         assert s.due(t) == ["camera-a"]
-        s.restarted("camera-a", t)
+        s.restarted("camera-a")
+        s.working("camera-a", t)
         assert s.tick(t + 0.1) == []
     assert sum(a is not None for a in alerts) == 1
     assert s.children["camera-a"].restarts == 10 and t == 1 + 2 + 4 * 8

@@ -62,6 +62,7 @@ class Antenna(BaseModel):
 class Camera(BaseModel):
     camera: str
     state: str  # up, down, finished
+    pid: int | None  # its process
     restarts: int
     fps: float | None
     inference_ms: float | None  # detect + track per frame
@@ -258,7 +259,8 @@ class StatusSource:
             child = by_name.get(f"camera-{cam}")
             seen = vision.last_frame.get(cam)
             out.append(Camera(
-                camera=cam, state=child.state if child else "up", restarts=child.restarts if child else 0,
+                camera=cam, state=child.state if child else "up", pid=vision.pid(cam),
+                restarts=child.restarts if child else 0,
                 fps=_round(f.get("fps"), 1), inference_ms=_round(f.get("detect_track_ms"), 1),
                 frames=_int(f.get("frames")), skipped=_int(f.get("skipped")),
                 last_frame_age_s=round(now - seen, 1) if seen is not None else None))

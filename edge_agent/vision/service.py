@@ -133,6 +133,7 @@ class VisionService:
         self.figures: dict[str, float] = {}
         self.done: set[str] = set()
         self.last_frame: dict[str, float] = {}  # camera -> monotonic time its last frame figures arrived
+        self.spawned: dict[str, float] = {}  # camera -> monotonic time its process was last started
         self.supervised = [CameraChild(self, c) for c in self._cams]  # restarted by the agent's supervisor
 
     def start(self) -> None:
@@ -148,6 +149,7 @@ class VisionService:
             self._queues[camera] = self._ctx.Queue(maxsize=self.cfg.queue_max)
         p = self._ctx.Process(target=run_camera, args=(self._cams[camera], self.cfg, self._queues[camera], self._stop),
                               name=f"camera-{camera}", daemon=True)
+        self.spawned[camera] = time.monotonic()
         p.start()
         self._procs[camera] = p
 
@@ -250,6 +252,10 @@ class CameraChild:
         if p.exitcode < 0:
             return "died", f"killed by {_signal_name(-p.exitcode)}"
         return "died", f"exit code {p.exitcode}"
+
+    def working(self) -> bool:
+        """Frames analysed since this process started (its model loaded)."""
+        return self.service.last_frame.get(self.camera, float("-inf")) > self.service.spawned.get(self.camera, 0.0)
 
     def restart(self) -> None:
         self.service.done.discard(self.camera)
