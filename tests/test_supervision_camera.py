@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -17,31 +16,19 @@ import psutil
 import pytest
 
 from edge_agent.cli import main as cli
-from simulators.live_camera import LiveCamera
 from simulators.mosquitto import Mosquitto, free_port
 
-from .helpers import AgentProcess, agent_config, start_hq, wait_for
+from .helpers import AgentProcess, agent_config, live_door_camera, local_status, start_hq, wait_for
 
 pytest.importorskip("ultralytics")
 pytestmark = pytest.mark.slow
 
-CLIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "caviar" / "EnterExitCrossingPaths1cor.mpg"
 BACKOFF_S = 3.0  # restart_min_s: the first restart's wait
 STABLE_S = 4.0
 
 
-def status(port: int, path: str = "/status.json") -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-    except OSError:
-        return 0, None
-
-
 def camera(port: int) -> dict[str, Any]:
-    code, s = status(port)
+    code, s = local_status(port)
     assert code == 200, (code, s)
     [cam] = s["cameras"]
     return cam
@@ -54,20 +41,15 @@ def hq_alerts(rx: Any, kind: str) -> list[dict[str, Any]]:
 
 def test_a_camera_process_killed_with_sigkill_is_back_within_its_backoff_and_hq_is_told(
         tmp_path: Path, broker: Mosquitto, capsys: pytest.CaptureFixture[str]) -> None:
-    live = LiveCamera(CLIP if CLIP.exists() else None, fps=10.0).start()
+    live, vision = live_door_camera()
     port = free_port()
-    cfg = agent_config(tmp_path, broker.port, vision={
-        "enabled": True, "imgsz": 320, "flush_s": 2.0,
-        "cameras": [{"camera": "door", "url": live.url, "fps_cap": 5.0,
-                     "homography": {"image": [[0, 0], [320, 0], [320, 240], [0, 240]],
-                                    "floor": [[0, 0], [8, 0], [8, 6], [0, 6]]}}],
-    }, supervision={"restart_min_s": BACKOFF_S, "restart_max_s": 10.0, "stable_s": STABLE_S},
-        status={"port": port}, health={"interval_s": 2.0})
+    cfg = agent_config(tmp_path, broker.port, vision=vision, status={"port": port}, health={"interval_s": 2.0},
+                       supervision={"restart_min_s": BACKOFF_S, "restart_max_s": 10.0, "stable_s": STABLE_S})
     rx = start_hq(tmp_path, broker.port)
     agent = AgentProcess(cfg, tmp_path / "agent.log").start()
     try:
         # Up: the model loaded, frames analysed and fresh.
-        wait_for(lambda: status(port)[0] == 200 and (c := camera(port))["frames"] and c["last_frame_age_s"] < 3,
+        wait_for(lambda: local_status(port)[0] == 200 and (c := camera(port))["frames"] and c["last_frame_age_s"] < 3,
                  120, "the camera's first frames")
         cam = camera(port)
         assert cam["state"] == "up" and cam["restarts"] == 0 and cam["fps"] > 0 and cam["inference_ms"] > 0
@@ -77,12 +59,12 @@ def test_a_camera_process_killed_with_sigkill_is_back_within_its_backoff_and_hq_
         os.kill(cam["pid"], signal.SIGKILL)
         killed = time.monotonic()
         # Down: /readyz names it while it waits for its restart.
-        wait_for(lambda: status(port, "/readyz")[0] == 503, BACKOFF_S, "/readyz to say the camera is down")
-        checks = {c["name"]: c for c in status(port, "/readyz")[1]["checks"]}
+        wait_for(lambda: local_status(port, "/readyz")[0] == 503, BACKOFF_S, "/readyz to say the camera is down")
+        checks = {c["name"]: c for c in local_status(port, "/readyz")[1]["checks"]}
         assert not checks["sources"]["ok"] and "camera-door" in checks["sources"]["detail"]
         down = camera(port)
         assert down["state"] == "down" and down["last_frame_age_s"] is not None
-        [child] = [c for c in status(port)[1]["children"] if c["name"] == "camera-door"]
+        [child] = [c for c in local_status(port)[1]["children"] if c["name"] == "camera-door"]
         assert child["reason"] == "killed by SIGKILL" and 0 < child["restart_in_s"] <= BACKOFF_S
 
         # Back within its backoff: a new process, restarted once, not before the backoff and not long after.
@@ -91,7 +73,7 @@ def test_a_camera_process_killed_with_sigkill_is_back_within_its_backoff_and_hq_
         assert BACKOFF_S - 0.5 <= restarted <= BACKOFF_S + 2.0, restarted
         again = camera(port)
         assert again["state"] == "up" and again["pid"] != cam["pid"] and psutil.pid_exists(again["pid"])
-        assert status(port, "/readyz")[0] == 200
+        assert local_status(port, "/readyz")[0] == 200
         assert not psutil.pid_exists(cam["pid"]) or psutil.Process(cam["pid"]).status() != psutil.STATUS_ZOMBIE
         # ... and analysing frames again (its model loaded anew).
         wait_for(lambda: (c := camera(port))["frames"] and c["last_frame_age_s"] < 3 and c["pid"] == again["pid"],

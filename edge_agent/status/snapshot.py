@@ -56,7 +56,7 @@ class Antenna(BaseModel):
     zone: str
     reads: int
     reads_per_s: float | None  # over the last RATE_WINDOW_S; None until two samples exist
-    last_read_age_s: float | None
+    last_read_age_s: float | None  # None: no read since the agent started
 
 
 class Camera(BaseModel):
@@ -238,7 +238,8 @@ class StatusSource:
             rate = self.rates.rate
             return [Antenna(reader=r, antenna=str(ant), zone=z, reads=n,
                             reads_per_s=None if (v := rate((r, str(ant)))) is None else round(v, 2),
-                            last_read_age_s=round(max(0.0, now - t), 1) if t is not None else None)
+                            # The pipeline starts every antenna's silence clock at start-up: no read is "never".
+                            last_read_age_s=round(max(0.0, now - t), 1) if t is not None and n else None)
                     for r, ant, z, n, t in rfid.antennas()]
 
     def _rfid_bad(self) -> dict[str, int]:
