@@ -169,6 +169,7 @@ class Agent:
     def _figures(self) -> dict[str, float]:
         figures = self.uplink.figures()
         figures["outbox.writes_refused"] = self.outbox.disk.refused_total
+        figures.update(self.supervisor.figures())
         if self.vision is not None:
             figures.update(self.vision.figures)
         if self.esl is not None:

@@ -165,6 +165,11 @@ class Supervisor:
         with self._lock:
             return [dataclasses.replace(c) for c in self.engine.children.values()]
 
+    def figures(self) -> dict[str, float]:
+        """Restarts per child, for the health report (HQ sees a crash loop between its alerts)."""
+        with self._lock:
+            return {f"supervise.{c.name}.restarts": float(c.restarts) for c in self.engine.children.values()}
+
     def _run(self) -> None:
         while not self._stop.wait(self._poll_s):
             try:

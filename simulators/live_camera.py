@@ -37,13 +37,16 @@ def _frames(video: Path | None, size: tuple[int, int]) -> list[bytes]:
 
 
 class LiveCamera:
-    def __init__(self, video: Path | None = None, fps: float = 10.0, size: tuple[int, int] = (320, 240)) -> None:
+    def __init__(self, video: Path | None = None, fps: float = 10.0, size: tuple[int, int] = (320, 240),
+                 port: int = 0) -> None:
+        """``port``: 0 for any free one; a stopped camera's port to have it come back on the same address."""
         self.fps = fps
         self._jpegs = _frames(video, size)
         self._stop = threading.Event()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}{PATH}"
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}{PATH}"
 
     def start(self) -> LiveCamera:
         threading.Thread(target=self.server.serve_forever, name="live-camera", daemon=True).start()

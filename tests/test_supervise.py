@@ -107,6 +107,7 @@ def test_a_source_thread_that_dies_is_restarted_and_hq_is_told(tmp_path: Path) -
         assert k2 == "source.recovered" and "1 restart," in m2
         states = {c.name: c for c in sup.states()}
         assert states["rfid-intake"].restarts == 1 and states["one-shot"].state == "finished"
+        assert sup.figures() == {"supervise.rfid-intake.restarts": 1.0, "supervise.one-shot.restarts": 0.0}
     finally:
         sup.stop()
         stop.set()

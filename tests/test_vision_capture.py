@@ -1,18 +1,17 @@
 """Capture: the real CCTV file read to its end with stream timestamps, the rate cap, and a live MJPEG
-stream over local HTTP that a test stops and restarts (the source reconnects and reports the gap)."""
+stream over local HTTP (simulators/live_camera.py) that a test stops and restarts (the source reconnects and reports the gap)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
 from edge_agent.vision.capture import Frame, FrameSource, Gap
+from simulators.live_camera import LiveCamera
 
 CLIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "caviar" / "EnterExitCrossingPaths1cor.mpg"
 
@@ -36,48 +35,11 @@ def test_rate_cap_drops_frames_and_counts_them() -> None:
     assert gaps.min() >= 0.08 - 1e-9 and gaps.max() <= 0.12 + 1e-9
 
 
-class MjpegServer:
-    """A multipart MJPEG stream on 127.0.0.1, like many IP cameras' HTTP streams."""
-
-    def __init__(self, port: int = 0) -> None:
-        self.stop_event = threading.Event()
-        img = np.zeros((120, 160, 3), np.uint8)
-        img[40:80, 60:100] = (0, 255, 0)
-        self.jpeg = cv2.imencode(".jpg", img)[1].tobytes()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *_a: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
-                try:
-                    while not server.stop_event.is_set():
-                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
-                                         + str(len(server.jpeg)).encode() + b"\r\n\r\n" + server.jpeg + b"\r\n")
-                        time.sleep(0.04)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.stop_event.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.mark.slow
 def test_live_stream_lost_and_back_reports_the_gap() -> None:
-    server = MjpegServer()
+    server = LiveCamera(fps=25.0, size=(160, 120)).start()
     port = server.port
-    src = FrameSource(f"http://127.0.0.1:{port}/stream.mjpg", reconnect_min_s=0.2, reconnect_max_s=0.5)
+    src = FrameSource(server.url, reconnect_min_s=0.2, reconnect_max_s=0.5)
     seen: list[Frame | Gap] = []
     deadline = time.monotonic() + 60
 
@@ -96,11 +58,11 @@ def test_live_stream_lost_and_back_reports_the_gap() -> None:
     t.start()
     while sum(isinstance(x, Frame) for x in seen) < 10 and time.monotonic() < deadline:
         time.sleep(0.05)
-    server.close()  # the camera goes away
+    server.stop()  # the camera goes away
     time.sleep(1.5)
-    server = MjpegServer(port)  # and comes back on the same address
+    server = LiveCamera(fps=25.0, size=(160, 120), port=port).start()  # and comes back on the same address
     t.join(60)
-    server.close()
+    server.stop()
     gaps = [x for x in seen if isinstance(x, Gap)]
     assert len(gaps) == 1, seen[-3:]
     assert gaps[0].end - gaps[0].start >= 1.0
