@@ -38,7 +38,7 @@ State = Literal["up", "down", "finished"]
 class Backoff:
     min_s: float = 1.0
     max_s: float = 60.0
-    stable_s: float = 30.0  # up this long after a restart: the episode is over
+    stable_s: float = 30.0  # working this long after a restart: the episode is over
 
     def delay(self, deaths: int) -> float:
         """Wait before the restart that follows the ``deaths``-th death of an episode (1-based)."""

@@ -85,7 +85,7 @@ class Labels(BaseModel):
     attention: list[Label]  # the first LABELS_SHOWN, longest wrong first
 
 
-class Outbox(BaseModel):
+class OutboxStatus(BaseModel):
     writable: bool
     pending_facts: int
     sealed_messages: int
@@ -101,7 +101,7 @@ class Outbox(BaseModel):
     quarantined: dict[str, int]  # by source, ever
 
 
-class Uplink(BaseModel):
+class UplinkStatus(BaseModel):
     connected: bool
     published_messages: int
     acked_messages: int
@@ -125,8 +125,8 @@ class Status(BaseModel):
     loop_age_s: float
     ready: bool
     checks: list[Check]
-    uplink: Uplink
-    outbox: Outbox
+    uplink: UplinkStatus
+    outbox: OutboxStatus
     antennas: list[Antenna]
     rfid_bad: dict[str, int]  # reads quarantined, by the first word of their reason
     cameras: list[Camera]
@@ -182,7 +182,7 @@ class StatusSource:
         children = self._children(now_mono)
         outbox = self._outbox()
         up = a.uplink.figures()
-        uplink = Uplink(connected=a.uplink.connected, published_messages=int(up["published_messages"]),
+        uplink = UplinkStatus(connected=a.uplink.connected, published_messages=int(up["published_messages"]),
                         acked_messages=int(up["acked_messages"]), unacked_messages=int(up["unacked_messages"]),
                         unacked_age_s=float(up["unacked_age_s"]))
         down = [c.name for c in children if c.state == "down"]
@@ -210,7 +210,7 @@ class StatusSource:
                       restart_in_s=round(max(0.0, c.restart_at - now), 1) if c.restart_at is not None else None)
                 for c in sup.states()]
 
-    def _outbox(self) -> Outbox:
+    def _outbox(self) -> OutboxStatus:
         ob = self.agent.outbox
         counters = ob.counters()
         now = ob.clock.now()
@@ -220,7 +220,7 @@ class StatusSource:
             if self._queued is None or self.mono() - self._queued[0] >= QUEUED_BYTES_EVERY_S:
                 self._queued = (self.mono(), ob.disk_use().queued)
             queued = self._queued[1]
-        return Outbox(
+        return OutboxStatus(
             writable=not ob.write_failing, pending_facts=ob.pending_count(), sealed_messages=ob.sealed_count(),
             queued_bytes=queued, db_bytes=ob.used_bytes(), cap_bytes=ob.cap_bytes,
             oldest_age_s=round(max(0.0, now - min(oldest)), 3) if oldest else None,

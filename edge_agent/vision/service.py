@@ -24,6 +24,7 @@ import json
 import logging
 import multiprocessing as mp
 import queue
+import signal
 import threading
 import time
 from typing import Any, Literal
@@ -180,7 +181,7 @@ class VisionService:
                 return msg
             if time.monotonic() >= deadline:
                 return None
-            time.sleep(0.02)
+            time.sleep(0.02)  # no select over several multiprocessing queues; results are minute buckets
 
     def _run(self) -> None:
         while True:
@@ -233,8 +234,9 @@ def _fact(item: dict[str, Any], key: str) -> Fact:
 
 
 class CameraChild:
-    """One camera's process, as the supervisor sees it: finished when it said "done" (a video file ended)
-    or exited 0; dead when killed or exited otherwise."""
+    """One camera's process, as the supervisor sees it: finished when it exited 0 (a video file ended; a
+    live stream's process returns only when stopped), dead when killed or exited otherwise (an exception:
+    a missing file, a model that does not load)."""
 
     alerts = ("vision.camera_down", "vision.camera_recovered")
 
@@ -263,8 +265,6 @@ class CameraChild:
 
 
 def _signal_name(n: int) -> str:
-    import signal
-
     try:
         return signal.Signals(n).name
     except ValueError:
