@@ -62,6 +62,10 @@ def _status(args: argparse.Namespace) -> int:
     from .status.terminal import fetch, render
 
     cfg = _load_or_exit(args.config)
+    if not args.url and (not cfg.status.enabled or cfg.status.port == 0):
+        why = "status.enabled is false" if not cfg.status.enabled else "status.port is 0 (the agent logs its port)"
+        print(f"{args.config}: {why}; give --url", file=sys.stderr)
+        return 3
     host = "127.0.0.1" if cfg.status.host in ("0.0.0.0", "::") else cfg.status.host  # bound to all: ask loopback
     url = args.url or f"http://{f'[{host}]' if ':' in host else host}:{cfg.status.port}"
     try:

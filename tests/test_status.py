@@ -165,3 +165,10 @@ def test_a_port_already_taken_costs_the_status_server_not_the_agent(tmp_path: Pa
     finally:
         agent.stop()
         taken.close()
+
+
+def test_status_command_says_when_no_agent_answers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["status", "-c", str(agent_config(tmp_path, 1883, status={"port": free_port()}))]) == 3
+    assert "cannot read the agent's status at http://127.0.0.1:" in capsys.readouterr().err
+    assert cli(["status", "-c", str(agent_config(tmp_path, 1883))]) == 3  # port 0: nothing to ask
+    assert "status.port is 0" in capsys.readouterr().err
