@@ -103,10 +103,10 @@ class _StatusCollector(Collector):
         cams = s.cameras
         yield _by(GaugeMetricFamily("edge_camera_up", "1 while the camera's process runs", labels=["camera"]),
                   [([c.camera], int(c.state == "up")) for c in cams])
-        yield _by(GaugeMetricFamily("edge_camera_fps", "Frames analysed a second", labels=["camera"]),
-                  [([c.camera], c.fps) for c in cams])
-        yield _by(GaugeMetricFamily("edge_camera_inference_ms", "Detection and tracking per frame, ms",
-                                    labels=["camera"]), [([c.camera], c.inference_ms) for c in cams])
+        yield _by(GaugeMetricFamily("edge_camera_fps", "Frames analysed a second since the camera's process started",
+                                    labels=["camera"]), [([c.camera], c.fps) for c in cams])
+        yield _by(GaugeMetricFamily("edge_camera_inference_ms", "Detection and tracking per frame since the camera's "
+                                    "process started, ms", labels=["camera"]), [([c.camera], c.inference_ms) for c in cams])
         yield _by(CounterMetricFamily("edge_camera_skipped_frames", "Frames dropped by the rate cap since the "
                                       "camera's process started", labels=["camera"]),
                   [([c.camera], c.skipped) for c in cams])
