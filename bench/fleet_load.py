@@ -248,7 +248,8 @@ class Run:
     def start_fleet(self, outages: dict, record_rows: bool = False) -> float:
         self.fleet = Fleet(self.n, self.a.procs, self.broker.port, self.workdir / "fleet", seed=self.a.seed,
                            workload=NOMINAL.scaled(self.a.rate), outages=outages, synchronous=self.a.synchronous,
-                           record_rows=record_rows, idle_poll_s=None if self.a.agent_polls else 0.5)
+                           record_rows=record_rows, idle_poll_s=None if self.a.agent_polls else 0.5,
+                           nice=self.a.fleet_nice)
         t0 = self.fleet.start()
         for pid in self.fleet.pids:
             self.cpu.add("fleet", pid)
@@ -534,6 +535,9 @@ def main() -> None:
                    help="the stores' outbox fsync (NORMAL: 600 boxes do not share one disk in the field)")
     p.add_argument("--agent-polls", action="store_true",
                    help="keep the agent's idle polls (0.05/0.1 s) in the fleet instead of 0.5 s (simulators/fleet.py)")
+    p.add_argument("--fleet-nice", type=int, default=0,
+                   help="run the simulated stores at this nice level (19: the stores stand in for other machines and"
+                        " take only the CPU HQ's side leaves; for measuring HQ, e.g. the drain)")
     p.add_argument("--workdir", help="parent of the run's temp dir")
     a = p.parse_args()
 
@@ -542,7 +546,7 @@ def main() -> None:
 
     mode = "capacity" if a.capacity else "drain" if a.drain_down_s else "load"
     header(f"fleet_load {mode}", stores=a.stores, receivers=a.receivers, seconds=a.seconds, rate=a.rate,
-           outage_share=a.outage_share, kill=a.kill_receiver, synchronous=a.synchronous,
+           outage_share=a.outage_share, kill=a.kill_receiver, synchronous=a.synchronous, fleet_nice=a.fleet_nice,
            nproc=os.cpu_count(), mem_gb=round(psutil.virtual_memory().total / 1e9, 1))
     note("PostgreSQL: private cluster, fsync=off synchronous_commit=off (simulators/postgres.py); "
          f"workload per store: {NOMINAL.scaled(a.rate)}")

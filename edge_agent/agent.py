@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import threading
 import time
@@ -19,6 +20,8 @@ from .config import AgentConfig
 from .contract import Command, CycleCountArgs, InventoryResyncArgs
 from .health import HealthReporter
 from .inventory.book import DELTA_STREAM, InventoryBook
+from .service.notify import Notifier
+from .service.reload import reload
 from .sources.simulated_inventory import SimulatedInventorySource
 from .status.server import StatusServer
 from .status.snapshot import StatusSource
@@ -34,6 +37,11 @@ if TYPE_CHECKING:
     from .vision.service import VisionService
 
 log = logging.getLogger(__name__)
+
+# After SIGTERM, at most this long is spent flushing to HQ (what is left stays in the outbox for the next
+# start), so the agent is gone within the 10 s a container engine gives before SIGKILL: the offline status
+# takes up to 2 s more on a dead link, and the rest is for the sources, threads and interpreter of a busy box.
+STOP_FLUSH_S = 3.0
 
 
 class Startable(Protocol):
@@ -72,6 +80,7 @@ class Agent:
             cfg.health.interval_s,
             connected=lambda: self.uplink.connected,
             extra=self._figures,
+            timezone=cfg.store.timezone,
         )
         self.sources: list[Startable] = []
         if cfg.sources.simulated_inventory.enabled:
@@ -91,6 +100,7 @@ class Agent:
         sc = cfg.supervision
         self.supervisor = Supervisor([c for s in self.sources for c in getattr(s, "supervised", ())],
                                      Backoff(sc.restart_min_s, sc.restart_max_s, sc.stable_s), self.outbox.alert)
+        self.notifier = Notifier()
         self._stop = threading.Event()
         self._housekeeper = threading.Thread(target=self._housekeep, name="housekeeper", daemon=True)
         self.heartbeat = time.monotonic()  # the main loop's last round: /healthz
@@ -195,7 +205,8 @@ class Agent:
         interval = self.cfg.outbox.cap_check_interval_s
         forced = float("-inf")
         while not self._stop.wait(interval):
-            self.heartbeat = time.monotonic()
+            self.heartbeat = time.monotonic()  # /healthz
+            self.notifier.watchdog()  # every round that comes round, whatever it meets: the loop is alive
             try:
                 # What the cap compacted or dropped goes to HQ at once, but a cap that keeps working (an
                 # outage of undroppable facts) forces at most one extra health message per interval.
@@ -226,6 +237,7 @@ class Agent:
 
     def stop(self, flush_timeout: float = 5.0) -> None:
         log.info("stopping: flushing for up to %.1fs", flush_timeout)
+        self.notifier.stopping()
         if self.status is not None:
             self.status.stop()
         self.supervisor.stop()  # first: a source stopping is not one dying
@@ -238,15 +250,19 @@ class Agent:
         self.outbox.close()
         log.info("stopped (%s)", "outbox drained" if drained else "facts left in the outbox for next start")
 
-    def run_until_signalled(self) -> None:
-        done = threading.Event()
+    def run_until_signalled(self, reread: Callable[[], AgentConfig]) -> None:
+        """Run until SIGTERM or SIGINT; SIGHUP re-reads the config with ``reread`` (service/reload.py)."""
+        signals: queue.SimpleQueue[int] = queue.SimpleQueue()  # put() is safe in a signal handler
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
-            log.info("received %s", signal.Signals(signum).name)
-            done.set()
+            signals.put(signum)
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_signal)
         self.start()
-        done.wait()
-        self.stop()
+        self.notifier.ready("running")
+        while (signum := signals.get()) == signal.SIGHUP:
+            log.info("received SIGHUP: reloading the config")
+            reload(self, reread)
+        log.info("received %s", signal.Signals(signum).name)
+        self.stop(STOP_FLUSH_S)

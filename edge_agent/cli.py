@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from .config import AgentConfig, ConfigError, HqFileConfig, M, load_config
+from . import __version__
+from .config import AgentConfig, ConfigError, HqFileConfig, M, load_config, state_dir
 from .contract import write_schemas
 from .logs import setup_logging
 
@@ -23,9 +25,10 @@ def _report(e: ConfigError) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args.file)
+        cfg = load_config(args.file, warn=lambda m: print(f"warning: {m}", file=sys.stderr), state=args.state_dir)
     except ConfigError as e:
         return _report(e)
+    print(f"relative paths resolve against {state_dir(args.file, args.state_dir)}")
     if cfg.rfid.epcis:
         from .rfid.epcis import EpcisEvents
 
@@ -40,20 +43,32 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_or_exit(path: str, model: type[M] = AgentConfig) -> M:  # type: ignore[assignment]
+def _load_or_exit(path: str, model: type[M] = AgentConfig, state: str | None = None) -> M:  # type: ignore[assignment]
     try:
-        return load_config(path, model=model)
+        return load_config(path, model=model, state=state)
     except ConfigError as e:
         sys.exit(_report(e))
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = _load_or_exit(args.config)
+    cfg = _load_or_exit(args.config, state=args.state_dir)
     setup_logging(cfg.log.level)
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from .agent import Agent
 
-    Agent(cfg).run_until_signalled()
+    Agent(cfg).run_until_signalled(lambda: load_config(args.config, state=args.state_dir))
+    return 0
+
+
+def _install(args: argparse.Namespace) -> int:
+    from .service.install import InstallError, install
+
+    try:
+        for line in install(Path(args.root), args.user, create_user=args.create_user):
+            print(line)
+    except InstallError as e:
+        print(f"install: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -61,7 +76,7 @@ def _status(args: argparse.Namespace) -> int:
     """What a running agent sees, from its status server: 0 ready, 1 not ready, 3 not answering."""
     from .status.terminal import fetch, render
 
-    cfg = _load_or_exit(args.config)
+    cfg = _load_or_exit(args.config, state=args.state_dir)
     if not args.url and (not cfg.status.enabled or cfg.status.port == 0):
         why = "status.enabled is false" if not cfg.status.enabled else "status.port is 0 (the agent logs its port)"
         print(f"{args.config}: {why}; give --url", file=sys.stderr)
@@ -69,7 +84,7 @@ def _status(args: argparse.Namespace) -> int:
     host = "127.0.0.1" if cfg.status.host in ("0.0.0.0", "::") else cfg.status.host  # bound to all: ask loopback
     url = args.url or f"http://{f'[{host}]' if ':' in host else host}:{cfg.status.port}"
     try:
-        s = fetch(url, cfg.status.token)
+        s = fetch(url, cfg.status.token.get_secret_value() if cfg.status.token else None)
     except OSError as e:
         print(f"cannot read the agent's status at {url}: {e}", file=sys.stderr)
         return 3
@@ -90,6 +105,9 @@ def _hq(args: argparse.Namespace) -> int:
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
+    # A service manager's reload must not kill the receiver (SIGHUP's default): nothing of HQ's is live.
+    signal.signal(signal.SIGHUP, lambda *_: logging.getLogger("edge_agent.hq").warning(
+        "SIGHUP: HQ reloads nothing while it runs; restart it to apply a changed config"))
     rx.start()
     done.wait()
     rx.stop()
@@ -123,7 +141,8 @@ def _epcis_export(args: argparse.Namespace) -> int:
         print(f"--from/--to must be RFC 3339 times: {e}", file=sys.stderr)
         return 2
     store = open_store(hq)
-    doc = document(store.epcis_events(args.store, since, until), time.time())
+    events, _ = store.epcis_events(args.store, since, until)
+    doc = document(events, time.time())
     store.close()
     text = json.dumps(doc, indent=1) + "\n"
     if args.out:
@@ -188,18 +207,31 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="edge-agent", description="Per-store smart-store IoT agent")
+    p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
+    state_help = ("folder relative paths in the config resolve against (default: $STATE_DIRECTORY, which systemd "
+                  "sets, else the config file's folder)")
     c = sub.add_parser("check-config", help="validate a config file; exit 2 with every error")
     c.add_argument("file")
+    c.add_argument("--state-dir", help=state_help)
     c.set_defaults(fn=_check_config)
-    r = sub.add_parser("run", help="run the agent")
+    r = sub.add_parser("run", help="run the agent (SIGHUP re-reads the config, SIGTERM stops)")
     r.add_argument("-c", "--config", required=True)
+    r.add_argument("--state-dir", help=state_help)
     r.set_defaults(fn=_run)
     st = sub.add_parser("status", help="what a running agent sees: readiness, outbox, cameras, readers, labels, alerts")
     st.add_argument("-c", "--config", required=True, help="the agent's config (status.host, port and token)")
+    st.add_argument("--state-dir", help=state_help)
     st.add_argument("--url", help="the status server's address instead, e.g. http://127.0.0.1:8782")
     st.add_argument("--json", action="store_true", help="the whole snapshot as JSON")
     st.set_defaults(fn=_status)
+    i = sub.add_parser("install", help="lay out /etc/edge-agent, /var/lib/edge-agent, the service user and the "
+                                       "systemd unit (an existing config is kept)")
+    i.add_argument("--root", default="/", help="install under this folder instead of / (an image, a test)")
+    i.add_argument("--user", default="edge-agent", help="the unprivileged user the service runs as")
+    i.add_argument("--no-create-user", dest="create_user", action="store_false",
+                   help="do not create the user (default: create it when installing into / as root)")
+    i.set_defaults(fn=_install)
     h = sub.add_parser("hq", help="run the reference HQ receiver")
     h.add_argument("-c", "--config", required=True)
     h.add_argument("--db", help="override hq.db_path (and hq.database): run on this SQLite file")
@@ -222,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--out", required=True, help="folder for <name>.key (0600) and <name>.pub")
     k.add_argument("--name", help="the store id; without it, HQ's pair hq.key/hq.pub")
     k.set_defaults(fn=_keygen)
-    t = sub.add_parser("hq-token", help="make an API token for HQ's POST /cmd and /prices; prints its hash line")
-    t.add_argument("--name", required=True, help="who holds it: the name the audit log shows")
+    t = sub.add_parser("hq-token", help="make an API token (HQ's POST /cmd and /prices, or a reader's for "
+                                        "rfid.http.tokens); prints its hash line")
+    t.add_argument("--name", required=True, help="who holds it: the name the audit log shows, or the reader's id")
     t.set_defaults(fn=_hq_token)
     d = sub.add_parser("demo", help="replay a simulated store: brokers, simulators, agent, HQ receiver, dashboard")
     d.add_argument("--seconds", type=float, default=20.0)

@@ -1,15 +1,19 @@
 """Configuration: TOML loaded with tomllib into pydantic v2 models.
 
-Every error names its dotted key and the line of the file it is on; secrets can come from the
-environment (``EDGE_AGENT_MQTT_PASSWORD`` ...) so they need not be written into the file.
+Every error names its dotted key and the line of the file it is on (or the variable, file or credential
+that gave its value). Any key can come from the environment, a ``*_FILE`` or systemd's credentials
+(config_sources.py), so secrets need not be written into the file; secrets are ``SecretStr``, so neither a
+repr nor a log line of the config shows them.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -21,6 +25,7 @@ from pydantic import (
     ConfigDict,
     Field,
     RootModel,
+    SecretStr,
     StringConstraints,
     ValidationError,
     ValidationInfo,
@@ -28,13 +33,15 @@ from pydantic import (
     model_validator,
 )
 
-from . import signing
+from . import config_sources, signing
 from .contract import DEFAULT_PREFIX, StoreId
 from .rfid.epcis import check_extension as epcis_check_extension
 from .rfid.epcis import check_store_location as epcis_check_store_location
 from .rfid.epcis import zone_problems as epcis_zone_problems
 from .vision.analytics import TrafficAnalyticsConfig
 from .vision.storewide import STORE_WIDE
+
+log = logging.getLogger(__name__)
 
 
 class Section(BaseModel):
@@ -61,7 +68,7 @@ class MqttConfig(Section):
     protocol: Literal["5", "3.1.1"] = "5"
     client_id: str | None = None
     username: str | None = None
-    password: str | None = None
+    password: SecretStr | None = None
     keepalive_s: int = Field(30, ge=5, le=3600)
     session_expiry_s: int = Field(7 * 24 * 3600, ge=0)
     topic_prefix: str = Field(DEFAULT_PREFIX, pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
@@ -84,9 +91,11 @@ class OutboxConfig(Section):
     inflight_window: int = Field(32, ge=1, le=65535)
     # Sealed messages per stream that may wait for HQ's ack; past it, new facts stay pending (compactable).
     ack_window: int = Field(128, ge=1, le=65535)
-    # No ack progress for this long: publish a stream's unacknowledged messages again (doubling up to the max).
+    # No ack progress for this long: publish a stream's unacknowledged messages again, once while HQ says nothing.
     resend_after_s: float = Field(3.0, gt=0)
     resend_max_s: float = Field(60.0, gt=0)
+    # HQ silent this long: seal nothing more for it; facts stay pending and go out packed when HQ speaks.
+    hold_when_silent_s: float = Field(10.0, gt=0)
     # Unacknowledged messages older than this raise an uplink.hq_silent alert (once per episode).
     hq_silent_alert_s: float = Field(600.0, gt=0)
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
@@ -155,9 +164,25 @@ class ReaderMqttConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     username: str | None = None
-    password: str | None = None
+    password: SecretStr | None = None
     topic: str = "readers/+/events"
     client_id: str | None = None
+    tls: TlsConfig = TlsConfig()  # as the uplink's [mqtt.tls]
+
+
+# An API token's name (the "who" of HQ's audit log) and the hash HQ keeps of it (`edge-agent hq-token`).
+TokenName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")]
+TokenHash = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listener bound to ``host`` is reachable from this box only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, or "" (every address)
 
 
 class ReaderHttpConfig(Section):
@@ -165,6 +190,13 @@ class ReaderHttpConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8781, ge=0, le=65535)
     path: str = "/rfid/events"
+    # The readers that may POST: reader id = "sha256:<hex>" of its token (`edge-agent hq-token --name <reader>`
+    # prints the line and, once, the token). A reader sends "Authorization: Bearer <token>" or, where its
+    # firmware has only basic auth, user <reader id> and password <token> (README: which readers do what).
+    # A token speaks for its reader only: ?reader= naming another is 403, reads naming another quarantined.
+    # Needed when host is beyond loopback: without tokens the intake then refuses every request (401);
+    # on loopback without tokens it is open, for tools on the box itself.
+    tokens: dict[TokenName, TokenHash] = {}
 
 
 class LlrpReaderConfig(Section):
@@ -295,11 +327,6 @@ class LogConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
-# An API token's name (the "who" of HQ's audit log) and the hash HQ keeps of it (`edge-agent hq-token`).
-TokenName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")]
-TokenHash = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
-
-
 class HqConfig(Section):
     db_path: Path = Path("var/hq.db")  # SQLite, unless database is given
     # PostgreSQL instead: a libpq URI (postgresql://user@host:5432/hq); a password may come from
@@ -357,7 +384,15 @@ class HqConfig(Section):
 class CameraConfig(TrafficAnalyticsConfig):
     """One camera: where its frames come from, plus its floor calibration, zones, lines and masks."""
 
-    url: str = Field(min_length=1)  # rtsp://..., /dev/video0, or a video file
+    # rtsp://user:password@host/..., /dev/video0, or a video file; a secret (its password), logged only
+    # through redact_url.
+    url: SecretStr = Field(min_length=1)
+    # Network streams only: a camera that accepts the connection and then says nothing costs this much
+    # before the reconnect backoff, instead of hanging its process.
+    open_timeout_s: float = Field(10.0, gt=0, le=600)
+    read_timeout_s: float = Field(10.0, gt=0, le=600)
+    # RTSP over TCP (interleaved) or UDP; unset: FFmpeg's default (UDP, then TCP if nothing comes).
+    rtsp_transport: Literal["tcp", "udp"] | None = None
     fps_cap: float = Field(0.0, ge=0)  # 0 = every frame
     # Stream time of a file's first frame (epoch seconds); default: when it is opened.
     start_ts: float | None = None
@@ -429,29 +464,19 @@ class StatusConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8782, ge=0, le=65535)  # 0: any free port (logged)
     # Required when host is beyond loopback: the figures tell anyone on the store LAN what the store does.
-    token: str | None = Field(None, min_length=16, validate_default=True)
+    # A secret: from EDGE_AGENT_STATUS_TOKEN, EDGE_AGENT_STATUS_TOKEN_FILE or systemd credentials too.
+    token: SecretStr | None = Field(None, min_length=16, validate_default=True)
     # /healthz says unhealthy once the agent's main loop (housekeeping) has not ticked for this long.
     stale_after_s: float = Field(30.0, gt=0)
 
     @field_validator("token")
     @classmethod
-    def _token_beyond_loopback(cls, v: str | None, info: ValidationInfo) -> str | None:
+    def _token_beyond_loopback(cls, v: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         host = info.data.get("host")
-        if v is None and info.data.get("enabled") and host is not None and not _loopback(host):
+        if v is None and info.data.get("enabled") and host is not None and not is_loopback(host):
             raise ValueError(f"required: status.host {host!r} is beyond loopback, and the status figures would be "
                              "open to anyone on the store's network")
         return v
-
-
-def _loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve to anything
 
 
 class SupervisionConfig(Section):
@@ -471,6 +496,8 @@ class SupervisionConfig(Section):
 
 class StoreConfig(Section):
     id: StoreId
+    # The store's IANA time zone: sent in health so HQ shows the store's local times (timestamps stay UTC).
+    timezone: Annotated[str, AfterValidator(_time_zone)] | None = None
 
 
 class AgentConfig(Section):
@@ -500,15 +527,6 @@ class HqFileConfig(BaseModel):
 
 
 M = TypeVar("M", AgentConfig, HqFileConfig)
-
-# Secrets the environment may supply; the environment wins over the file.
-ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
-    "EDGE_AGENT_MQTT_USERNAME": ("mqtt", "username"),
-    "EDGE_AGENT_MQTT_PASSWORD": ("mqtt", "password"),
-    "EDGE_AGENT_MQTT_HOST": ("mqtt", "host"),
-    "EDGE_AGENT_MQTT_PORT": ("mqtt", "port"),
-}
-
 
 @dataclass(frozen=True)
 class ConfigIssue:
@@ -565,19 +583,6 @@ def _nearest_line(lines: dict[str, int], key: str) -> int | None:
     return None
 
 
-def _apply_env(data: dict[str, Any], env: dict[str, str]) -> dict[str, str]:
-    """Apply the overrides; returns {dotted key: variable} for those that were set."""
-    applied = {}
-    for var, path in ENV_OVERRIDES.items():
-        if var in env:
-            node = data
-            for part in path[:-1]:
-                node = node.setdefault(part, {})
-            node[path[-1]] = env[var]
-            applied[".".join(path)] = var
-    return applied
-
-
 def _read(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -610,21 +615,53 @@ def _validate(path: Path, text: str, data: dict[str, Any], model: type[B], from_
             elif err["type"] == "missing":
                 msg = "required key is missing"
             if key in from_env:
-                issues.append(ConfigIssue(key, None, f"{msg} (value from environment variable {from_env[key]})"))
+                issues.append(ConfigIssue(key, None, f"{msg} (value from {from_env[key]})"))
             else:
                 issues.append(ConfigIssue(key, _nearest_line(lines, key), msg))
         raise ConfigError(path, issues) from e
 
 
-def load_config(path: str | Path, env: dict[str, str] | None = None, model: type[M] = AgentConfig) -> M:
+def state_dir(config_path: str | Path, given: str | Path | None = None, env: dict[str, str] | None = None) -> Path:
+    """The folder every relative path of a config file resolves against: ``given`` (``--state-dir``), else
+    ``$STATE_DIRECTORY`` (what systemd sets from the unit's StateDirectory=; the first, if it lists several),
+    else the config file's own folder (a checkout, the demo, the tests)."""
+    if given is not None:
+        return Path(given)
+    if first := (os.environ if env is None else env).get("STATE_DIRECTORY", "").split(":")[0]:
+        return Path(first)
+    return Path(config_path).parent
+
+
+def load_config(path: str | Path, env: dict[str, str] | None = None, model: type[M] = AgentConfig,
+                warn: Callable[[str], None] | None = None, state: str | Path | None = None) -> M:
+    """``warn`` hears what is suspicious but not wrong (default: a warning log line; before logging is set
+    up, as in ``run``, Python prints it on stderr). ``state``: the state directory (see state_dir); ``env``
+    (default: the process's) supplies the settings from the environment and $STATE_DIRECTORY."""
     path = Path(path)
     text = _read(path)
     data = _parse(path, text)
-    from_env = _apply_env(data, dict(os.environ) if env is None else env)
-    cfg = _resolve_paths(_validate(path, text, data, model, from_env), path.parent)
+    env = dict(os.environ) if env is None else env
+    try:
+        from_env = config_sources.apply(model, data, env)
+    except config_sources.SourceProblem as e:
+        raise ConfigError(path, [ConfigIssue(e.key, None, str(e))]) from e
+    for source in config_sources.unknown_sources(AgentConfig, data, env):  # the agent's keys include HQ's
+        (warn or log.warning)(f"{source} names no setting (see edge_agent/config_sources.py)")
+    cfg = _resolve_paths(_validate(path, text, data, model, from_env), state_dir(path, state, env))
+    if isinstance(cfg, AgentConfig):
+        for problem in _open_endpoints(cfg):
+            (warn or log.warning)(problem)
     if isinstance(cfg, AgentConfig):
         _check_epcis_zones(cfg.rfid, path, text)
     return _load_key_files(cfg, path, text)
+
+
+def _open_endpoints(cfg: AgentConfig) -> Iterator[str]:
+    """The HTTP endpoints bound beyond loopback without a token (check-config and the agent warn)."""
+    http = cfg.rfid.http
+    if http.enabled and not http.tokens and not is_loopback(http.host):
+        yield (f"rfid.http is bound to {http.host!r}, beyond loopback, without rfid.http.tokens: it refuses every "
+               "reader (401) until each has a token")
 
 
 def _check_epcis_zones(rfid: RfidConfig, path: Path, text: str) -> None:
@@ -708,7 +745,9 @@ def _load_key_files(cfg: M, path: Path, text: str) -> M:
 
 
 def _resolve_paths(cfg: M, base: Path) -> M:
-    """Relative paths in a config file are relative to that file, not to the current directory."""
+    """Every relative path in a config file resolves against ``base`` (state_dir), never against the current
+    directory: files the agent writes (outbox, snapshots) and files it reads (keys, certificates, the model)
+    alike, so one rule answers where any of them is."""
 
     def rel(p: Path) -> Path:
         return p if p.is_absolute() else (base / p)
@@ -721,7 +760,18 @@ def _resolve_paths(cfg: M, base: Path) -> M:
     update: dict[str, Any] = {}
     if isinstance(cfg, AgentConfig):
         update["outbox"] = cfg.outbox.model_copy(update={"path": rel(cfg.outbox.path)})
+        rtls = cfg.rfid.mqtt.tls
+        rmqtt = cfg.rfid.mqtt.model_copy(
+            update={"tls": rtls.model_copy(update=rel_fields(rtls, "ca_file", "cert_file", "key_file"))})
+        update["rfid"] = cfg.rfid.model_copy(update={"mqtt": rmqtt})
         update["signing"] = cfg.signing.model_copy(update=rel_fields(cfg.signing, "key_file"))
+        vision = cfg.vision
+        cameras = []
+        for c in vision.cameras:
+            url = c.url.get_secret_value()
+            cameras.append(c.model_copy(update={"url": SecretStr(str(rel(Path(url))))}) if _is_relative_file(url) else c)
+        update["vision"] = vision.model_copy(
+            update=rel_fields(vision, "model", "debug_snapshot_dir") | {"cameras": cameras})
     return cfg.model_copy(
         update=update
         | {
@@ -737,3 +787,8 @@ def _resolve_paths(cfg: M, base: Path) -> M:
             ),
         }
     )
+
+
+def _is_relative_file(url: str) -> bool:
+    """A camera url that names a video file by a relative path (not a stream URL, not /dev/video0)."""
+    return "://" not in url and not Path(url).is_absolute()

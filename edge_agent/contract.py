@@ -145,8 +145,19 @@ class TrafficStatsBody(Strict):
     items: list[TrafficStatsItem]
 
 
+class Door(Strict):
+    """A counting line of the floor plan, end to end in metres: where people enter and leave."""
+
+    name: Name
+    a: tuple[float, float]
+    b: tuple[float, float]
+
+
 class TrafficHeatmapItem(Strict):
-    """Person-seconds per floor cell, row-major; numbers only, never pixels."""
+    """Person-seconds per floor cell, row-major; numbers only, never pixels. ``origin`` is the floor
+    point (metres) of cell (row 0, col 0)'s corner, and ``doors`` the counting lines in the same floor
+    metres, so a reader can draw the grid to scale with the doors on it (both optional: older agents
+    send neither)."""
 
     camera: Name
     bucket_start: datetime
@@ -155,6 +166,8 @@ class TrafficHeatmapItem(Strict):
     cols: int = Field(gt=0)
     rows: int = Field(gt=0)
     cells: list[float]
+    origin: tuple[float, float] | None = None
+    doors: list[Door] = Field(default_factory=list, max_length=64)
 
 
 class TrafficHeatmapBody(Strict):
@@ -241,6 +254,10 @@ class HealthBody(Strict):
     alerts: list[Alert] = Field(default_factory=list)
     # Per stream, the last sealed message (the high-water mark): HQ asks for a replay when it holds less.
     hwm: dict[str, Mark] = Field(default_factory=dict)
+    # How long the oldest fact HQ has not acknowledged has waited (seconds; 0 when nothing waits), and the
+    # store's IANA time zone ([store] timezone), so HQ shows its local times. Optional: older agents omit them.
+    oldest_unsent_s: float | None = Field(None, ge=0)
+    timezone: str | None = Field(None, max_length=64)
 
 
 class StatusBody(Strict):

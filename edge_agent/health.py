@@ -21,20 +21,24 @@ class HealthReporter:
         *,
         connected: Callable[[], bool],
         extra: Callable[[], dict[str, float]] | None = None,
+        timezone: str | None = None,
     ) -> None:
         self.outbox = outbox
         self.clock = clock
         self.interval_s = interval_s
         self._connected = connected
         self._extra = extra or (lambda: {})
+        self._timezone = timezone
         self._started = clock.now()
         self._last = float("-inf")
 
     def body(self, alerts: list[tuple[float, str, str]], extra: dict[str, float]) -> dict:
         counters = self.outbox.counters()
         use = self.outbox.disk_use()
+        now = self.clock.now()
+        oldest = self.outbox.oldest_waiting()
         return {
-            "uptime_s": round(self.clock.now() - self._started, 3),
+            "uptime_s": round(now - self._started, 3),
             "connected": self._connected(),
             "pending_facts": self.outbox.pending_count(),
             "sealed_messages": self.outbox.sealed_count(),
@@ -50,6 +54,8 @@ class HealthReporter:
             "counters": extra,
             "alerts": [{"ts": rfc3339(ts), "kind": k, "message": m} for ts, k, m in alerts],
             "hwm": self.outbox.high_water(),
+            "oldest_unsent_s": 0.0 if oldest is None else round(max(0.0, now - oldest), 3),
+            "timezone": self._timezone,
         }
 
     def tick(self, force: bool = False) -> bool:

@@ -12,6 +12,10 @@ from 86 to 390 MB), and a body cut short comes back as it is, as if it were whol
   byte at a time cannot hold a server thread): if it stops short, 400;
 - a client that goes away mid-request costs one log line (the agent and HQ log structured JSON
   lines), never a traceback.
+
+``HeadersInTime`` does for the request line and headers what the body deadline does for the body: all of
+them within ``HEADER_TIMEOUT_S`` of the connection, or it is closed. The handler's per-read socket timeout
+alone lets a client send a byte every few seconds and hold a server thread for as long as it likes.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
@@ -26,6 +31,7 @@ from http.server import BaseHTTPRequestHandler
 log = logging.getLogger(__name__)
 
 BODY_TIMEOUT_S = 10.0
+HEADER_TIMEOUT_S = 10.0
 REPLY_TIMEOUT_S = 5.0
 LINGER_S = 1.0
 LINGER_BYTES = 1 << 20
@@ -45,6 +51,33 @@ class _Short(Exception):
     def __init__(self, got: int, want: int, why: str, gone: bool) -> None:
         super().__init__(f"body incomplete: {got} of {want} bytes, {why}")
         self.gone = gone
+
+
+class HeadersInTime(BaseHTTPRequestHandler):
+    """A request handler whose request line and headers must arrive within ``HEADER_TIMEOUT_S``."""
+
+    def setup(self) -> None:
+        super().setup()
+        self._headers_due = threading.Timer(HEADER_TIMEOUT_S, self._headers_late)
+        self._headers_due.daemon = True
+        self._headers_due.start()
+
+    def parse_request(self) -> bool:  # reads the headers; called once the request line is in
+        ok = super().parse_request()
+        self._headers_due.cancel()
+        return ok
+
+    def finish(self) -> None:
+        self._headers_due.cancel()
+        super().finish()
+
+    def _headers_late(self) -> None:
+        log.info("HTTP from %s: request line and headers not in within %g s; connection closed",
+                 self.client_address[0], HEADER_TIMEOUT_S)
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)  # the blocked read returns, the handler ends
+        except OSError:
+            pass
 
 
 def read_body(handler: BaseHTTPRequestHandler, limit: int, reply: Reply) -> bytes | None:

@@ -502,6 +502,7 @@ class WorkerSpec:
     synchronous: str
     record_rows: bool
     idle_poll_s: float | None
+    nice: int = 0
 
 
 class _Tagged:
@@ -520,6 +521,7 @@ class _Tagged:
 
 def _worker(spec: WorkerSpec, ctl: Connection) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"fleet-{spec.index} %(levelname)s %(name)s: %(message)s")
+    os.nice(spec.nice)  # before any thread starts: Linux's nice is per thread, and new threads inherit it
     group = StoreGroup(spec.stores, Path(spec.workdir), spec.port, Workload(**spec.workload), spec.seed,
                        {s: Outage(*o) for s, o in spec.outages.items()}, synchronous=spec.synchronous,
                        record_rows=spec.record_rows, idle_poll_s=spec.idle_poll_s)
@@ -553,7 +555,8 @@ class Fleet:
 
     def __init__(self, n_stores: int, procs: int, port: int, workdir: Path, *, seed: int = 1,
                  workload: Workload = NOMINAL, outages: dict[str, Outage] | None = None,
-                 synchronous: str = "NORMAL", record_rows: bool = False, idle_poll_s: float | None = 0.5) -> None:
+                 synchronous: str = "NORMAL", record_rows: bool = False, idle_poll_s: float | None = 0.5,
+                 nice: int = 0) -> None:
         self.stores = store_ids(n_stores)
         self.workdir = Path(workdir)
         self.outages = outages or {}
@@ -567,7 +570,7 @@ class Fleet:
             mine = self.stores[k::procs]
             spec = WorkerSpec(k, mine, str(self.workdir / f"w{k}"), port, asdict(workload), seed,
                               {s: (o.start_s, o.duration_s) for s, o in self.outages.items() if s in mine},
-                              synchronous, record_rows, idle_poll_s)
+                              synchronous, record_rows, idle_poll_s, nice)
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker, args=(spec, child), name=f"fleet-{k}", daemon=True)
             p.start()

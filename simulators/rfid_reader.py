@@ -55,7 +55,8 @@ CLI::
 
     python -m simulators.rfid_reader --seed 1 --items 5000 --hours 12 --out DIR
     python -m simulators.rfid_reader --hours 1 --mqtt-port 1883 [--topic-prefix readers] [--speed 10]
-    python -m simulators.rfid_reader --hours 1 --http http://127.0.0.1:8781/rfid/events --speed 1
+    python -m simulators.rfid_reader --hours 1 --http http://127.0.0.1:8781/rfid/events --speed 1 \
+        [--token <reader>=<token> ...]   # the tokens `edge-agent hq-token --name <reader>` made
 
 ``--out`` writes ``<reader>.ndjson`` (one payload, i.e. one JSON array, per line), ``truth.json`` (final and
 initial truth, layout, stats, config) and ``truth_events.ndjson``.
@@ -998,19 +999,26 @@ class _MqttSink:
 
 
 class _HttpSink:
-    def __init__(self, url: str) -> None:
+    """POSTs each reader's payloads; with that reader's token (``--token``) in basic auth, as reader
+    firmware whose HTTP client has only basic auth sends it (the agent's intake takes Bearer as well)."""
+
+    def __init__(self, url: str, tokens: dict[str, str]) -> None:
         from urllib.parse import urlparse
 
         host = urlparse(url).hostname
         if host not in _LOOPBACK:
             raise SystemExit(f"--http must point at this machine (127.0.0.1/localhost), not {host!r}")
         self.url = url
+        self.tokens = tokens
 
     def send(self, reader: str, payload: bytes) -> None:
+        import base64
         import urllib.request
 
-        req = urllib.request.Request(self.url, data=payload, method="POST",
-                                     headers={"Content-Type": "application/json", "X-Reader": reader})
+        headers = {"Content-Type": "application/json", "X-Reader": reader}
+        if reader in self.tokens:
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{reader}:{self.tokens[reader]}".encode()).decode()
+        req = urllib.request.Request(self.url, data=payload, method="POST", headers=headers)
         with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310 - loopback only, checked above
             r.read()
 
@@ -1038,6 +1046,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--topic-prefix", default="readers", help="topics are PREFIX/<hostname>/events")
     ap.add_argument("--qos", type=int, choices=(0, 1), default=1)
     ap.add_argument("--http", help="POST every payload to this URL (127.0.0.1 only)")
+    ap.add_argument("--token", action="append", default=[], metavar="READER=TOKEN",
+                    help="a reader's token for the agent's rfid.http.tokens (repeat per reader)")
     ap.add_argument("--speed", type=float, default=0.0, help="virtual seconds per real second; 0 = flat out")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -1056,7 +1066,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.mqtt_port:
         sinks.append(_MqttSink(args.mqtt_port, args.topic_prefix, args.qos))
     if args.http:
-        sinks.append(_HttpSink(args.http))
+        tokens = dict(t.split("=", 1) for t in args.token if "=" in t)
+        if len(tokens) != len(args.token):
+            raise SystemExit("--token takes READER=TOKEN")
+        sinks.append(_HttpSink(args.http, tokens))
 
     n_cycles = int(math.ceil(args.hours * 3600 / cfg.read_cycle_s - 1e-9))
     say = (lambda *_a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))

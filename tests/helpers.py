@@ -64,6 +64,7 @@ class AgentProcess:
         self.config = config
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
+        self._starts_seen = 0
 
     def start(self) -> AgentProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -73,6 +74,16 @@ class AgentProcess:
                 stdout=out, stderr=out, cwd=REPO, env=env,
             )
         return self
+
+    def wait_started(self, timeout: float = 30.0) -> None:
+        """Until this run has logged its start line: imports take seconds on a loaded box, and a kill
+        that lands before the agent runs tests nothing."""
+        def starts() -> int:
+            return self.log.read_text(errors="replace").count("starting for store") if self.log.exists() else 0
+
+        before = self._starts_seen
+        wait_for(lambda: starts() > before, timeout, f"the agent to start; log: {self.log}")
+        self._starts_seen = starts()
 
     def kill9(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -125,7 +125,7 @@ def test_agent_kill9_at_random_moments(tmp_path: Path, broker: Mosquitto) -> Non
                 broker.stop()
             elif not down and not broker.running:
                 broker.start()
-            agent.start()
+            agent.start().wait_started()
             time.sleep(rng.uniform(0.3, 1.5))
             assert agent.alive, f"agent died on its own; log: {agent.log}"
             agent.kill9()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from edge_agent import cli
 from edge_agent.clock import VirtualClock
@@ -170,31 +171,35 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def secret(value: SecretStr | None) -> str | None:
+    return None if value is None else value.get_secret_value()
+
+
 def test_env_password_wins_over_file(tmp_path: Path) -> None:
     path = write(tmp_path / "a.toml", '[store]\nid = "S001"\n[mqtt]\nusername = "u-file"\npassword = "p-file"\n')
-    assert load_config(path, env={}).mqtt.password == "p-file"
+    assert secret(load_config(path, env={}).mqtt.password) == "p-file"
     cfg = load_config(path, env={"EDGE_AGENT_MQTT_PASSWORD": "p-env"})
-    assert cfg.mqtt.password == "p-env"
+    assert secret(cfg.mqtt.password) == "p-env"
     assert cfg.mqtt.username == "u-file"
     cfg = load_config(path, env={"EDGE_AGENT_MQTT_USERNAME": "u-env", "EDGE_AGENT_MQTT_PORT": "2883",
                                  "EDGE_AGENT_MQTT_HOST": "10.0.0.5", "UNRELATED": "x"})
-    assert (cfg.mqtt.username, cfg.mqtt.password, cfg.mqtt.port, cfg.mqtt.host) == ("u-env", "p-file", 2883, "10.0.0.5")
+    assert (cfg.mqtt.username, secret(cfg.mqtt.password), cfg.mqtt.port, cfg.mqtt.host) == ("u-env", "p-file", 2883, "10.0.0.5")
     # the HQ's view of the same file gets the same override
-    assert load_config(path, env={"EDGE_AGENT_MQTT_PASSWORD": "p-env"}, model=HqFileConfig).mqtt.password == "p-env"
+    assert secret(load_config(path, env={"EDGE_AGENT_MQTT_PASSWORD": "p-env"}, model=HqFileConfig).mqtt.password) == "p-env"
 
 
 def test_env_supplies_a_secret_the_file_lacks(tmp_path: Path) -> None:
     path = write(tmp_path / "a.toml", '[store]\nid = "S001"\n')  # no [mqtt] table at all
     cfg = load_config(path, env={"EDGE_AGENT_MQTT_PASSWORD": "p-env"})
-    assert cfg.mqtt.password == "p-env"
+    assert secret(cfg.mqtt.password) == "p-env"
     assert load_config(path, env={}).mqtt.password is None
 
 
 def test_process_environment_is_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path / "a.toml", '[store]\nid = "S001"\n[mqtt]\npassword = "p-file"\n')
     monkeypatch.setenv("EDGE_AGENT_MQTT_PASSWORD", "p-os")
-    assert load_config(path).mqtt.password == "p-os"
-    assert load_config(path, env={}).mqtt.password == "p-file"
+    assert secret(load_config(path).mqtt.password) == "p-os"
+    assert secret(load_config(path, env={}).mqtt.password) == "p-file"
 
 
 # ---------------------------------------------------------------- relative paths
@@ -230,6 +235,35 @@ def test_default_and_absolute_paths(tmp_path: Path) -> None:
     assert cfg.hq.db_path.resolve() == (tmp_path / "etc" / "var" / "hq.db").resolve()  # default, relative to file
     conf2 = write(tmp_path / "etc2" / "a.toml", '[store]\nid = "S001"\n')
     assert load_config(conf2, env={}).outbox.path.resolve() == (tmp_path / "etc2" / "var" / "outbox.db").resolve()
+
+
+HOMOGRAPHY = "homography = {image = [[0, 0], [1, 0], [1, 1], [0, 1]], floor = [[0, 0], [1, 0], [1, 1], [0, 1]]}\n"
+
+
+def test_every_relative_path_resolves_against_the_state_directory(tmp_path: Path) -> None:
+    """$STATE_DIRECTORY (systemd's StateDirectory=) or --state-dir: one rule for every path key, the ones the
+    agent writes and the ones it reads, vision.model, debug_snapshot_dir and a camera's video file included."""
+    conf = write(
+        tmp_path / "etc" / "agent.toml",
+        '[store]\nid = "S001"\n[mqtt.tls]\nenabled = true\nca_file = "certs/ca.pem"\n'
+        '[vision]\nmodel = "models/m.onnx"\ndebug_snapshot_dir = "snapshots"\n'
+        + "".join(f'[[vision.cameras]]\ncamera = "{cam}"\nurl = "{url}"\n{HOMOGRAPHY}' for cam, url in
+                  (("door", "clips/door.mp4"), ("aisle", "rtsp://cam/stream"), ("usb", "/dev/video0"))),
+    )
+    state = tmp_path / "state"
+    for cfg in (load_config(conf, env={"STATE_DIRECTORY": f"{state}:{tmp_path / 'other'}"}),
+                load_config(conf, env={"STATE_DIRECTORY": str(tmp_path / "not-this")}, state=state)):
+        assert cfg.outbox.path == state / "var" / "outbox.db"
+        assert cfg.hq.db_path == state / "var" / "hq.db"
+        assert cfg.mqtt.tls.ca_file == state / "certs" / "ca.pem"
+        assert cfg.vision.model == state / "models" / "m.onnx"
+        assert cfg.vision.debug_snapshot_dir == state / "snapshots"
+        assert [c.url.get_secret_value() for c in cfg.vision.cameras] == [str(state / "clips" / "door.mp4"), "rtsp://cam/stream",
+                                                        "/dev/video0"]
+    # without either, the config file's folder, as before (a checkout, the demo)
+    cfg = load_config(conf, env={})
+    assert cfg.vision.model == tmp_path / "etc" / "models" / "m.onnx"
+    assert cfg.vision.debug_snapshot_dir == tmp_path / "etc" / "snapshots"
 
 
 def test_bad_environment_override_names_the_variable(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from edge_agent.sources.simulated_inventory import SimulatedInventorySource
 from edge_agent.sync.diskstate import DISK_FULL, IO_ERROR, DiskState, WriteFailed, refusal_kind
 from edge_agent.sync.downlink import Downlink
 from edge_agent.sync.outbox import Fact, Outbox
+from edge_agent.tokens import token_hash
 from edge_agent.vision.service import VisionService
 from simulators.esl_store import EslStore
 from simulators.inventory_feed import InventoryFeed
@@ -310,13 +311,15 @@ def test_reader_intake_holds_its_payload_then_drops_and_counts_then_resumes(
 def test_http_intake_answers_503_with_retry_after_while_writes_fail(disk: TinyDisk) -> None:
     clock, ob, book, pipe = make(disk.path)
     intake = ReaderIntake(pipe, maxsize=100, tick_s=3600)
-    src = HttpReaderSource(ReaderHttpConfig(enabled=True, port=0), intake)
+    token = "rdr-canary-2b8e51-diskfull"  # a canary: tests/conftest.py fails the run if a log shows it
+    src = HttpReaderSource(ReaderHttpConfig(enabled=True, port=0, tokens={"r1": token_hash(token)}), intake)
     intake.start()
     src.start()
 
     def post(events: list[dict]) -> http.client.HTTPResponse:
         conn = http.client.HTTPConnection("127.0.0.1", src.port, timeout=5)
-        conn.request("POST", "/rfid/events", body=json.dumps(events).encode())
+        conn.request("POST", "/rfid/events", body=json.dumps(events).encode(),
+                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
         resp = conn.getresponse()
         resp.read()
         conn.close()

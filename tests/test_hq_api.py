@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from edge_agent.clock import rfc3339
 from edge_agent.hq.api import PAGE_MAX, token_hash
 from edge_agent.hq.receiver import HqReceiver
 from simulators.mosquitto import Mosquitto, free_port
@@ -175,3 +176,51 @@ def test_state_pages_are_bounded_and_the_cursor_walks_them_all(hq: tuple[HqRecei
     assert call(f"{base}/state?limit={PAGE_MAX + 1}")[0] == 400
     one = get(base, "/state?store=S002")
     assert one["stores"] == ["S002"] and [s["snapshot_id"] for s in one["snapshots"]][-1] == "snap49"
+
+
+def test_epcis_and_the_hourly_rollups_come_in_pages(hq: tuple[HqReceiver, str]) -> None:
+    """/epcis pages through a store's record (an EPCISDocument a page), and the roll-ups that outlive the raw
+    telemetry have an API: /traffic/hourly and /telemetry/hourly, by time, in pages."""
+    rx, base = hq
+    t0 = 1_767_225_600.0
+
+    def event(k: int) -> dict:
+        return {"type": "ObjectEvent", "eventTime": rfc3339(t0 + k), "eventTimeZoneOffset": "+00:00", "action": "OBSERVE",
+                "epcList": [f"urn:epc:id:sgtin:0614141.107346.{k}"]}
+
+    def k(e: dict) -> int:
+        return int(e["epcList"][0].rsplit(".", 1)[1])
+
+    # 7 messages of 3 events (message 4 is another store's), HQ's record of what it applied.
+    with rx.db.tx() as c:
+        c.executemany("INSERT INTO messages(store, stream, seq, ts, historical, body) VALUES (?, 'epcis/events', ?, ?, 0, ?)",
+                      [("S002" if m == 4 else "S001", m, t0, json.dumps({"items": [event(3 * m + i) for i in range(3)]}))
+                       for m in range(1, 8)])
+        c.executemany("INSERT INTO traffic_hourly(store, camera, hour, entries, exits, visits, person_s)"
+                      " VALUES ('S001', ?, ?, ?, 0, 0, 0)",
+                      [(cam, int(t0) + 3600 * h, h) for h in range(5) for cam in ("*", "cam1")])
+    want = [3 * m + i for m in (1, 2, 3, 5, 6, 7) for i in range(3)]
+    got: list[int] = []
+    url: str | None = "/epcis?store=S001&limit=4"
+    while url:
+        status, headers, data = call(f"{base}{url}")
+        assert status == 200, data[:300]
+        events = json.loads(data)["epcisBody"]["eventList"]
+        assert len(events) <= 4
+        got += [k(e) for e in events]
+        link = headers.get("Link")
+        url = link[1:link.index(">")].removeprefix(base) if link else None
+    assert got == want
+    # A time range: [t0 + 7, t0 + 16) holds events 7, 8 and 9..11, 15 (12..14 are S002's).
+    body = get(base, f"/epcis?store=S001&from={rfc3339(t0 + 7)}&to={rfc3339(t0 + 16)}")
+    assert [k(e) for e in body["epcisBody"]["eventList"]] == [7, 8, 9, 10, 11, 15]
+    assert call(f"{base}/epcis?store=S001&cursor=nonsense")[0] == 400
+
+    rows: list[tuple[str, str, int]] = []
+    url = f"/traffic/hourly?store=S001&from={rfc3339(t0 + 3600)}&limit=3"
+    while url:
+        page = get(base, url)
+        rows += [(r["hour"], r["camera"], r["entries"]) for r in page["items"]]
+        url = page["next"]
+    assert rows == [(rfc3339(t0 + 3600 * h), cam, h) for h in range(1, 5) for cam in ("*", "cam1")]
+    assert get(base, "/telemetry/hourly?store=S001")["items"] == []

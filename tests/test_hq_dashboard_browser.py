@@ -34,12 +34,13 @@ ALERT = "backroom reader R2 silent for 15 min (raised by the browser test)"
 class Store:
     """One store's real upstream path, in-process: its outbox, uplink (MQTT) and health reporter."""
 
-    def __init__(self, tmp: Path, port: int, store: str) -> None:
+    def __init__(self, tmp: Path, port: int, store: str, timezone: str | None = None) -> None:
         clock = RealClock()
         self.outbox = Outbox(tmp / f"outbox-{store}.db", clock, synchronous="OFF")
         mqtt = MqttConfig(port=port, reconnect_min_s=0.05, reconnect_max_s=0.5)
         self.uplink = Uplink(mqtt, store, self.outbox, clock)
-        self.health = HealthReporter(self.outbox, clock, 3600.0, connected=lambda: self.uplink.connected)
+        self.health = HealthReporter(self.outbox, clock, 3600.0, connected=lambda: self.uplink.connected,
+                                     timezone=timezone)
         self.uplink.start()
 
     def send(self, stream: str, items: list[dict]) -> None:
@@ -56,7 +57,18 @@ def heatmap(cols: int = 24, rows: int = 14) -> dict:
     cells = [round(30 * max(0.0, 1 - abs(r - 7) / 5) + (60 if c > 18 and r > 10 else 0) + (c % 3), 3)
              for r in range(rows) for c in range(cols)]
     return {"camera": "*", "bucket_start": rfc3339(time.time() // 60 * 60), "bucket_s": 60, "cell_m": 0.5,
-            "cols": cols, "rows": rows, "cells": cells}
+            "cols": cols, "rows": rows, "cells": cells, "origin": [1.0, 2.0],
+            "doors": [{"name": "entrance", "a": [4.0, 2.0], "b": [6.0, 2.0]}]}  # on the grid's top edge
+
+
+def door_pixels(d: webdriver.Chrome) -> int:
+    """Canvas pixels in the door's blue (#1565c0), which no heat colour comes near."""
+    return d.execute_script("""
+        const c = document.getElementById('heat'), px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0;
+        for (let i = 0; i < px.length; i += 4)
+          if (Math.abs(px[i] - 21) < 12 && Math.abs(px[i + 1] - 101) < 12 && Math.abs(px[i + 2] - 192) < 12) n++;
+        return n;""")
 
 
 def fleet_rows(d: webdriver.Chrome) -> list[str]:
@@ -80,7 +92,7 @@ def test_the_fleet_lists_the_stores_a_click_opens_one_with_its_heatmap_and_alert
 ) -> None:
     browser.tmp = tmp_path  # type: ignore[attr-defined]
     rx: HqReceiver = start_hq(tmp_path, broker.port, http_port=free_port())
-    stores = {s: Store(tmp_path, broker.port, s) for s in STORES}
+    stores = {s: Store(tmp_path, broker.port, s, "Asia/Tokyo" if s == "S002" else None) for s in STORES}
     try:
         assert rx.http is not None
         base = f"http://127.0.0.1:{rx.http.server_address[1]}"
@@ -124,14 +136,18 @@ def test_the_fleet_lists_the_stores_a_click_opens_one_with_its_heatmap_and_alert
         until(browser, "the heatmap drawn", 10, lambda d: painted(d) > 1000)
         size = browser.execute_script("const c = document.getElementById('heat'); return [c.width, c.height]")
         note = browser.find_element(By.ID, "heat-note").text
-        assert "24 × 14 cells of 0.5 m (12.0 m × 7.0 m)" in note, note
+        assert "24 × 14 cells of 0.5 m (12.0 m × 7.0 m)" in note and "Doors (blue): entrance" in note, note
+        # The door is drawn where it is: 2 m long on the top edge, 3 to 5 m from the left (origin x = 1 m).
+        assert door_pixels(browser) > 50, door_pixels(browser)
+        assert "Asia/Tokyo" in browser.find_element(By.ID, "s-tz").text
         # Square cells: the 24 x 14 grid sits in the canvas at one pixel size for both axes.
         cell = painted(browser)
         assert cell >= 24 * 14 and size[0] > size[1], (size, cell)
         # The alert is above the heatmap, and both near the top of the page.
         top = {i: browser.find_element(By.ID, i).location["y"] for i in ("s-alerts", "heat", "streams")}
         assert top["s-alerts"] < top["heat"] < top["streams"] and top["heat"] < 400, top
-        assert re.search(r"\d\d:\d\d:\d\d UTC \(\d\d:\d\d:\d\d Europe/Paris\)", str(alerts)), alerts
+        assert re.search(r"\d\d:\d\d:\d\d UTC \(\d\d:\d\d:\d\d Europe/Paris; store \d\d:\d\d:\d\d Asia/Tokyo\)",
+                         str(alerts)), alerts
         save(browser, tmp_path, "dashboard-store.png")
 
         # The URL alone opens a store; "all stores" goes back to the fleet, search kept.

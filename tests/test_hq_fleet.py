@@ -22,11 +22,11 @@ from .helpers import HqBackend, start_hq
 NOW = 1_767_225_600.0
 
 
-def health(pending: int = 0, sealed: int = 0, alerts: list[dict[str, str]] | None = None) -> HealthBody:
+def health(pending: int = 0, sealed: int = 0, alerts: list[dict[str, str]] | None = None, **more: Any) -> HealthBody:
     """A health body, kept as the applier keeps it (HqStore.record_messages)."""
     return HealthBody(uptime_s=100, connected=True, pending_facts=pending, sealed_messages=sealed, db_bytes=4096,
                       cap_bytes=1 << 20, queued_bytes=pending * 10, compacted_facts=0, coarsened_facts=0,
-                      dropped_facts={}, quarantined={}, alerts=alerts or [])
+                      dropped_facts={}, quarantined={}, alerts=alerts or [], **more)
 
 
 def label(n: int, matches: bool | None) -> tuple[str, str]:
@@ -43,7 +43,7 @@ def seed(db: HqStore, now: float) -> list[str]:
     heard = {"S001": 10, "S002": 500, "S003": 1000, "S004": 120, "S005": 5, "S006": 5, "S007": 5, "S008": 5,
              "S009": 5, "S010": 20}
     body = {s: health(sealed=2) for s in heard}
-    body["S009"] = health(pending=5000, sealed=40)
+    body["S009"] = health(pending=5000, sealed=40, oldest_unsent_s=754.2, timezone="America/New_York")
     body["S006"] = health(alerts=[{"ts": rfc3339(now - 60), "kind": "outbox.disk_full", "message": "disk full"}])
     with db.tx() as c:
         c.executemany("INSERT INTO status(store, state, at) VALUES (?,?,?)",
@@ -87,8 +87,11 @@ def test_each_store_s_figures_and_the_attention_order(hq_backend: HqBackend) -> 
     assert rows["S010"].link == "online" and rows["S010"].last_heard_s == 20
     # The newest health body only; the send-to-apply lag of that message.
     assert (rows["S009"].backlog, rows["S009"].unacked, rows["S009"].queued_bytes) == (5000, 40, 50000)
-    assert rows["S009"].behind == 6 and rows["S009"].why == "backlog 5046"
-    assert (rows["S001"].backlog, rows["S001"].lag_s, rows["S001"].oldest_unsent_s) == (0, 0.25, None)
+    assert rows["S009"].behind == 6 and rows["S009"].why == "backlog 5046, oldest 754 s"
+    assert (rows["S009"].oldest_unsent_s, rows["S009"].timezone) == (754.2, "America/New_York")
+    # An agent too old to say: no age, no zone.
+    assert (rows["S001"].backlog, rows["S001"].lag_s, rows["S001"].oldest_unsent_s, rows["S001"].timezone) == (
+        0, 0.25, None, None)
     # Alerts open: HQ's and the store's own within the hour; the two-hour-old ones are closed.
     assert (rows["S005"].alerts_open, rows["S006"].alerts_open) == (1, 2)
     assert rows["S006"].why == "2 alerts open"

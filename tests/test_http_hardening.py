@@ -26,6 +26,8 @@ from simulators.mosquitto import Mosquitto, free_port
 from .helpers import start_hq, wait_for
 from .test_rfid_pipeline import EPCS, T0, generic, make
 
+READER_TOKEN = "rdr-canary-4c1f9e-hardening"  # a canary: tests/conftest.py fails the run if a log shows it
+
 
 @dataclass
 class Server:
@@ -33,7 +35,7 @@ class Server:
     path: str
     limit: int
     good: bytes  # a body the server accepts with 202
-    auth: tuple[str, ...] = ()  # the headers a write needs besides its body's (HQ: a token, JSON)
+    auth: tuple[str, ...] = ()  # the headers a write needs besides its body's: a token, JSON
 
 
 @pytest.fixture(params=["agent", "hq"])
@@ -41,10 +43,11 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
     if request.param == "agent":
         _clock, ob, _book, pipe = make(tmp_path)
         intake = ReaderIntake(pipe, maxsize=100, tick_s=3600)
-        src = HttpReaderSource(ReaderHttpConfig(enabled=True, port=0), intake)
+        src = HttpReaderSource(ReaderHttpConfig(enabled=True, port=0, tokens={"r1": token_hash(READER_TOKEN)}), intake)
         intake.start()
         src.start()
-        yield Server(src.port, "/rfid/events", MAX_PAYLOAD, json.dumps([generic(EPCS[0], 1, T0)]).encode())
+        yield Server(src.port, "/rfid/events", MAX_PAYLOAD, json.dumps([generic(EPCS[0], 1, T0)]).encode(),
+                     (f"Authorization: Bearer {READER_TOKEN}", "Content-Type: application/json"))
         src.stop()
         intake.stop()
         ob.close()
@@ -160,3 +163,25 @@ def test_a_client_gone_mid_body_is_one_log_line_not_a_traceback(
     lines = [r.getMessage() for r in caplog.records if r.name == "edge_agent.httpbody"]
     assert len(lines) == 1 and "5 of 1000 bytes" in lines[0], lines
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_headers_trickled_a_byte_at_a_time_are_cut_off(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each byte within the socket timeout, the whole never done: closed at the header deadline, so a
+    client cannot hold a server thread for ever; the server keeps serving."""
+    monkeypatch.setattr(httpbody, "HEADER_TIMEOUT_S", 1.0)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(f"POST {server.path} HTTP/1.1\r\n".encode())
+        t0 = time.monotonic()
+        closed = False
+        while not closed and time.monotonic() - t0 < 8:
+            try:
+                s.sendall(b"X")  # a header that never ends, one byte every 0.2 s
+                s.settimeout(0.2)
+                closed = s.recv(1024) == b""
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+        took = time.monotonic() - t0
+    assert closed and 0.8 < took < 4, took
+    assert exchange(server, head(server, f"Content-Length: {len(server.good)}") + server.good) == 202

@@ -1021,3 +1021,25 @@ def test_salvage_copies_every_readable_table_including_the_book(tmp_path: Path) 
     assert copied["stock"] == 1 and copied["source_cursors"] == 1 and copied["pending"] == 1
     assert fresh.execute("SELECT zone, gtin, qty FROM stock").fetchall() == [("salesfloor", "04000000000006", 3)]
     assert fresh.execute("SELECT position FROM source_cursors WHERE source = 'src'").fetchone() == (7,)
+
+
+def test_oldest_waiting_is_the_oldest_fact_hq_has_not_acknowledged(tmp_path: Path) -> None:
+    """Health's ``oldest_unsent_s``: sealed messages count until HQ's ack, pending facts from their creation."""
+    clock = VirtualClock(T0)
+    ob = new_outbox(tmp_path / "outbox.db", clock)
+    assert ob.oldest_waiting() is None
+    ob.enqueue("inventory/delta", [Fact(T0, _dumps({"zone": "z", "gtin": GTINS[0], "delta": 1}))])
+    clock.advance(10)
+    ob.enqueue("esl/state", [Fact(T0 + 10, _dumps({"ts": "2026-01-01T00:00:10Z", "label": "L1"}))])
+    assert ob.oldest_waiting() == T0
+    [msg] = seal_all(ob, "inventory/delta")
+    clock.advance(5)
+    assert ob.oldest_waiting() == T0  # sealed and sent is not acknowledged
+    body = HealthReporter(ob, clock, 60, connected=lambda: True, timezone="Europe/Berlin").body([], {})
+    assert (body["oldest_unsent_s"], body["timezone"]) == (15.0, "Europe/Berlin")
+    HealthBody.model_validate(body)
+    assert ob.ack_through("inventory/delta", msg.seq, msg.id).deleted == 1
+    assert ob.oldest_waiting() == T0 + 10  # now the label's state is the oldest
+    seal_all(ob, "esl/state")
+    assert ob.oldest_waiting() == T0 + 10
+    ob.close()

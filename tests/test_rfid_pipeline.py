@@ -211,21 +211,26 @@ def test_health_reports_while_reads_flow_do_not_deadlock(tmp_path: Path) -> None
 
 
 def test_http_intake_over_real_http(tmp_path: Path) -> None:
-    """An Impinj-style webhook POST reaches the book; bad requests get clear HTTP errors."""
+    """An Impinj-style webhook POST, with the reader's token in basic auth, reaches the book; bad requests
+    get clear HTTP errors."""
+    import base64
     import http.client
 
     from edge_agent.config import ReaderHttpConfig
     from edge_agent.rfid.sources import HttpReaderSource, ReaderIntake
+    from edge_agent.tokens import token_hash
 
     clock, ob, book, pipe = make(tmp_path)
     intake = ReaderIntake(pipe, maxsize=100, tick_s=0.05)
-    src = HttpReaderSource(ReaderHttpConfig(enabled=True, port=0), intake)
+    token = "rdr-canary-77d0b3-pipeline"  # a canary: tests/conftest.py fails the run if a log shows it
+    basic = "Basic " + base64.b64encode(f"r1:{token}".encode()).decode()
+    src = HttpReaderSource(ReaderHttpConfig(enabled=True, port=0, tokens={"r1": token_hash(token)}), intake)
     intake.start()
     src.start()
     try:
         def post(body: bytes, path: str = "/rfid/events") -> int:
             conn = http.client.HTTPConnection("127.0.0.1", src.port, timeout=5)
-            conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            conn.request("POST", path, body=body, headers={"Content-Type": "application/json", "Authorization": basic})
             status = conn.getresponse().status
             conn.close()
             return status

@@ -45,7 +45,8 @@ def pki(tmp_path: Path) -> Path:
     return d
 
 
-ACCOUNTS = {"S001": "s001-secret", "S002": "s002-secret", "hq": "hq-secret"}
+# Canaries: tests/conftest.py fails the run if a log line shows one.
+ACCOUNTS = {"S001": "agt-canary-51c0a2-s001", "S002": "agt-canary-52d1b3-s002", "hq": "hqp-canary-4e7f10-hq"}
 # Directives of deploy/mosquitto/mosquitto.conf the Mosquitto class writes itself (its port, folder, log)
 # or that would write outside the test's folder (pid_file).
 _OURS = {"pid_file", "listener", "allow_anonymous", "persistence", "persistence_location", "log_dest", "log_type"}
@@ -92,10 +93,10 @@ def _tls(pki: Path) -> dict:
 @pytest.mark.slow
 def test_tls_password_and_acl(tmp_path: Path, secure_broker: Mosquitto, pki: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The password comes from the environment, not the file.
-    monkeypatch.setenv("EDGE_AGENT_MQTT_PASSWORD", "s001-secret")
+    monkeypatch.setenv("EDGE_AGENT_MQTT_PASSWORD", ACCOUNTS["S001"])
     cfg = agent_config(tmp_path, secure_broker.port, sim=SIM, mqtt={"username": "S001"}, mqtt__tls=_tls(pki))
-    assert "s001-secret" not in cfg.read_text()
-    hq = start_hq(tmp_path, secure_broker.port, mqtt={"username": "hq", "password": "hq-secret", "tls": _tls(pki)})
+    assert ACCOUNTS["S001"] not in cfg.read_text()
+    hq = start_hq(tmp_path, secure_broker.port, mqtt={"username": "hq", "password": ACCOUNTS["hq"], "tls": _tls(pki)})
     agent = AgentProcess(cfg, tmp_path / "agent.log").start()
     try:
         truth = InventoryFeed(3, ZONES, 10).truth(3000)
@@ -114,7 +115,7 @@ def test_wrong_password_keeps_facts_until_fixed(
 ) -> None:
     monkeypatch.setenv("EDGE_AGENT_MQTT_PASSWORD", "wrong")
     cfg = agent_config(tmp_path, secure_broker.port, sim=SIM, mqtt={"username": "S001"}, mqtt__tls=_tls(pki))
-    hq = start_hq(tmp_path, secure_broker.port, mqtt={"username": "hq", "password": "hq-secret", "tls": _tls(pki)})
+    hq = start_hq(tmp_path, secure_broker.port, mqtt={"username": "hq", "password": ACCOUNTS["hq"], "tls": _tls(pki)})
     log = tmp_path / "agent.log"
     agent = AgentProcess(cfg, log).start()
     try:
@@ -122,7 +123,7 @@ def test_wrong_password_keeps_facts_until_fixed(
         assert agent.alive
         assert hq.db.inventory("S001") == {}
         assert agent.terminate() == 0
-        monkeypatch.setenv("EDGE_AGENT_MQTT_PASSWORD", "s001-secret")
+        monkeypatch.setenv("EDGE_AGENT_MQTT_PASSWORD", ACCOUNTS["S001"])
         agent = AgentProcess(cfg, log).start()
         truth = InventoryFeed(3, ZONES, 10).truth(3000)
         wait_for(lambda: hq.db.inventory("S001") == truth, 60, "the buffered facts after fixing the password")
@@ -302,7 +303,7 @@ def _connack(port: int, pki: Path, username: str | None, password: str | None) -
 
 @pytest.mark.slow
 def test_production_broker_refuses_strangers(secure_broker: Mosquitto, pki: Path) -> None:
-    for username, password in ((None, None), ("S001", "wrong"), ("S003", "s001-secret")):
+    for username, password in ((None, None), ("S001", "wrong"), ("S003", ACCOUNTS["S001"])):
         rc = _connack(secure_broker.port, pki, username, password)
         assert rc.is_failure, f"broker let {username!r} in"
     assert not _connack(secure_broker.port, pki, "S001", ACCOUNTS["S001"]).is_failure

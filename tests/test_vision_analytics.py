@@ -801,6 +801,17 @@ def test_heatmap_paints_the_right_cell() -> None:
     assert an.counters["heat_off_grid"] == 4
 
 
+def test_a_heatmap_carries_its_origin_and_doors_in_floor_metres() -> None:
+    """HQ draws the grid to scale with the doors on it from the message alone (no image, no camera config)."""
+    an = TrafficAnalytics(config(heatmap={"origin": [1, 2], "width_m": 4, "height_m": 3, "cell_m": 1.0}))
+    run(an, [(T0 + 0.5 * i, [person(1, 2.5, 3.2)]) for i in range(3)])
+    _, (h,) = an.flush(T0 + 60)
+    assert h["origin"] == [1, 2]
+    assert h["doors"] == [{"name": n, "a": list(ln.a), "b": list(ln.b)} for n, ln in an.config.lines.items()]
+    assert h["doors"]  # the test config has a counting line
+    TrafficHeatmapItem.model_validate(h)  # the contract accepts it as the agent sends it
+
+
 # ---------------------------------------------------------------- filters
 
 

@@ -169,6 +169,18 @@ def test_heatmaps_merge_only_on_one_shared_grid(b_over: dict[str, Any], merges: 
     assert [h["cells"] for h in hm] == ([[1, 1, 0, 0]] if merges else [])
 
 
+def test_the_store_wide_heatmap_draws_each_door_once() -> None:
+    sw = StoreWideTraffic(cams(camera("a"), camera("b", lines={"door": {"a": [6, 5], "b": [9, 5], "inside": [7.5, 2]},
+                                                               "back": {"a": [0, 9], "b": [2, 9], "inside": [1, 8]}})),
+                          wait_s=60)
+    door = {"name": "door", "a": [6, 5], "b": [9, 5]}
+    back = {"name": "back", "a": [0, 9], "b": [2, 9]}
+    sw.add("a", [stat("a", 0)], [heat("a", 0, [1, 0, 0, 0]) | {"origin": [0, 0], "doors": [door]}], {}, now=0)
+    _, [hm] = sw.add("b", [stat("b", 0)], [heat("b", 0, [0, 1, 0, 0]) | {"origin": [0, 0], "doors": [door, back]}],
+                     {}, now=0)
+    assert hm["origin"] == [0, 0] and sorted(d["name"] for d in hm["doors"]) == ["back", "door"]
+
+
 def test_median_falls_back_to_the_histogram_without_the_dwell_seconds() -> None:
     sw = StoreWideTraffic(cams(camera("a"), camera("b")), wait_s=60)
     sw.add("a", [stat("a", 0, "shelf", visits=1, dwell_hist=[0, 1, 0, 0], dwell_median_s=20.0)], [], {}, now=0)

@@ -74,6 +74,7 @@ from pydantic import ValidationError
 from websockets.exceptions import WebSocketException
 from websockets.sync.client import connect as ws_connect
 
+from ..redact import redact_url
 from ..retry import backoff_delay
 from .controller import ControllerError, LabelContent, LabelReport, PollResult, Rejected, SendReceipt
 
@@ -340,7 +341,7 @@ class OpenEPaperLinkController:
             except (OSError, WebSocketException) as e:
                 delay = backoff_delay(attempt, 0.5, 30.0, rng)
                 attempt += 1
-                log.info("OEPL websocket %s: %s; again in %.1f s", url, e, delay)
+                log.info("OEPL websocket %s: %s; again in %.1f s", redact_url(url), e, delay)
                 stop.wait(delay)
 
     def poll(self) -> PollResult:

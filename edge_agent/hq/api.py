@@ -15,9 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
@@ -25,32 +22,11 @@ from urllib.parse import urlencode
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from ..contract import PriceSetArgs, StoreId
+from ..tokens import new_token, token_hash, token_owner  # noqa: F401 -- HQ's API rules, re-exported here
 
-TOKEN_BYTES = 32
 PAGE_DEFAULT = 100
 PAGE_MAX = 500
 MAX_PRICE_STORES = 10_000  # a chain's stores, with room: one call for a chain-wide price change
-
-
-def new_token() -> str:
-    return secrets.token_urlsafe(TOKEN_BYTES)
-
-
-def token_hash(token: str) -> str:
-    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
-
-
-def token_owner(authorization: str | None, tokens: Mapping[str, str]) -> str | None:
-    """The name of the token in an ``Authorization: Bearer`` header, or None."""
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    presented = token_hash(token.strip())
-    owner = None
-    for name, stored in tokens.items():  # every one compared: no early exit to time
-        if hmac.compare_digest(presented, stored):
-            owner = name
-    return owner
 
 
 def is_json(content_type: str | None) -> bool:

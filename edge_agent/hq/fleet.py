@@ -13,8 +13,9 @@ What each figure means (all times on HQ's clock unless said otherwise):
 - ``backlog``, ``unacked``, ``queued_bytes``: from the newest health body: facts waiting at the store to
   be sealed (``pending_facts``), messages sealed but not yet acknowledged by HQ (``sealed_messages``), and
   the bytes both take in the outbox. ``behind``: messages the store says it sealed (its high-water mark)
-  that HQ has not applied, summed over its streams. ``oldest_unsent_s`` is always None: the v1 health
-  body carries no age of the oldest unsent fact (a contract change, not invented here).
+  that HQ has not applied, summed over its streams. ``oldest_unsent_s``: how long the oldest fact HQ had
+  not acknowledged had waited when the store sent that health (``last_heard_s`` ago); None from an agent
+  too old to say.
 - ``lag_s``: the newest health message's send-to-apply delay, ``last_applied_at - last_sent``: the
   store's send time (its clock) to HQ's apply (HQ's clock). HQ does not keep when a message arrived, only
   when it applied it, so this is transit, broker queueing and any wait in HQ's reorder stash together;
@@ -27,8 +28,8 @@ What each figure means (all times on HQ's clock unless said otherwise):
 - ``last_resync``: the newest inventory snapshot HQ took in (``outcome``: installed, verified, corrected,
   stale, foreign; ``mismatches``; ``age_s``); ``resync_pending_s``: how long HQ has waited for an asked-for
   snapshot, None when it waits for none.
-- Time zone: the v1 contract carries none for a store (neither health nor status), so none is shown here;
-  every time HQ serves is UTC.
+- ``timezone``: the store's IANA time zone as its health says (``[store] timezone``), for showing its
+  local times; None when the store has none configured. Every time HQ serves is UTC.
 
 Attention, most urgent first: a store falls in the first band that applies, and within a band the larger
 ``magnitude`` comes first, then the store id:
@@ -108,7 +109,8 @@ class StoreRow:
     unacked: int | None
     queued_bytes: int | None
     behind: int
-    oldest_unsent_s: None
+    oldest_unsent_s: float | None
+    timezone: str | None
     lag_s: float | None
     alerts_open: int
     showing_hq_price: int
@@ -174,11 +176,14 @@ def assess(f: StoreFacts, now: float, p: FleetParams = FleetParams()) -> StoreRo
         why = ", ".join(parts)
     elif waiting >= p.backlog_min:
         band, size, why = 1, float(waiting), f"backlog {waiting}"
+        if (oldest := h.get("oldest_unsent_s")) is not None:
+            why += f", oldest {oldest:.0f} s"
     else:
         band, size, why = 0, 0.0, ""
     return StoreRow(
         store=f.store, link=link, last_heard_s=heard, backlog=backlog, unacked=unacked,
-        queued_bytes=h.get("queued_bytes"), behind=f.behind, oldest_unsent_s=None, lag_s=lag,
+        queued_bytes=h.get("queued_bytes"), behind=f.behind, oldest_unsent_s=h.get("oldest_unsent_s"),
+        timezone=h.get("timezone"), lag_s=lag,
         alerts_open=alerts, showing_hq_price=f.showing, with_hq_price=f.showing + f.not_showing,
         price_mismatches=mismatches, last_resync=resync, resync_pending_s=pending,
         attention=band, magnitude=size, why=why,

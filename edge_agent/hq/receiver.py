@@ -32,7 +32,7 @@ from ..authenticity import hq_encoder, uplink_check
 from ..clock import Clock, RealClock, parse_rfc3339
 from ..config import HqFileConfig
 from ..contract import COMMAND_ARGS, STATUS_STREAM, STREAMS
-from ..httpbody import read_body, refuse
+from ..httpbody import HeadersInTime, read_body, refuse
 from ..rfid.epcis import document as epcis_document
 from ..sync.mqtt_client import Connection
 from . import fleet
@@ -307,7 +307,7 @@ class HqReceiver:
 
 
 def _handler(rx: HqReceiver) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(HeadersInTime):
         def log_message(self, fmt: str, *args: Any) -> None:
             log.debug("http: " + fmt, *args)
 
@@ -365,16 +365,8 @@ def _handler(rx: HqReceiver) -> type[BaseHTTPRequestHandler]:
                 with rx._lock:
                     traffic = rx.db.traffic(q["store"][0])
                 self._json(200, traffic)
-            elif url.path == "/epcis" and "store" in q:  # an EPCISDocument: ?store=S001[&from=T][&to=T]
-                try:
-                    since = parse_rfc3339(q["from"][0]) if "from" in q else 0.0
-                    until = parse_rfc3339(q["to"][0]) if "to" in q else math.inf
-                except ValueError as e:
-                    self._json(400, {"error": f"bad from/to (RFC 3339 times): {e}"})
-                    return
-                with rx._lock:
-                    events = rx.db.epcis_events(q["store"][0], since, until)
-                self._json(200, epcis_document(events, time.time()))
+            elif url.path in ("/epcis", "/traffic/hourly", "/telemetry/hourly") and "store" in q:
+                self._since_until(url.path, q, page)
             elif url.path == "/labels" and "store" in q:
                 store = q["store"][0]
                 labels = [json.loads(r[0]) for r in rx.db.read(
@@ -405,6 +397,34 @@ def _handler(rx: HqReceiver) -> type[BaseHTTPRequestHandler]:
                 self._paged({"items": rows}, link)
             else:
                 self._json(404, {"error": f"no such resource {url.path}"})
+
+        def _since_until(self, path: str, q: dict[str, list[str]], page: PageQuery) -> None:
+            """The record and the roll-ups, by time (``from``/``to``: RFC 3339) and in pages. ``/epcis``: an
+            EPCISDocument of a page of the store's events (the cursor is the last event's message seq and
+            index in it); ``/traffic/hourly``, ``/telemetry/hourly``: the hourly roll-ups, per camera or stream."""
+            store = q["store"][0]
+            try:
+                since = parse_rfc3339(q["from"][0]) if "from" in q else -math.inf
+                until = parse_rfc3339(q["to"][0]) if "to" in q else math.inf
+                seq, _, idx = (page.cursor or "").partition(".")
+                hour, _, name = (page.cursor or "").partition("\t")
+                if path == "/epcis":
+                    after: tuple[int, Any] = (int(seq), int(idx)) if page.cursor else (0, -1)
+                else:
+                    after = (int(hour), name) if page.cursor else (-1, "")
+            except ValueError as e:
+                self._json(400, {"error": f"bad from/to (RFC 3339 times) or cursor: {e}"})
+                return
+            if path == "/epcis":
+                events, last = rx.db.epcis_events(store, since, until, after=after, limit=page.limit)
+                link = next_link(path, q, page, len(events), f"{last[0]}.{last[1]}" if last else None)
+                self._json(200, epcis_document(events, time.time()), {"Link": f'<{link}>; rel="next"'} if link else None)
+                return
+            rows = rx.db.hourly("traffic" if path == "/traffic/hourly" else "telemetry", store, since, until,
+                                after=after, limit=page.limit)
+            key = "camera" if path == "/traffic/hourly" else "stream"
+            cursor = f"{int(parse_rfc3339(rows[-1]['hour']))}\t{rows[-1][key]}" if rows else None
+            self._paged({"items": rows}, next_link(path, q, page, len(rows), cursor))
 
         def _stores(self, q: dict[str, list[str]], page: PageQuery) -> None:
             """The fleet (hq/fleet.py): every store's row, ``sort=id`` (the default: cursor = the last

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import threading
 import time
@@ -31,9 +32,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from ..clock import parse_rfc3339
+from ..clock import parse_rfc3339, rfc3339
 from ..contract import STREAMS
 from ..sync.outbox import insert_rows
 from .telemetry import PARTITIONS_AHEAD, TELEMETRY, Retention, Rollup, day_of, keep_day
@@ -298,20 +299,48 @@ class HqStore(ABC):
         grid = None
         for h in wide:
             if grid is None:
-                grid = {k: h[k] for k in ("camera", "cell_m", "cols", "rows")} | {"cells": [0.0] * len(h["cells"])}
+                grid = {k: h[k] for k in ("camera", "cell_m", "cols", "rows")} | {
+                    "cells": [0.0] * len(h["cells"]), "origin": h.get("origin"), "doors": h.get("doors", [])}
             if (h["cols"], h["rows"]) == (grid["cols"], grid["rows"]):
                 grid["cells"] = [a + b for a, b in zip(grid["cells"], h["cells"], strict=True)]
         return {"stats": stats, "heatmap": grid}
 
-    def epcis_events(self, store: str, since: float, until: float) -> list[dict]:
-        """A store's EPCIS events with eventTime in [since, until), in the order HQ applied them. HQ keeps
-        every EPCIS message it applies for good, outside the telemetry retention (the store forgets its
-        own once acked): the business record an export reads."""
-        out = []
-        for (body,) in self.read("SELECT body FROM messages WHERE store = ? AND stream = 'epcis/events' ORDER BY seq",
-                                 (store,)):
-            out += [it for it in json.loads(body)["items"] if since <= parse_rfc3339(it["eventTime"]) < until]
-        return out
+    def epcis_events(self, store: str, since: float, until: float, *, after: tuple[int, int] = (0, -1),
+                     limit: int | None = None) -> tuple[list[dict], tuple[int, int] | None]:
+        """A store's EPCIS events with eventTime in [since, until), in the order HQ applied them, from the
+        event after ``after`` (message seq, index in it) on, at most ``limit``; and the position of the
+        last one returned when there may be more (None at the end). HQ keeps every EPCIS message it
+        applies for good, outside the telemetry retention (the store forgets its own once acked): the
+        business record an export reads. Messages are read a chunk at a time, so a page costs a page."""
+        out: list[dict] = []
+        seq, idx = after
+        while True:
+            chunk = self.read("SELECT seq, body FROM messages WHERE store = ? AND stream = 'epcis/events' AND seq >= ?"
+                              " ORDER BY seq LIMIT 200", (store, seq))
+            for seq, body in chunk:
+                for i, it in enumerate(json.loads(body)["items"]):
+                    if (seq, i) <= after or not since <= parse_rfc3339(it["eventTime"]) < until:
+                        continue
+                    out.append(it)
+                    if limit is not None and len(out) == limit:
+                        return out, (seq, i)
+            if len(chunk) < 200:
+                return out, None
+            seq += 1
+
+    def hourly(self, table: Literal["traffic", "telemetry"], store: str, since: float, until: float, *,
+               after: tuple[int, str] = (-1, ""), limit: int = 100) -> list[dict]:
+        """A store's hourly roll-ups (``traffic_hourly`` per camera, ``telemetry_hourly`` per stream) with
+        the hour's start in [since, until), in (hour, camera or stream) order after ``after``; they outlive
+        the raw telemetry (hq.rollup_retention_days against hq.retention_days)."""
+        key, cols = {"traffic": ("camera", ("entries", "exits", "visits", "person_s")),
+                     "telemetry": ("stream", ("messages", "items", "bytes", "rehomed", "max_backlog"))}[table]
+        hour, name = after
+        rows = self.read(f"SELECT hour, {key}, {', '.join(cols)} FROM {table}_hourly WHERE store = ? AND hour >= ?"
+                         f" AND hour < ? AND (hour > ? OR (hour = ? AND {key} > ?)) ORDER BY hour, {key} LIMIT ?",
+                         (store, math.ceil(since) if math.isfinite(since) else -1,
+                          math.ceil(until) if math.isfinite(until) else 2**62, hour, hour, name, limit))
+        return [{"hour": rfc3339(float(r[0])), key: r[1], **dict(zip(cols, r[2:], strict=True))} for r in rows]
 
     def stream_stats(self) -> list[dict]:
         cols = ("store", "stream", "last_seq", "hwm", "applied", "facts", "historical", "duplicates", "gaps", "lost",

@@ -31,7 +31,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
@@ -46,6 +46,7 @@ from .epc import DecodedEpc, EpcError, decode_epc
 from .epcis import EpcisEvents
 from .formats import ParseStats, ReaderDefaults, parse_payload
 from .presence import PresenceEngine, PresenceEvent, PresenceParams
+from .reads import BadRead
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +166,18 @@ class RfidPipeline:
 
     # ------------------------------------------------------------ intake
 
-    def ingest(self, payload: bytes, source: str = "rfid", reader_hint: str | None = None) -> IngestResult:
-        """``reader_hint`` names the reader for formats whose events do not (Zebra's)."""
+    def ingest(self, payload: bytes, source: str = "rfid", reader_hint: str | None = None,
+               only_reader: str | None = None) -> IngestResult:
+        """``reader_hint`` names the reader for formats whose events do not (Zebra's). ``only_reader``: the
+        payload came with that reader's credentials (the HTTP intake's token), so a read naming another
+        reader (an Impinj ``hostname``, a generic ``reader``) is quarantined: one token speaks for one reader."""
         st = ParseStats()
         reads, bad = parse_payload(payload, now=self.wall.now(), reader_hint=reader_hint, stats=st,
                                    defaults=self.reader_defaults)
+        if only_reader is not None and any(r.reader != only_reader for r in reads):
+            bad = bad + [BadRead(f"names reader {r.reader!r} but came with reader {only_reader!r}'s token",
+                                 json.dumps(asdict(r)).encode()) for r in reads if r.reader != only_reader]
+            reads = [r for r in reads if r.reader == only_reader]
         self._alert_overflows(st)
         rewind = self.reads_clock.t if self.reads_clock is not None else None
         if self.reads_clock is not None and reads:

@@ -7,6 +7,20 @@ While the disk refuses writes the worker holds the payload it has and tries it a
 has rolled back), so the queue fills behind it: MQTT deliveries then wait up to a second for room (the
 broker keeps queuing meanwhile) before they are dropped and counted (``rfid.intake_dropped``), and HTTP
 readers are told 503 with ``Retry-After``. When space comes back the worker resumes by itself.
+
+The HTTP intake is reachable from the store LAN, so it takes a payload only from a reader that proves who
+it is, and reads no body before that (``rfid.http.tokens``; which readers can send what: README, "Reader
+intake authentication"):
+
+- no credentials, or a token that is no reader's: 401, with ``WWW-Authenticate`` challenges for Basic
+  (firmware that sends basic auth only when challenged) and Bearer;
+- a reader's token with ``?reader=`` naming another reader: 403 (the token's name is the reader's id, and
+  what Zebra's events do not say, which reader read them, comes from it); reads in the payload naming
+  another reader are quarantined by the pipeline (``only_reader``);
+- a ``Content-Type`` other than JSON or NDJSON: 415;
+- then the body rules of httpbody.py (411, 400, 413).
+On loopback with no tokens configured the intake is open, for tools on the box; bound anywhere else
+without tokens it refuses everyone (check-config warns).
 """
 
 from __future__ import annotations
@@ -21,24 +35,30 @@ from urllib.parse import parse_qs, urlparse
 
 import paho.mqtt.client as mqtt
 
-from ..config import MqttConfig, ReaderHttpConfig, ReaderMqttConfig
-from ..httpbody import read_body
+from ..config import MqttConfig, ReaderHttpConfig, ReaderMqttConfig, is_loopback
+from ..httpbody import HeadersInTime, read_body, refuse
 from ..supervise import SupervisedThread
 from ..sync.diskstate import WriteFailed, until_written
 from ..sync.mqtt_client import Connection
+from ..tokens import credential_owner
 from .pipeline import RfidPipeline
 
 log = logging.getLogger(__name__)
 
 MAX_PAYLOAD = 8 * 1024 * 1024
 RETRY_AFTER_S = 2  # what a reader told 503 is asked to wait
+# What readers POST: a JSON array or object, or NDJSON (formats.py). Compared without parameters (charset).
+CONTENT_TYPES = ("application/json", "application/x-ndjson")
+CHALLENGES = (("WWW-Authenticate", 'Basic realm="rfid-intake", charset="UTF-8"'),
+              ("WWW-Authenticate", 'Bearer realm="rfid-intake"'))
 
 
 class ReaderIntake:
     def __init__(self, pipeline: RfidPipeline, maxsize: int, tick_s: float) -> None:
         self.pipeline = pipeline
         self.tick_s = tick_s
-        self._q: queue.Queue[tuple[bytes, str, str | None] | None] = queue.Queue(maxsize=maxsize)
+        # (payload, source, reader hint, the only reader it may speak for): pipeline.ingest's arguments
+        self._q: queue.Queue[tuple[bytes, str, str | None, str | None] | None] = queue.Queue(maxsize=maxsize)
         self._stop = threading.Event()
         self._worker = SupervisedThread("rfid-intake", self._work)
         self._ticker = SupervisedThread("rfid-tick", self._tick)
@@ -63,8 +83,9 @@ class ReaderIntake:
     def writes_failing(self) -> bool:
         return self.pipeline.outbox.write_failing
 
-    def submit(self, payload: bytes, source: str, reader: str | None = None, timeout: float = 0.0) -> bool:
-        item = (payload, source, reader)
+    def submit(self, payload: bytes, source: str, reader: str | None = None, timeout: float = 0.0,
+               only_reader: str | None = None) -> bool:
+        item = (payload, source, reader, only_reader)
         try:
             self._q.put(item, timeout=timeout) if timeout else self._q.put_nowait(item)
         except queue.Full:
@@ -101,7 +122,8 @@ class MqttReaderSource:
     def __init__(self, cfg: ReaderMqttConfig, intake: ReaderIntake, store: str) -> None:
         self.cfg = cfg
         self.intake = intake
-        mcfg = MqttConfig(host=cfg.host, port=cfg.port, username=cfg.username, password=cfg.password)
+        # The uplink's connection code, so the store broker gets the same TLS and credentials handling.
+        mcfg = MqttConfig(host=cfg.host, port=cfg.port, username=cfg.username, password=cfg.password, tls=cfg.tls)
         self.conn = Connection(
             mcfg,
             cfg.client_id or f"edge-agent-{store}-readers",
@@ -131,10 +153,16 @@ def _reader_from_topic(pattern: str, topic: str) -> str | None:
     return parts[i] if i < len(parts) else None
 
 
+def needs_token(cfg: ReaderHttpConfig) -> bool:
+    """Tokens configured, or bound where the store LAN reaches it."""
+    return bool(cfg.tokens) or not is_loopback(cfg.host)
+
+
 class HttpReaderSource:
     def __init__(self, cfg: ReaderHttpConfig, intake: ReaderIntake) -> None:
         self.cfg = cfg
         self.intake = intake
+        self.auth_required = needs_token(cfg)
         self.server = ThreadingHTTPServer((cfg.host, cfg.port), _handler(self))
         self.port = self.server.server_address[1]
 
@@ -148,7 +176,7 @@ class HttpReaderSource:
 
 
 def _handler(src: HttpReaderSource) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(HeadersInTime):
         timeout = 10  # a client that stops mid-request frees its thread
 
         def log_message(self, fmt: str, *args: Any) -> None:
@@ -167,19 +195,38 @@ def _handler(src: HttpReaderSource) -> type[BaseHTTPRequestHandler]:
         def _retry_later(self, why: str) -> None:
             self._reply(503, f"{why}; retry", (("Retry-After", str(RETRY_AFTER_S)),))
 
+        def _refuse(self, status: int, why: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+            refuse(self, status, why, lambda code, text: self._reply(code, text, headers))
+
         def do_POST(self) -> None:
             if self.path.split("?")[0] != src.cfg.path:
                 self._reply(404, f"POST reader events to {src.cfg.path}")
                 return
+            reader = parse_qs(urlparse(self.path).query).get("reader", [None])[0]
+            owner = None
+            if src.auth_required:
+                owner = credential_owner(self.headers.get("Authorization"), src.cfg.tokens)
+                if owner is None:
+                    self._refuse(401, "a reader token is required: Authorization: Bearer <token>, or basic auth "
+                                 "with the reader's name and its token", CHALLENGES)
+                    return
+                if reader is not None and reader != owner:
+                    self._refuse(403, f"this token is reader {owner}'s, not {reader[:64]}'s")
+                    return
+                reader = owner
+            content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if content_type not in CONTENT_TYPES:
+                self._refuse(415, f"Content-Type must be one of {', '.join(CONTENT_TYPES)}",
+                             (("Accept-Post", ", ".join(CONTENT_TYPES)),))
+                return
             body = read_body(self, MAX_PAYLOAD, self._reply)
             if body is None:
                 return
-            reader = parse_qs(urlparse(self.path).query).get("reader", [None])[0]
             try:
                 if src.intake.writes_failing:
                     # Taken in now, it would only wait in the queue; the reader keeps it better.
                     self._retry_later("the agent's disk refuses writes")
-                elif src.intake.submit(body, "rfid.http", reader):
+                elif src.intake.submit(body, "rfid.http", reader, only_reader=owner):
                     self._reply(202, "accepted")
                 else:
                     self._retry_later("intake full")

@@ -77,7 +77,8 @@ class StatusServer:
         if self.cfg.token is None:
             return True
         scheme, _, token = (header or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.cfg.token.encode())
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                                   self.cfg.token.get_secret_value().encode())
 
 
 def _handler(srv: StatusServer) -> type[BaseHTTPRequestHandler]:

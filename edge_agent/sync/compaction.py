@@ -103,6 +103,8 @@ def merge_heatmap(items: list[dict[str, Any]], level_s: int) -> dict[str, Any]:
         "cols": first["cols"],
         "rows": first["rows"],
         "cells": cells,
+        # One camera's grid: the same origin and doors in every bucket (the newest, should its config change).
+        **{k: items[-1][k] for k in ("origin", "doors") if k in items[-1]},
     }
 
 

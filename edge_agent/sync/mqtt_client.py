@@ -30,7 +30,7 @@ def make_client(cfg: MqttConfig, client_id: str) -> mqtt.Client:
         clean_session=None if v5 else False,
     )
     if cfg.username is not None:
-        client.username_pw_set(cfg.username, cfg.password)
+        client.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
     if cfg.tls.enabled:
         client.tls_set(
             ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,

@@ -734,6 +734,18 @@ class Outbox:
         with self._lock:
             return self.conn.execute("SELECT count(*) FROM pending").fetchone()[0]
 
+    def oldest_waiting(self) -> float | None:
+        """When the oldest fact HQ has not acknowledged was created (None when nothing waits): the oldest
+        sealed message and each stream's head of the pending queue, a few index lookups however deep the
+        backlog (a scan of a million pending facts would hold the lock for a good part of a second). A
+        pending queue is in creation order except for facts the cap merged (compaction keeps the oldest
+        time under a new id), so under cap pressure this can be younger than the truth."""
+        with self._lock:
+            heads = [self.conn.execute("SELECT created FROM pending WHERE stream = ? ORDER BY id LIMIT 1",
+                                       (stream,)).fetchone() for stream in STREAMS]
+            sealed = self.conn.execute("SELECT min(oldest_created) FROM sealed").fetchone()[0]
+        return min([h[0] for h in heads if h] + ([sealed] if sealed is not None else []), default=None)
+
     def sealed_count(self) -> int:
         with self._lock:
             return self.conn.execute("SELECT count(*) FROM sealed").fetchone()[0]

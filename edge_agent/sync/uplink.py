@@ -11,7 +11,11 @@ as pending, so messages grow towards the byte bound exactly when throughput need
 A PUBACK only says the broker has a message. HQ's ack (``{prefix}/{store}/ack``) says what it has
 applied; if it stops making progress for ``resend_after_s`` (a broker that crashed with the message
 unsaved, an HQ that was away), the stream's unacknowledged messages are published again, same seq,
-same id, same bytes, and HQ ignores those it has. HQ can also ask with the ``replay`` command.
+same id, same bytes, and HQ ignores those it has. Again only once HQ has been heard since: a silent HQ's
+broker session already holds the first copy, and more copies would stand in front of its backlog when
+it returns (HQ acks every store when it connects, which re-arms the timer). Meanwhile such a stalled
+stream seals nothing new: its facts stay pending and go out packed into full messages once HQ speaks,
+not as hundreds of small ones queued for it. HQ can also ask with the ``replay`` command.
 Intervals run on the monotonic clock: a wall-clock step changes no timer and no ``historical`` flag.
 """
 
@@ -69,6 +73,7 @@ class Uplink:
         self.resend_after_s = w.resend_after_s
         self.resend_max_s = w.resend_max_s
         self.hq_silent_alert_s = w.hq_silent_alert_s
+        self.hold_when_silent_s = w.hold_when_silent_s
         self.boot_id = boot_id or str(ULID())
         self.agent_version = agent_version
         self._on_rewind = on_rewind or (lambda _stream: None)
@@ -106,6 +111,10 @@ class Uplink:
         # Per stream with unacknowledged messages: when HQ last made progress, and the resend timeout.
         self._progress_at: dict[str, float] = {}
         self._rto: dict[str, float] = {}
+        # When each stream was last published again, and when HQ was last heard: while HQ has said nothing
+        # since a resend, another copy would only queue behind the first in its broker session.
+        self._resent_at: dict[str, float] = {}
+        self._heard_at = monotonic()  # HQ is presumed there at start: the first seals go out at once
         self._silent_alerted = False
         self._taken: dict[str, tuple[int, str]] = {}  # the last ack mark applied, per stream
         self._last_ack_at = monotonic()  # a (re)connection sends everything again anyway
@@ -316,15 +325,16 @@ class Uplink:
                     self._progress_at[stream] = now
                 else:
                     self._progress_at.pop(stream, None)
-        # The first ack after a silence: HQ is back (or the link to it). What it lacks may have died with
-        # a broker's session meanwhile, so a stream this ack does not move is due again now rather than
-        # when its (doubled) resend timer runs out. While acks flow, as during a drain, this never fires.
+        # The first ack after a silence: HQ is back (or the link to it). Its broker session may still hold
+        # all it missed, so a stream this ack does not move gets one fresh, short timer: HQ's acks moving
+        # it while it drains keep that timer off; a stream that stays still (its copies died with a
+        # broker's session) is published again within resend_after_s, not after its doubled timeout.
         if now - self._last_ack_at >= self.resend_after_s:
             for stream in STREAM_ORDER:
                 self._rto[stream] = self.resend_after_s
                 if stream not in moved and self.outbox.unacked(stream):
-                    self._progress_at[stream] = now - self.resend_after_s
-        self._last_ack_at = now
+                    self._progress_at[stream] = now
+        self._last_ack_at = self._heard_at = now
 
     def _check_resend(self) -> None:
         """Publish again what HQ has not acknowledged for too long (the broker may have lost it)."""
@@ -335,15 +345,23 @@ class Uplink:
                 continue
             since = self._progress_at.setdefault(stream, now)
             rto = self._rto.setdefault(stream, self.resend_after_s)
-            if stream in self._resend or now - since < rto:
+            if stream in self._resend or now - since < rto or self._heard_at < self._resent_at.get(stream, self._heard_at):
                 continue
             log.info("%s: no ack from HQ for %.1fs; publishing %d unacknowledged messages again", stream,
                      now - since, self.outbox.unacked(stream))
             self._published[stream] = 0
             self._resend.add(stream)
-            self._progress_at[stream] = now
+            self._progress_at[stream] = self._resent_at[stream] = now
             self._rto[stream] = min(rto * 2, self.resend_max_s)
             self.resent_rounds += 1
+
+    def _stalled(self, stream: str, now: float) -> bool:
+        """HQ has said nothing for hold_when_silent_s and this stream waits for its ack: seal nothing more of
+        it until HQ speaks. Its facts wait as pending, where the next seal packs a message full, instead of going
+        out a few at a time to queue in a silent HQ's broker session (each small message then costs HQ a
+        transaction when it returns). Any ack ends it, a hello that moves nothing included. A stream stuck
+        while HQ talks (its message lost in a broker) keeps sealing: the resend timer deals with it."""
+        return now - self._heard_at >= self.hold_when_silent_s and self.outbox.unacked(stream) > 0
 
     def _check_silent(self) -> None:
         now = self._mono()
@@ -368,7 +386,7 @@ class Uplink:
         self._live = set(STREAMS)
         now = self._mono()
         for s in self._resend:
-            self._progress_at[s] = now
+            self._progress_at[s] = self._resent_at[s] = now
 
     def _publish(self, msg: SealedMessage) -> bool:
         client = self.conn.client
@@ -397,10 +415,11 @@ class Uplink:
                     return
                 room -= 1
         self._live |= self.outbox.take_dirty()
+        now = self._mono()
         while room > 0:
             progressed = False
             for stream in STREAM_ORDER:
-                if stream in self._resend or self.outbox.unacked(stream) >= self.ack_window:
+                if stream in self._resend or self.outbox.unacked(stream) >= self.ack_window or self._stalled(stream, now):
                     continue
                 for lane in (self._live, self._backlog):
                     if stream not in lane:

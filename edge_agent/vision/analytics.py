@@ -765,6 +765,8 @@ class TrafficAnalytics:
             "cols": self._heat_cols,
             "rows": self._heat_rows,
             "cells": np.round(b.heat, 3).tolist(),
+            "origin": list(hm.origin),
+            "doors": [{"name": n, "a": list(ln.a), "b": list(ln.b)} for n, ln in self.config.lines.items()],
         }
 
     def pop_visits(self) -> list[Visit]:

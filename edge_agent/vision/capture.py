@@ -5,12 +5,18 @@
   the wall clock at arrival, which would smear a stalled stream's backlog over the wrong seconds.
 - A frame-rate cap drops frames rather than queueing them; dropped frames are counted.
 - A live stream that drops is reopened with exponential backoff; the gap is reported.
+- A network stream (RTSP, HTTP) is opened through FFmpeg with an open and a read timeout, so a camera that
+  accepts the connection and then says nothing costs seconds, not a hung camera process; RTSP may be told
+  to use TCP (interleaved in the RTSP connection: no UDP ports to open through a firewall, no packet loss
+  smearing frames). Files and devices open as before.
+- The URL is logged only through ``redact_url``: a camera's URL usually carries its password.
 Frames never leave the process that captured them.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +25,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from ..redact import redact_url
 from ..retry import backoff_delay
 
 log = logging.getLogger(__name__)
@@ -50,8 +57,22 @@ class CaptureStats:
     gap_s: float = 0.0
 
 
+NETWORK = ("rtsp://", "rtsps://", "http://", "https://")
+# FFmpeg options OpenCV reads from the environment at each open ("key;value|key;value").
+FFMPEG_OPTIONS = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+
+
 def is_live(url: str | int) -> bool:
-    return isinstance(url, int) or str(url).startswith(("rtsp://", "rtsps://", "http://", "https://", "/dev/video"))
+    return isinstance(url, int) or str(url).startswith((*NETWORK, "/dev/video"))
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkOptions:
+    """How a network stream is opened (only RTSP and HTTP URLs use these)."""
+
+    open_timeout_s: float = 10.0
+    read_timeout_s: float = 10.0
+    rtsp_transport: str | None = None  # "tcp" or "udp"; None: FFmpeg's default (UDP, then TCP)
 
 
 class FrameSource:
@@ -63,12 +84,15 @@ class FrameSource:
         start_ts: float | None = None,
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 30.0,
+        network: NetworkOptions = NetworkOptions(),
         wall: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
     ) -> None:
         self.url = url
+        self.shown = redact_url(url)  # what log lines and errors say
         self.live = is_live(url)
+        self.network = network
         self.fps_cap = fps_cap
         self.start_ts = start_ts
         self.reconnect_min_s = reconnect_min_s
@@ -83,7 +107,15 @@ class FrameSource:
         self._stopped = True
 
     def _open(self) -> cv2.VideoCapture | None:
-        cap = cv2.VideoCapture(self.url)
+        if isinstance(self.url, str) and self.url.startswith(NETWORK):
+            if self.network.rtsp_transport:
+                # One camera per process (vision/service.py), so setting the process's environment is safe.
+                os.environ[FFMPEG_OPTIONS] = f"rtsp_transport;{self.network.rtsp_transport}"
+            cap = cv2.VideoCapture(self.url, cv2.CAP_FFMPEG, [
+                cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, round(self.network.open_timeout_s * 1000),
+                cv2.CAP_PROP_READ_TIMEOUT_MSEC, round(self.network.read_timeout_s * 1000)])
+        else:
+            cap = cv2.VideoCapture(self.url)
         if not cap.isOpened():
             cap.release()
             self.stats.failed_opens += 1
@@ -100,10 +132,10 @@ class FrameSource:
             cap = self._open()
             if cap is None:
                 if not self.live:
-                    raise FileNotFoundError(f"cannot open video source {self.url!r}")
+                    raise FileNotFoundError(f"cannot open video source {self.shown!r}")
                 delay = backoff_delay(attempt, self.reconnect_min_s, self.reconnect_max_s, self._rng)
                 attempt += 1
-                log.warning("camera %s: cannot open; retrying in %.1fs", self.url, delay)
+                log.warning("camera %s: cannot open; retrying in %.1fs", self.shown, delay)
                 self._sleep(delay)
                 continue
             attempt = 0
@@ -149,5 +181,5 @@ class FrameSource:
             if not self._stopped:
                 lost_at = self._wall()
                 lost_reason = "stream ended or dropped"
-                log.warning("camera %s: stream lost; reconnecting", self.url)
+                log.warning("camera %s: stream lost; reconnecting", self.shown)
                 self._sleep(self.reconnect_min_s * self._rng.uniform(0.5, 1.0))

@@ -47,7 +47,7 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> No
 
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from .analytics import TrafficAnalytics
-    from .capture import Frame, FrameSource
+    from .capture import Frame, FrameSource, NetworkOptions
     from .detector import PersonDetector
 
     dropped = [0]  # results the agent could not take in time; reported with the frame figures
@@ -65,7 +65,8 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> No
                               tracker_overrides={"track_buffer": max(1, round(cam.track_grace_s * fps))})
     analytics = TrafficAnalytics(cam)
     dwells = DwellCarry(cam.bucket_s)
-    src = FrameSource(cam.url, fps_cap=cam.fps_cap, start_ts=cam.start_ts)
+    src = FrameSource(cam.url.get_secret_value(), fps_cap=cam.fps_cap, start_ts=cam.start_ts,
+                      network=NetworkOptions(cam.open_timeout_s, cam.read_timeout_s, cam.rtsp_transport))
     snapshot = None
     if vcfg.debug_snapshot_dir is not None:
         from .snapshot import SnapshotWriter

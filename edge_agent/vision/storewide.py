@@ -229,6 +229,8 @@ class StoreWideTraffic:
 def _merge_heat(b: _Bucket, start: str, bucket_s: int) -> Item:
     first = next(iter(b.heat.values()))
     cells = np.sum([b.heat[c]["cells"] for c in sorted(b.heat)], axis=0)
+    # One floor, so the cameras' doors are one set: a door two cameras watch is drawn once.
+    doors = {(d["name"], tuple(d["a"]), tuple(d["b"])): d for c in sorted(b.heat) for d in b.heat[c].get("doors", [])}
     return {
         "camera": STORE_WIDE,
         "bucket_start": start,
@@ -237,4 +239,6 @@ def _merge_heat(b: _Bucket, start: str, bucket_s: int) -> Item:
         "cols": first["cols"],
         "rows": first["rows"],
         "cells": np.round(cells, 3).tolist(),
+        "origin": first.get("origin"),
+        "doors": list(doors.values()),
     }
