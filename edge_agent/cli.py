@@ -52,7 +52,7 @@ def _load_or_exit(path: str, model: type[M] = AgentConfig, state: str | None = N
 
 def _run(args: argparse.Namespace) -> int:
     cfg = _load_or_exit(args.config, state=args.state_dir)
-    setup_logging(cfg.log.level)
+    setup_logging(cfg.log.level, coalesce_s=cfg.log.coalesce_s)
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from .agent import Agent
 
@@ -92,13 +92,37 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if s.ready else 1
 
 
+def _record(args: argparse.Namespace) -> int:
+    cfg = _load_or_exit(args.config)
+    setup_logging(cfg.log.level, coalesce_s=cfg.log.coalesce_s)
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    from .replay.taps import record
+
+    return record(cfg, Path(args.out))
+
+
+def _replay(args: argparse.Namespace) -> int:
+    cfg = _load_or_exit(args.config)
+    setup_logging(cfg.log.level, coalesce_s=cfg.log.coalesce_s)
+    from .replay.player import replay_command
+
+    return replay_command(cfg, Path(args.file), 0.0 if args.speed == "max" else float(args.speed),
+                          Path(args.out) if args.out else None, Path(args.workdir) if args.workdir else None)
+
+
+def _speed(v: str) -> str:
+    if v != "max" and not float(v) >= 0:
+        raise argparse.ArgumentTypeError("a number >= 0, or max")
+    return v
+
+
 def _hq(args: argparse.Namespace) -> int:
     cfg = _load_or_exit(args.config, HqFileConfig)
     if args.db:
         cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"db_path": Path(args.db), "database": None})})
     if args.http_port is not None:
         cfg = cfg.model_copy(update={"hq": cfg.hq.model_copy(update={"http_port": args.http_port})})
-    setup_logging(cfg.log.level)
+    setup_logging(cfg.log.level, coalesce_s=cfg.log.coalesce_s)
     from .hq.receiver import HqReceiver
 
     rx = HqReceiver(cfg)
@@ -232,6 +256,17 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--no-create-user", dest="create_user", action="store_false",
                    help="do not create the user (default: create it when installing into / as root)")
     i.set_defaults(fn=_install)
+    rec = sub.add_parser("record", help="run the agent and record its raw inputs (no images) into a file")
+    rec.add_argument("-c", "--config", required=True)
+    rec.add_argument("--out", required=True, help="the recording: JSON lines (gzip-compressed if it ends in .gz)")
+    rec.set_defaults(fn=_record)
+    rep = sub.add_parser("replay", help="feed a recording through the pipeline on a virtual clock; print its output")
+    rep.add_argument("file")
+    rep.add_argument("-c", "--config", required=True, help="the store's config (antennas, labels, cameras)")
+    rep.add_argument("--speed", type=_speed, default="max", help="N times real time; 0 or max: as fast as it goes")
+    rep.add_argument("--out", help="write the output here (default: standard output)")
+    rep.add_argument("--workdir", help="keep the replay's outbox here (default: a temporary folder)")
+    rep.set_defaults(fn=_replay)
     h = sub.add_parser("hq", help="run the reference HQ receiver")
     h.add_argument("-c", "--config", required=True)
     h.add_argument("--db", help="override hq.db_path (and hq.database): run on this SQLite file")

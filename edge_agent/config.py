@@ -325,6 +325,7 @@ class HqSigningConfig(Section):
 
 class LogConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    coalesce_s: float = Field(60.0, ge=0)
 
 
 class HqConfig(Section):

@@ -68,7 +68,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 from websockets.exceptions import WebSocketException
@@ -308,6 +308,13 @@ def _snippet(body: bytes) -> str:
 # ---------------------------------------------------------------- the controller
 
 
+class ApTap(Protocol):
+    def ap_http(self, ap: str, method: Literal["GET", "POST"], path: str, body: bytes | None,
+                error: str | None) -> None: ...
+
+    def ap_push(self, ap: str, message: bytes | str) -> None: ...
+
+
 class OpenEPaperLinkController:
     """``EslController`` for one OEPL access point at ``base_url`` (e.g. ``http://192.168.1.20``)."""
 
@@ -316,6 +323,7 @@ class OpenEPaperLinkController:
         self.timeout = timeout
         # The AP is on the store LAN: never route it through a proxy from the environment.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self.tap: ApTap | None = None  # a recorder: every answer and push, as the AP sent it
 
     def listen(self, on_result: Callable[[PollResult], None], stop: threading.Event) -> None:
         """Follow the AP's websocket until ``stop`` is set. The firmware pushes ``tagDBtoJson(mac)``, the
@@ -335,6 +343,8 @@ class OpenEPaperLinkController:
                             message = ws.recv(timeout=0.5)
                         except TimeoutError:
                             continue
+                        if self.tap is not None:
+                            self.tap.ap_push(self.base_url, message)
                         result = parse_push(message)
                         if result is not None:
                             on_result(result)
@@ -401,7 +411,18 @@ class OpenEPaperLinkController:
         return SendReceipt(label, None, hash_before=r.content_hash, count_before=r.update_count)
 
     def _request(self, path: str, form: bytes | None = None) -> bytes:
-        method = "GET" if form is None else "POST"
+        method: Literal["GET", "POST"] = "GET" if form is None else "POST"
+        try:
+            body = self._fetch(method, path, form)
+        except ControllerError as e:
+            if self.tap is not None:
+                self.tap.ap_http(self.base_url, method, path, None, str(e))
+            raise
+        if self.tap is not None:
+            self.tap.ap_http(self.base_url, method, path, body, None)
+        return body
+
+    def _fetch(self, method: Literal["GET", "POST"], path: str, form: bytes | None) -> bytes:
         req = urllib.request.Request(self.base_url + path, data=form, method=method)
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:

@@ -248,10 +248,9 @@ class RfidPipeline:
                 self._foreign_seen.update(first_foreign)
         res.events = len(events)
         res.foreign = sum(foreign.values())
-        if quarantine:
-            self._quarantine(source, quarantine)
-        if first_foreign:
-            self._keep_copies(source, [(why, epc.encode()) for epc, why in first_foreign.items()])
+        self._count_bad(quarantine)
+        # One transaction for the batch's bad records and first foreign reads, not one per record.
+        self._keep_copies(source, quarantine + [(why, epc.encode()) for epc, why in first_foreign.items()])
         return res
 
     def _alert_overflows(self, st: ParseStats) -> None:
@@ -280,13 +279,14 @@ class RfidPipeline:
     def _bad_only(self, source: str, bad: list, st: ParseStats) -> IngestResult:
         with self.lock:
             self._count_events(st)
-        self._quarantine(source, [(b.reason, b.raw) for b in bad])
+        copies = [(b.reason, b.raw) for b in bad]
+        self._count_bad(copies)
+        self._keep_copies(source, copies)
         return IngestResult(bad=len(bad))
 
-    def _quarantine(self, source: str, bad: Sequence[tuple[str, bytes]]) -> None:
+    def _count_bad(self, bad: Sequence[tuple[str, bytes]]) -> None:
         for reason, _ in bad:
             self.bad_by_reason[reason.split(":")[0].split(" ")[0]] += 1
-        self._keep_copies(source, bad)
 
     def _keep_copies(self, source: str, bad: Sequence[tuple[str, bytes]]) -> None:
         try:

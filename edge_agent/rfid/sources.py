@@ -29,6 +29,7 @@ import functools
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -65,6 +66,7 @@ class ReaderIntake:
         self.supervised = [self._worker, self._ticker]
         self.dropped = 0
         self._dropping = False  # logged once when dropping starts, once when it ends
+        self.tap: Callable[[bytes, str, str | None], None] | None = None  # a recorder: each payload taken in
 
     def start(self) -> None:
         self._worker.start()
@@ -95,6 +97,8 @@ class ReaderIntake:
                 log.warning("RFID intake full (%s): dropping payloads until it has room; counted in "
                             "rfid.intake_dropped", "the disk refuses writes" if self.writes_failing else "busy")
             return False
+        if self.tap is not None:
+            self.tap(payload, source, reader)
         if self._dropping:
             self._dropping = False
             log.info("RFID intake takes payloads again; %d dropped since the agent started", self.dropped)

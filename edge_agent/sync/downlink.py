@@ -81,6 +81,7 @@ class Downlink:
         self.prefix = prefix
         self.outbox = outbox
         self.clock = clock
+        self.tap: Callable[[str, bytes, int], None] | None = None  # a recorder: each command queued
         self.topic = f"{prefix}/{store}/cmd/#"
         self._handlers: dict[str, tuple[type[BaseModel], Handler]] = {}
         self._queue: queue.Queue[tuple[str, bytes, int] | None] = queue.Queue(maxsize=queue_max)
@@ -123,6 +124,8 @@ class Downlink:
                 try:
                     self._queue.put_nowait((msg.topic, payload, size))
                     self._queued_bytes += len(payload)
+                    if self.tap is not None:
+                        self.tap(msg.topic, payload, size)
                 except queue.Full:
                     room = False
             if not room:
@@ -184,11 +187,10 @@ class Downlink:
             tallies = self._refusals.take()
         if not tallies:
             return 0
-        # The samples first, each in its own transaction (Outbox.quarantine); a crash before the answers
-        # below loses one interval's answers to garbage, whose MQTT delivery was acknowledged anyway.
-        for t in tallies:
-            for s in t.samples:
-                self.outbox.quarantine(SOURCE, f"{s.topic}: {s.reason}", s.raw)
+        # The samples first, in one transaction of their own; a crash before the answers below loses one
+        # interval's answers to garbage, whose MQTT delivery was acknowledged anyway.
+        samples = [(f"{s.topic}: {s.reason}", s.raw) for t in tallies for s in t.samples]
+        self.outbox.quarantine_many(SOURCE, samples, len(samples))
         with self.outbox.transaction() as tx:
             tx.enqueue("cmd-result", [self._tally_fact(t) for t in tallies])
             for t in tallies:

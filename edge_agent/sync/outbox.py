@@ -73,6 +73,14 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 QUARANTINE_RAW_MAX = 64 * 1024
+
+
+def _quarantine_raw(raw: bytes | str | None) -> bytes | None:
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "replace")
+    return raw[:QUARANTINE_RAW_MAX] if raw is not None else None
+
+
 # Columns added since the first release, for outboxes created before them: (table, column, definition).
 MIGRATIONS = (
     ("sealed", "prev", "TEXT NOT NULL DEFAULT ''"),
@@ -247,7 +255,8 @@ class OutboxTx:
         self.conn.execute(
             "INSERT INTO alerts(ts, kind, message) VALUES (?,?,?)", (self._outbox.clock.now(), kind, message)
         )
-        log.warning("alert %s: %s", kind, message)
+        # The kind in the template: the log coalesces repeats by template, and two kinds are not repeats.
+        log.warning(f"alert {kind}: %s", message)
 
 
 class Outbox:
@@ -452,7 +461,7 @@ class Outbox:
             self.disk.committed()
             self.facts_enqueued += tx.enqueued
         if closing is not None:
-            log.warning("alert %s: %s", *closing)
+            log.warning(f"alert {closing[0]}: %s", closing[1])
         if tx.enqueued:
             for fn in self._listeners:
                 fn()
@@ -468,27 +477,23 @@ class Outbox:
 
     def quarantine(self, source: str, reason: str, raw: bytes | str | None) -> None:
         """Keep a bad input with its reason; the table keeps the newest ``quarantine_keep`` rows."""
-        if isinstance(raw, str):
-            raw = raw.encode("utf-8", "replace")
-        if raw is not None and len(raw) > QUARANTINE_RAW_MAX:
-            raw = raw[:QUARANTINE_RAW_MAX]
-        log.warning("quarantined input from %s: %s", source, reason)
-        with self.transaction() as tx:
-            cur = tx.conn.execute(
-                "INSERT INTO quarantine(at, source, reason, raw) VALUES (?,?,?,?)",
-                (self.clock.now(), source, reason[:2000], raw),
-            )
-            tx.conn.execute("DELETE FROM quarantine WHERE id <= ?", ((cur.lastrowid or 0) - self.quarantine_keep,))
-            tx.bump(f"quarantined.{source}")
+        self.quarantine_many(source, [(reason, raw)], 1)
 
     def quarantine_many(self, source: str, bad: Sequence[tuple[str, bytes | str | None]], keep: int) -> None:
-        """Quarantine a batch of (reason, raw): the first ``keep`` are stored, the rest only counted, so a
-        flood of garbage is counted in full but cannot crowd out the rest of the table."""
-        for reason, raw in bad[:keep]:
-            self.quarantine(source, reason, raw)
-        if len(bad) > keep:
-            with self.transaction() as tx:
-                tx.bump(f"quarantined.{source}", len(bad) - keep)
+        """Quarantine a batch of (reason, raw) in one transaction and one log line: the first ``keep`` are
+        stored, the rest only counted, so a flood of garbage is counted in full but cannot crowd out the
+        rest of the table (nor cost a synced commit per record)."""
+        if not bad:
+            return
+        now = self.clock.now()
+        rows = [(now, source, reason[:2000], _quarantine_raw(raw)) for reason, raw in bad[:keep]]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        log.warning(f"quarantined input from {source}: %s%s", bad[0][0], more)  # coalesced per source
+        with self.transaction() as tx:
+            tx.conn.executemany("INSERT INTO quarantine(at, source, reason, raw) VALUES (?,?,?,?)", rows)
+            last = tx.conn.execute("SELECT max(id) FROM quarantine").fetchone()[0] or 0
+            tx.conn.execute("DELETE FROM quarantine WHERE id <= ?", (last - self.quarantine_keep,))
+            tx.bump(f"quarantined.{source}", len(bad))
 
     @staticmethod
     def _bump(conn: sqlite3.Connection, name: str, by: int) -> None:

@@ -13,8 +13,8 @@ writes the drain thread retries them and takes nothing new, so results wait in t
 a camera that cannot hand one over within a second counts it in ``results_dropped``.
 
 A camera process that dies is restarted by the agent's supervisor (``supervised``, see supervise.py).
-Each process has a queue of its own, made new at every start: a process killed while writing to a
-shared queue would leave its lock taken for every other camera. What a killed camera had not handed
+Each process has a results queue of its own, made new at every start: a process killed while writing to
+a shared queue would leave its lock taken for every other camera. What a killed camera had not handed
 over yet (its open buckets) is lost with it.
 """
 
@@ -27,28 +27,33 @@ import queue
 import signal
 import threading
 import time
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol
 
 from ..clock import parse_rfc3339
 from ..config import CameraConfig, VisionConfig
+from ..logs import camera_log_listener, child_logging
 from ..sync import compaction
 from ..sync.diskstate import until_written
 from ..sync.outbox import Fact, Outbox
-from .storewide import STORE_WIDE, DwellCarry, StoreWideTraffic
+from .storewide import STORE_WIDE, StoreWideTraffic
 
 log = logging.getLogger(__name__)
 
 PERF_EVERY_S = 2.0  # stream seconds between a camera's frame figures: how fresh "last frame" is on the status page
 
 
-def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> None:
-    """The camera process: never returns frames, only messages of numbers."""
+def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any, logs: tuple[Any, int], record: Any) -> None:
+    """The camera process: never returns frames, only messages of numbers. ``logs`` is (queue, level): its
+    log records go to the main process, which writes them as it writes its own. While ``record`` (an event)
+    is set, each frame's tracks are sent too, as numbers, for a recording."""
     import os
 
+    child_logging(*logs, camera=cam.camera)
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    from .analytics import TrafficAnalytics
     from .capture import Frame, FrameSource, NetworkOptions
     from .detector import PersonDetector
+    from .feed import TrackFeed
 
     dropped = [0]  # results the agent could not take in time; reported with the frame figures
 
@@ -63,8 +68,7 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> No
     fps = cam.fps_cap or 25.0
     detector = PersonDetector(vcfg.model, imgsz=vcfg.imgsz, conf=vcfg.conf, tracker=vcfg.tracker,
                               tracker_overrides={"track_buffer": max(1, round(cam.track_grace_s * fps))})
-    analytics = TrafficAnalytics(cam)
-    dwells = DwellCarry(cam.bucket_s)
+    feed = TrackFeed(cam, vcfg.flush_s)
     src = FrameSource(cam.url.get_secret_value(), fps_cap=cam.fps_cap, start_ts=cam.start_ts,
                       network=NetworkOptions(cam.open_timeout_s, cam.read_timeout_s, cam.rtsp_transport))
     snapshot = None
@@ -72,13 +76,7 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> No
         from .snapshot import SnapshotWriter
 
         snapshot = SnapshotWriter(vcfg.debug_snapshot_dir, cam.camera, vcfg.debug_snapshot_interval_s)
-    last_flush = last_report = None
-
-    def send_facts(until_ts: float) -> None:
-        stats, heat = analytics.flush(until_ts)
-        dwells.add(analytics.pop_visits())
-        if stats or heat:
-            send(("facts", cam.camera, stats, heat, dwells.take(stats)))
+    last_report = None
 
     def perf() -> dict[str, float]:
         return {"frames": n, "fps": n / t_frames if t_frames else 0.0, "detect_track_ms": 1000 * t_detect / max(n, 1),
@@ -86,7 +84,6 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> No
 
     t_detect = t_frames = 0.0
     n = 0
-    last_ts = 0.0
     t_prev = time.perf_counter()
     for item in src.frames():
         if stop.is_set():
@@ -98,31 +95,42 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any) -> No
         t0 = time.perf_counter()
         tracks = detector.track(item.image)
         t1 = time.perf_counter()
-        analytics.update(item.ts, tracks)
+        if record.is_set():
+            send(("tracks", cam.camera, item.ts, [(t.track_id, *t.box, t.conf) for t in tracks]))
+        if (facts := feed.frame(item.ts, tracks)) is not None:
+            send(facts)
         if snapshot is not None:
             snapshot.offer(item.image, [t.box for t in tracks])
         t_detect += t1 - t0
         t_frames += t1 - t_prev
         t_prev = time.perf_counter()
         n += 1
-        last_ts = item.ts
-        if last_flush is None or item.ts - last_flush >= vcfg.flush_s:
-            last_flush = item.ts
-            send_facts(item.ts)
         if last_report is None or item.ts - last_report >= PERF_EVERY_S:
             last_report = item.ts
             send(("perf", cam.camera, perf()))
     # A file ended (or we are stopping): close every open bucket.
-    send_facts(last_ts + cam.bucket_s + cam.track_grace_s + 1)
+    if (facts := feed.end()) is not None:
+        send(facts)
     send(("done", cam.camera, perf()))
 
 
+class TracksTap(Protocol):
+    def tracks(self, camera: str, ts: float, rows: Sequence[Sequence[float]]) -> None: ...
+    def camera_done(self, camera: str) -> None: ...
+
+
 class VisionService:
-    def __init__(self, cfg: VisionConfig, outbox: Outbox) -> None:
+    def __init__(self, cfg: VisionConfig, outbox: Outbox, monotonic: Callable[[], float] = time.monotonic) -> None:
+        """``monotonic``: the store-wide merge's deadlines (a replay gives its virtual clock)."""
         self.cfg = cfg
         self.outbox = outbox
+        self._monotonic = monotonic
         self._ctx = mp.get_context("spawn")  # no forked copies of the agent's threads and sockets
         self._stop = self._ctx.Event()
+        self._logs: Any = self._ctx.Queue()
+        self._log_listener: Any = None
+        self._record = self._ctx.Event()
+        self._tracks_tap: TracksTap | None = None
         self._cams = {c.camera: c for c in cfg.cameras}
         self._procs: dict[str, Any] = {}
         self._queues: dict[str, Any] = {c.camera: self._ctx.Queue(maxsize=cfg.queue_max) for c in cfg.cameras}
@@ -138,7 +146,13 @@ class VisionService:
         self.spawned: dict[str, float] = {}  # camera -> monotonic time its process was last started
         self.supervised = [CameraChild(self, c) for c in self._cams]  # restarted by the agent's supervisor
 
+    def record_tracks(self, tap: TracksTap) -> None:
+        """From now on the cameras also send every frame's tracks (numbers only), handed to ``tap``."""
+        self._tracks_tap = tap
+        self._record.set()
+
     def start(self) -> None:
+        self._log_listener = camera_log_listener(self._logs)
         for camera in self._cams:
             self._spawn(camera)
         self._drain.start()
@@ -149,8 +163,9 @@ class VisionService:
             old.cancel_join_thread()
             old.close()
             self._queues[camera] = self._ctx.Queue(maxsize=self.cfg.queue_max)
-        p = self._ctx.Process(target=run_camera, args=(self._cams[camera], self.cfg, self._queues[camera], self._stop),
-                              name=f"camera-{camera}", daemon=True)
+        logs = (self._logs, logging.getLogger().getEffectiveLevel())
+        p = self._ctx.Process(target=run_camera, name=f"camera-{camera}", daemon=True,
+                              args=(self._cams[camera], self.cfg, self._queues[camera], self._stop, logs, self._record))
         self.spawned[camera] = time.monotonic()
         p.start()
         self._procs[camera] = p
@@ -167,6 +182,8 @@ class VisionService:
                 p.kill()
         self._halt.set()
         self._drain.join(5)
+        if self._log_listener is not None:
+            self._log_listener.stop()  # after the cameras: what they logged on the way out is written
 
     def _take(self, timeout: float) -> tuple | None:
         """The next message of any camera, or None after ``timeout``."""
@@ -190,11 +207,19 @@ class VisionService:
             if msg is None and self._halt.is_set():
                 break  # the cameras have stopped and everything they sent has been taken
             try:
-                if msg is not None:
-                    self._handle(msg)
-                self._enqueue(*self._storewide.due(time.monotonic()))
+                self.take(msg)
             except Exception:
                 log.exception("vision result %s could not be handled", msg[0] if msg else "(store-wide deadline)")
+        self.finish()
+
+    def take(self, msg: tuple | None) -> None:
+        """One message from a camera (None: none came), then what the store-wide deadline makes due."""
+        if msg is not None:
+            self._handle(msg)
+        self._enqueue(*self._storewide.due(self._monotonic()))
+
+    def finish(self) -> None:
+        """Every store-wide bucket still waiting (the agent is stopping)."""
         self._enqueue(*self._storewide.flush())
 
     def _handle(self, msg: tuple) -> None:
@@ -202,8 +227,11 @@ class VisionService:
         if kind == "facts":
             _, _, stats, heat, dwells = msg
             # The store-wide items a camera's bucket completes go into the same transaction as the camera's.
-            wide_stats, wide_heat = self._storewide.add(camera, stats, heat, dwells, time.monotonic())
+            wide_stats, wide_heat = self._storewide.add(camera, stats, heat, dwells, self._monotonic())
             self._enqueue(stats + wide_stats, heat + wide_heat)
+        elif kind == "tracks":
+            if self._tracks_tap is not None:
+                self._tracks_tap.tracks(camera, msg[2], msg[3])
         elif kind == "gap":
             _, _, start, end, reason = msg
             until_written(lambda: self.outbox.alert(
@@ -213,6 +241,8 @@ class VisionService:
             for k, v in msg[2].items():
                 self.figures[f"vision.{camera}.{k}"] = float(v)
             if kind == "done":
+                if self._tracks_tap is not None:
+                    self._tracks_tap.camera_done(camera)
                 self.done.add(camera)
                 self._enqueue(*self._storewide.camera_done(camera))
 
