@@ -93,12 +93,12 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _record(args: argparse.Namespace) -> int:
-    cfg = _load_or_exit(args.config)
+    cfg = _load_or_exit(args.config, state=args.state_dir)
     setup_logging(cfg.log.level, coalesce_s=cfg.log.coalesce_s)
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from .replay.taps import record
 
-    return record(cfg, Path(args.out))
+    return record(cfg, Path(args.out), lambda: load_config(args.config, state=args.state_dir))
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     rec = sub.add_parser("record", help="run the agent and record its raw inputs (no images) into a file")
     rec.add_argument("-c", "--config", required=True)
     rec.add_argument("--out", required=True, help="the recording: JSON lines (gzip-compressed if it ends in .gz)")
+    rec.add_argument("--state-dir", help=state_help)
     rec.set_defaults(fn=_record)
     rep = sub.add_parser("replay", help="feed a recording through the pipeline on a virtual clock; print its output")
     rep.add_argument("file")

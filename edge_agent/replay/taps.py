@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
@@ -28,14 +29,15 @@ def attach(agent: Agent, recorder: Recorder) -> None:
         agent.vision.record_tracks(recorder)
 
 
-def record(cfg: AgentConfig, out: Path) -> int:
-    """Run the agent as ``edge-agent run`` does, recording its inputs into ``out`` until it is stopped."""
+def record(cfg: AgentConfig, out: Path, reread: Callable[[], AgentConfig]) -> int:
+    """Run the agent as ``edge-agent run`` does (``reread``: the config again, for SIGHUP), recording its
+    inputs into ``out`` until it is stopped."""
     agent = Agent(cfg)
     recorder = Recorder(out, agent.clock, cfg.store.id, __version__)
     attach(agent, recorder)
     log.info("recording the store's inputs into %s", out)
     try:
-        agent.run_until_signalled()
+        agent.run_until_signalled(reread)
     finally:
         recorder.close()
     log.info("recording %s closed: %d lines", out, recorder.lines)
