@@ -23,6 +23,9 @@ from .inventory.book import DELTA_STREAM, InventoryBook
 from .service.notify import Notifier
 from .service.reload import reload
 from .sources.simulated_inventory import SimulatedInventorySource
+from .status.server import StatusServer
+from .status.snapshot import StatusSource
+from .supervise import Backoff, Supervisor
 from .sync.diskstate import WriteFailed
 from .sync.downlink import CommandRejected, Downlink
 from .sync.outbox import Outbox, SealedMessage
@@ -94,9 +97,16 @@ class Agent:
         self.esl: EslService | None = None
         if cfg.esl.enabled:
             self._wire_esl()
+        sc = cfg.supervision
+        self.supervisor = Supervisor([c for s in self.sources for c in getattr(s, "supervised", ())],
+                                     Backoff(sc.restart_min_s, sc.restart_max_s, sc.stable_s), self.outbox.alert)
         self.notifier = Notifier()
         self._stop = threading.Event()
         self._housekeeper = threading.Thread(target=self._housekeep, name="housekeeper", daemon=True)
+        self.heartbeat = time.monotonic()  # the main loop's last round: /healthz
+        self.status: StatusServer | None = None
+        if cfg.status.enabled:
+            self.status = StatusServer(cfg.status, StatusSource(self))
 
     def _open_outbox(self, sign: Callable[[SealedMessage], str] | None) -> Outbox:
         """The outbox, once the disk lets SQLite open it (it needs room for its WAL and shared-memory files):
@@ -169,6 +179,7 @@ class Agent:
     def _figures(self) -> dict[str, float]:
         figures = self.uplink.figures()
         figures["outbox.writes_refused"] = self.outbox.disk.refused_total
+        figures.update(self.supervisor.figures())
         if self.vision is not None:
             figures.update(self.vision.figures)
         if self.esl is not None:
@@ -194,6 +205,7 @@ class Agent:
         interval = self.cfg.outbox.cap_check_interval_s
         forced = float("-inf")
         while not self._stop.wait(interval):
+            self.heartbeat = time.monotonic()  # /healthz
             self.notifier.watchdog()  # every round that comes round, whatever it meets: the loop is alive
             try:
                 # What the cap compacted or dropped goes to HQ at once, but a cap that keeps working (an
@@ -219,10 +231,16 @@ class Agent:
             pass  # the housekeeper tries again at every round
         for s in self.sources:
             s.start()
+        self.supervisor.start()
+        if self.status is not None:
+            self.status.start()
 
     def stop(self, flush_timeout: float = 5.0) -> None:
         log.info("stopping: flushing for up to %.1fs", flush_timeout)
         self.notifier.stopping()
+        if self.status is not None:
+            self.status.stop()
+        self.supervisor.stop()  # first: a source stopping is not one dying
         for s in self.sources:
             s.stop()
         self._stop.set()

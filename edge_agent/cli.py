@@ -72,6 +72,26 @@ def _install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    """What a running agent sees, from its status server: 0 ready, 1 not ready, 3 not answering."""
+    from .status.terminal import fetch, render
+
+    cfg = _load_or_exit(args.config, state=args.state_dir)
+    if not args.url and (not cfg.status.enabled or cfg.status.port == 0):
+        why = "status.enabled is false" if not cfg.status.enabled else "status.port is 0 (the agent logs its port)"
+        print(f"{args.config}: {why}; give --url", file=sys.stderr)
+        return 3
+    host = "127.0.0.1" if cfg.status.host in ("0.0.0.0", "::") else cfg.status.host  # bound to all: ask loopback
+    url = args.url or f"http://{f'[{host}]' if ':' in host else host}:{cfg.status.port}"
+    try:
+        s = fetch(url, cfg.status.token.get_secret_value() if cfg.status.token else None)
+    except OSError as e:
+        print(f"cannot read the agent's status at {url}: {e}", file=sys.stderr)
+        return 3
+    print(s.model_dump_json(indent=1) if args.json else render(s))
+    return 0 if s.ready else 1
+
+
 def _record(args: argparse.Namespace) -> int:
     cfg = _load_or_exit(args.config, state=args.state_dir)
     setup_logging(cfg.log.level, coalesce_s=cfg.log.coalesce_s)
@@ -223,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("-c", "--config", required=True)
     r.add_argument("--state-dir", help=state_help)
     r.set_defaults(fn=_run)
+    st = sub.add_parser("status", help="what a running agent sees: readiness, outbox, cameras, readers, labels, alerts")
+    st.add_argument("-c", "--config", required=True, help="the agent's config (status.host, port and token)")
+    st.add_argument("--state-dir", help=state_help)
+    st.add_argument("--url", help="the status server's address instead, e.g. http://127.0.0.1:8782")
+    st.add_argument("--json", action="store_true", help="the whole snapshot as JSON")
+    st.set_defaults(fn=_status)
     i = sub.add_parser("install", help="lay out /etc/edge-agent, /var/lib/edge-agent, the service user and the "
                                        "systemd unit (an existing config is kept)")
     i.add_argument("--root", default="/", help="install under this folder instead of / (an image, a test)")

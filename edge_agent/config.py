@@ -464,6 +464,43 @@ class EslConfig(Section):
     low_stock_zones: list[str] = []  # zones counted for low stock; empty = all
 
 
+class StatusConfig(Section):
+    """The local status server for the engineer on site: /healthz, /readyz, /metrics, the page (edge_agent/status/)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8782, ge=0, le=65535)  # 0: any free port (logged)
+    # Required when host is beyond loopback: the figures tell anyone on the store LAN what the store does.
+    # A secret: from EDGE_AGENT_STATUS_TOKEN, EDGE_AGENT_STATUS_TOKEN_FILE or systemd credentials too.
+    token: SecretStr | None = Field(None, min_length=16, validate_default=True)
+    # /healthz says unhealthy once the agent's main loop (housekeeping) has not ticked for this long.
+    stale_after_s: float = Field(30.0, gt=0)
+
+    @field_validator("token")
+    @classmethod
+    def _token_beyond_loopback(cls, v: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        host = info.data.get("host")
+        if v is None and info.data.get("enabled") and host is not None and not is_loopback(host):
+            raise ValueError(f"required: status.host {host!r} is beyond loopback, and the status figures would be "
+                             "open to anyone on the store's network")
+        return v
+
+
+class SupervisionConfig(Section):
+    """Camera processes and source threads that die are restarted (edge_agent/supervise.py)."""
+
+    restart_min_s: float = Field(1.0, gt=0)
+    restart_max_s: float = Field(60.0, gt=0)
+    # Up this long after a restart: the episode is over (a recovered note to HQ; backoff from the minimum again).
+    stable_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> SupervisionConfig:
+        if self.restart_max_s < self.restart_min_s:
+            raise ValueError("restart_max_s must be at least restart_min_s")
+        return self
+
+
 class StoreConfig(Section):
     id: StoreId
     # The store's IANA time zone: sent in health so HQ shows the store's local times (timestamps stay UTC).
@@ -482,6 +519,8 @@ class AgentConfig(Section):
     log: LogConfig = LogConfig()
     signing: SigningConfig = SigningConfig()
     hq: HqConfig = HqConfig()
+    status: StatusConfig = StatusConfig()
+    supervision: SupervisionConfig = SupervisionConfig()
 
 
 class HqFileConfig(BaseModel):

@@ -11,6 +11,7 @@ import pytest
 from simulators.mosquitto import Mosquitto
 from simulators.postgres import Postgres
 
+from .browser import browser  # noqa: F401 - the fixture, for every browser test
 from .helpers import HqBackend
 
 os.environ.setdefault("YOLO_OFFLINE", "1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,10 +22,21 @@ from edge_agent.hq.pg_store import PgStore
 from edge_agent.hq.receiver import HqReceiver
 from edge_agent.hq.sqlite_store import SqliteStore
 from edge_agent.hq.store import HqStore
+from simulators.live_camera import LiveCamera
 from simulators.postgres import Postgres
 from simulators.toml_files import write_toml
 
 REPO = Path(__file__).resolve().parents[1]
+CAVIAR_CLIP = REPO.parent / "shared" / "data" / "caviar" / "EnterExitCrossingPaths1cor.mpg"
+
+
+def live_door_camera() -> tuple[LiveCamera, dict[str, Any]]:
+    """A live MJPEG camera at 10 fps (real footage when the CAVIAR clip is there, a pattern otherwise) and
+    [vision] keys for an agent that analyses it as camera "door", small and fast."""
+    live = LiveCamera(CAVIAR_CLIP if CAVIAR_CLIP.exists() else None, fps=10.0).start()
+    return live, {"enabled": True, "imgsz": 320, "flush_s": 2.0, "cameras": [
+        {"camera": "door", "url": live.url, "fps_cap": 5.0,
+         "homography": {"image": [[0, 0], [320, 0], [320, 240], [0, 240]], "floor": [[0, 0], [8, 0], [8, 6], [0, 6]]}}]}
 
 
 def agent_config(
@@ -34,6 +48,7 @@ def agent_config(
         "outbox": {"path": str(tmp / f"outbox-{store}.db"), "cap_check_interval_s": 0.2},
         "health": {"interval_s": 5.0},
         "log": {"level": "INFO"},
+        "status": {"port": 0},  # any free port: test agents (and other runs on the box) never collide on 8782
     }
     if sim is not None:
         t["sources.simulated_inventory"] = {"enabled": True, **sim}
@@ -160,6 +175,17 @@ def start_hq(
     rx = HqReceiver(cfg)
     rx.start()
     return rx
+
+
+def local_status(port: int, path: str = "/status.json") -> tuple[int, Any]:
+    """(HTTP status, JSON) of an agent's status server on 127.0.0.1; (0, None) while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+    except OSError:
+        return 0, None
 
 
 def wait_for(pred: Callable[[], bool], timeout: float, what: str, every: float = 0.1) -> None:

@@ -6,19 +6,13 @@ the store raised is at the top. A screenshot of each page is kept in test-artifa
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
 
 from edge_agent.clock import RealClock, rfc3339
 from edge_agent.config import MqttConfig
@@ -28,38 +22,13 @@ from edge_agent.sync.outbox import Fact, Outbox
 from edge_agent.sync.uplink import Uplink
 from simulators.mosquitto import Mosquitto, free_port
 
-from .helpers import REPO, start_hq, wait_for
+from .browser import save, until
+from .helpers import start_hq, wait_for
 
 pytestmark = pytest.mark.slow
 
 STORES = ["S001", "S002", "S003", "S004", "S005", "S006"]
 ALERT = "backroom reader R2 silent for 15 min (raised by the browser test)"
-ARTEFACTS = REPO / "test-artifacts"
-
-
-def chromium() -> tuple[str, str]:
-    """Debian's browser and its driver; scripts/bootstrap.sh installs both. Missing is a failure, not a skip."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None)
-    if not browser or not driver:
-        pytest.fail("chromium and chromium-driver are not installed: run scripts/bootstrap.sh")
-    return browser, driver
-
-
-@pytest.fixture
-def browser() -> Iterator[webdriver.Chrome]:
-    binary, driver_path = chromium()
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900",
-                "--lang=en-GB"):
-        opts.add_argument(arg)
-    # The driver named outright: Selenium Manager would otherwise try to download one. The browser in
-    # Paris, so that the page's two clocks (UTC and the viewer's) differ.
-    d = webdriver.Chrome(options=opts, service=Service(driver_path, env={**os.environ, "TZ": "Europe/Paris"}))
-    d.set_page_load_timeout(30)
-    yield d
-    d.quit()
 
 
 class Store:
@@ -100,26 +69,6 @@ def door_pixels(d: webdriver.Chrome) -> int:
         for (let i = 0; i < px.length; i += 4)
           if (Math.abs(px[i] - 21) < 12 && Math.abs(px[i + 1] - 101) < 12 && Math.abs(px[i + 2] - 192) < 12) n++;
         return n;""")
-
-
-def save(d: webdriver.Chrome, tmp: Path, name: str) -> Path:
-    """A screenshot of the whole page (the window grown to it), in tmp and in test-artifacts/."""
-    height = d.execute_script("return document.documentElement.scrollHeight")
-    d.set_window_size(1280, max(900, min(int(height) + 40, 6000)))
-    path = tmp / name
-    assert d.save_screenshot(str(path)), name
-    ARTEFACTS.mkdir(exist_ok=True)
-    shutil.copy(path, ARTEFACTS / name)
-    d.set_window_size(1280, 900)
-    return path
-
-
-def until(d: webdriver.Chrome, what: str, timeout: float, pred) -> object:  # noqa: ANN001 - a WebDriverWait predicate
-    try:
-        return WebDriverWait(d, timeout, poll_frequency=0.2).until(pred)
-    except TimeoutException:
-        save(d, d.tmp, f"failed-{re.sub(r'[^a-z]+', '-', what.lower())}.png")  # type: ignore[attr-defined]
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
 
 
 def fleet_rows(d: webdriver.Chrome) -> list[str]:

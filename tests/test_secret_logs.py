@@ -28,7 +28,8 @@ STORE_BROKER_PASSWORD = "brk-canary-3a9e57-store"
 READER_TOKEN = "rdr-canary-e41b06-reader"
 WRONG_TOKEN = "rdr-canary-00ff00-wrong"
 CAMERA_PASSWORD = "cam-canary-7b13c9-camera"
-ALL = (UPLINK_PASSWORD, STORE_BROKER_PASSWORD, READER_TOKEN, WRONG_TOKEN, CAMERA_PASSWORD)
+STATUS_TOKEN = "sts-canary-5d1e2f-status"
+ALL = (UPLINK_PASSWORD, STORE_BROKER_PASSWORD, READER_TOKEN, WRONG_TOKEN, CAMERA_PASSWORD, STATUS_TOKEN)
 
 
 @pytest.fixture
@@ -57,9 +58,9 @@ def post(port: int, events: list[dict], authorization: str) -> int:
 def test_no_secret_in_the_agent_log(tmp_path: Path, broker: Mosquitto, store_broker: Mosquitto,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     camera = SilentServer()  # a camera that accepts and never answers: the agent logs its URL, redacted
-    http_port = free_port()
+    http_port, status_port = free_port(), free_port()
     cfg = agent_config(
-        tmp_path, broker.port, mqtt={"username": "S001"},
+        tmp_path, broker.port, mqtt={"username": "S001"}, status={"port": status_port},
         log={"level": "DEBUG"},
         rfid={"enabled": True, "antennas": [{"reader": "r1", "port": 1, "zone": "salesfloor"}]},
         rfid__mqtt={"enabled": True, "port": store_broker.port, "username": "agent"},
@@ -80,6 +81,7 @@ def test_no_secret_in_the_agent_log(tmp_path: Path, broker: Mosquitto, store_bro
     monkeypatch.setenv("EDGE_AGENT_MQTT_PASSWORD", UPLINK_PASSWORD)
     monkeypatch.setenv("EDGE_AGENT_RFID_MQTT_PASSWORD_FILE", str(secret_file))
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    monkeypatch.setenv("EDGE_AGENT_STATUS_TOKEN", STATUS_TOKEN)
     assert not any(s in cfg.read_text() for s in ALL)
 
     check = subprocess.run([sys.executable, "-m", "edge_agent.cli", "check-config", str(cfg)],
@@ -99,6 +101,7 @@ def test_no_secret_in_the_agent_log(tmp_path: Path, broker: Mosquitto, store_bro
         assert post(http_port, event, f"Basic {basic}") == 202
         assert post(http_port, event, f"Bearer {WRONG_TOKEN}") == 401
         wait_for(lambda: "401" in log.read_text(), 10, "the refusal logged")
+        assert _status(status_port, STATUS_TOKEN) == 200 and _status(status_port, WRONG_TOKEN) == 401
     finally:
         assert agent.terminate() == 0
         camera.close()
@@ -116,3 +119,11 @@ def _accepting(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def _status(port: int, token: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
+    status = conn.getresponse().status
+    conn.close()
+    return status

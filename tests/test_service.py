@@ -19,6 +19,7 @@ import sysconfig
 import tempfile
 import time
 import tomllib
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,15 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.hq.receiver import HqReceiver
 from edge_agent.service.install import CONFIG_DIR, STATE_DIR, UNIT, under, unreachable
 from edge_agent.service.notify import Notifier
-from simulators.mosquitto import Mosquitto
+from simulators.mosquitto import Mosquitto, free_port
 from simulators.toml_files import write_toml
 
-from .helpers import REPO, AgentProcess, CuttableLink, HqProcess, agent_config, start_hq, wait_for
+from .helpers import REPO, AgentProcess, CuttableLink, HqProcess, agent_config, local_status, start_hq, wait_for
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 
@@ -314,6 +316,7 @@ def installed_agent(scratch_root: Path, service_user: pwd.struct_passwd, broker:
     tables["mqtt"] |= {"port": broker.port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5}
     tables["sources"]["simulated_inventory"] |= {"enabled": True, "total": total, "rate_per_s": 3_000.0}
     tables["outbox"]["cap_check_interval_s"] = 0.2
+    tables["status"]["port"] = free_port()  # not 8782: other runs on the box may hold it
     write_toml(config, tables)
     # As systemd would start it: ExecStart's command line, as the unit's user, with $STATE_DIRECTORY and
     # $NOTIFY_SOCKET set; the target's /etc/edge-agent is the scratch root's.
@@ -342,8 +345,22 @@ def installed_agent(scratch_root: Path, service_user: pwd.struct_passwd, broker:
         hq.stop()
 
 
-# After the local-status branch merges: a test taking ``installed_agent`` checks `edge-agent status`
-# (installed_agent.cli("status", ...)), /healthz, /readyz and /metrics of this process for live figures.
+def test_installed_agent_answers_status_healthz_readyz_and_metrics(installed_agent: InstalledAgent) -> None:
+    """The acceptance's local status: the installed agent, as the service user, answers with live figures."""
+    a = installed_agent
+    port = a.tables["status"]["port"]
+    assert local_status(port, "/healthz") == (200, {"alive": True, "loop_age_s": pytest.approx(0.1, abs=2)})
+    code, ready = local_status(port, "/readyz")
+    assert code == 200 and all(c["ok"] for c in ready["checks"]), ready
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        m = {s.name: s.value for fam in text_string_to_metric_families(r.read().decode()) for s in fam.samples
+             if not s.labels}
+    assert m["edge_outbox_facts_enqueued_total"] >= a.total  # the feed's deltas, and health reports
+    assert m["edge_uplink_connected"] == 1
+    assert m["edge_uplink_messages_acked_total"] > 0 and m["edge_alive"] == 1
+    out = a.cli("status", "-c", str(a.config))
+    assert out.returncode == 0, out
+    assert "store S042" in out.stdout and "alive  ready" in out.stdout and "uplink: connected" in out.stdout
 
 
 def test_installed_layout_runs_as_the_service_user(installed_agent: InstalledAgent) -> None:

@@ -334,7 +334,7 @@ def test_service_enqueues_store_wide_items_with_the_camera_items_that_complete_t
 def test_service_flushes_waiting_store_wide_buckets_when_it_stops(tmp_path: Path) -> None:
     svc, ob = _service(tmp_path)
     # What a camera sent just before stop() is still taken, then the bucket b never completed goes out.
-    svc._q.put(("facts", "a", [stat("a", 0, entries=4)], [], {}))
+    svc._queues["a"].put(("facts", "a", [stat("a", 0, entries=4)], [], {}))
     svc._halt.set()
     svc._drain.start()
     svc._drain.join(10)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from ..clock import Clock, rfc3339
 from ..config import EslConfig
 from ..contract import Command, EslBindArgs, EslFlashArgs, PriceSetArgs
+from ..supervise import SupervisedThread
 from ..sync.diskstate import WriteFailed
 from ..sync.downlink import CommandRejected
 from ..sync.outbox import Fact, Outbox, OutboxTx
@@ -79,7 +80,8 @@ class EslService:
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._halt = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="esl", daemon=True)
+        self._thread = SupervisedThread("esl", self._run)
+        self.supervised = [self._thread]
         self._listener: threading.Thread | None = None
         self.counters: Counter[str] = Counter()
         self.integrity: tuple[int, int] = (0, 0)
@@ -346,6 +348,16 @@ class EslService:
             self.book.prune(tx.conn, now)
 
     # ---------------------------------------------------------------- figures
+
+    def attention(self, limit: int = 50) -> tuple[int, list[tuple[str, str | None, list[str], float | None]]]:
+        """Labels needing someone: those not showing what they should or with an alert open (mismatch past
+        its deadline, stuck, low battery, silent). (how many, the first ``limit`` of them: label, GTIN,
+        alert kinds, since when it has been wrong on the agent's clock), longest wrong first."""
+        with self._lock:
+            rows = [(st.label, self.bindings.get(st.label), list(st.alerted), st.wrong_since)
+                    for st in self.engine.labels.values() if st.alerted or st.wrong_since is not None]
+        rows.sort(key=lambda r: (r[3] is None, r[3] or 0.0, r[0]))
+        return len(rows), rows[:limit]
 
     def figures(self) -> dict[str, float]:
         ok, total = self.integrity

@@ -408,6 +408,13 @@ class RfidPipeline:
 
     # ------------------------------------------------------------ figures
 
+    def antennas(self) -> list[tuple[str, int | str, str, int, float | None]]:
+        """Every configured antenna: (reader, port or name, zone, reads taken, when it last read on the agent's
+        clock). Unlike ``health()`` this leaves the health report's reads/s window alone."""
+        with self.lock:
+            return [(reader, ant, zone, self.reads_by_antenna[(reader, ant)], self.last_read_at.get((reader, ant)))
+                    for (reader, ant), zone in self.zones.items()]
+
     def health(self) -> dict[str, float]:
         with self.lock:
             figures: dict[str, float] = {

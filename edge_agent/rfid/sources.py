@@ -38,6 +38,7 @@ import paho.mqtt.client as mqtt
 
 from ..config import MqttConfig, ReaderHttpConfig, ReaderMqttConfig, is_loopback
 from ..httpbody import HeadersInTime, read_body, refuse
+from ..supervise import SupervisedThread
 from ..sync.diskstate import WriteFailed, until_written
 from ..sync.mqtt_client import Connection
 from ..tokens import credential_owner
@@ -60,8 +61,9 @@ class ReaderIntake:
         # (payload, source, reader hint, the only reader it may speak for): pipeline.ingest's arguments
         self._q: queue.Queue[tuple[bytes, str, str | None, str | None] | None] = queue.Queue(maxsize=maxsize)
         self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._work, name="rfid-intake", daemon=True)
-        self._ticker = threading.Thread(target=self._tick, name="rfid-tick", daemon=True)
+        self._worker = SupervisedThread("rfid-intake", self._work)
+        self._ticker = SupervisedThread("rfid-tick", self._tick)
+        self.supervised = [self._worker, self._ticker]
         self.dropped = 0
         self._dropping = False  # logged once when dropping starts, once when it ends
         self.tap: Callable[[bytes, str, str | None], None] | None = None  # a recorder: each payload taken in

@@ -17,6 +17,7 @@ from simulators.inventory_feed import InventoryFeed
 from ..clock import Clock
 from ..config import SimulatedInventoryConfig
 from ..inventory.book import Delta, InventoryBook
+from ..supervise import SupervisedThread
 from ..sync.diskstate import until_written
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ class SimulatedInventorySource:
         self.clock = clock
         self.feed = InventoryFeed(cfg.seed, cfg.zones, cfg.gtins)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=NAME, daemon=True)
+        self._thread = SupervisedThread(NAME, self._run)
+        self.supervised = [self._thread]
         self.done = threading.Event()
 
     def start(self) -> None:

@@ -286,6 +286,9 @@ class Outbox:
         self._dirty: set[str] = set()  # streams enqueued to since the uplink last looked
         self._sign = sign
         self.disk = DiskState()
+        # Since this process started, committed (for /metrics: Prometheus takes a restart's reset to 0 in its stride).
+        self.facts_enqueued = 0
+        self.facts_sealed = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = self._open_checked()
         self.instance = self._instance_id()
@@ -456,6 +459,7 @@ class Outbox:
                               e)
                 raise WriteFailed(kind, e) from e
             self.disk.committed()
+            self.facts_enqueued += tx.enqueued
         if closing is not None:
             log.warning(f"alert {closing[0]}: %s", closing[1])
         if tx.enqueued:
@@ -577,6 +581,7 @@ class Outbox:
                 raise
             self.conn.execute("COMMIT")
             self._unacked[stream] = self._unacked.get(stream, 0) + 1
+            self.facts_sealed += msg.facts
             return msg
 
     def sealed_after(self, stream: str, after_seq: int, limit: int) -> list[SealedMessage]:

@@ -11,6 +11,11 @@ camera process writes to a local folder itself.
 Items the store-wide merge has produced are held until the outbox takes them: while the disk refuses
 writes the drain thread retries them and takes nothing new, so results wait in the bounded queue and
 a camera that cannot hand one over within a second counts it in ``results_dropped``.
+
+A camera process that dies is restarted by the agent's supervisor (``supervised``, see supervise.py).
+Each process has a results queue of its own, made new at every start: a process killed while writing to
+a shared queue would leave its lock taken for every other camera. What a killed camera had not handed
+over yet (its open buckets) is lost with it.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ import json
 import logging
 import multiprocessing as mp
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from ..clock import parse_rfc3339
 from ..config import CameraConfig, VisionConfig
@@ -33,6 +39,8 @@ from ..sync.outbox import Fact, Outbox
 from .storewide import STORE_WIDE, StoreWideTraffic
 
 log = logging.getLogger(__name__)
+
+PERF_EVERY_S = 2.0  # stream seconds between a camera's frame figures: how fresh "last frame" is on the status page
 
 
 def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any, logs: tuple[Any, int], record: Any) -> None:
@@ -97,7 +105,7 @@ def run_camera(cam: CameraConfig, vcfg: VisionConfig, out: Any, stop: Any, logs:
         t_frames += t1 - t_prev
         t_prev = time.perf_counter()
         n += 1
-        if last_report is None or item.ts - last_report >= 10.0:
+        if last_report is None or item.ts - last_report >= PERF_EVERY_S:
             last_report = item.ts
             send(("perf", cam.camera, perf()))
     # A file ended (or we are stopping): close every open bucket.
@@ -117,19 +125,16 @@ class VisionService:
         self.cfg = cfg
         self.outbox = outbox
         self._monotonic = monotonic
-        ctx = mp.get_context("spawn")  # no forked copies of the agent's threads and sockets
-        self._q: Any = ctx.Queue(maxsize=cfg.queue_max)
-        self._stop = ctx.Event()
-        self._logs: Any = ctx.Queue()
-        logs = (self._logs, logging.getLogger().getEffectiveLevel())
+        self._ctx = mp.get_context("spawn")  # no forked copies of the agent's threads and sockets
+        self._stop = self._ctx.Event()
+        self._logs: Any = self._ctx.Queue()
         self._log_listener: Any = None
-        self._record = ctx.Event()
+        self._record = self._ctx.Event()
         self._tracks_tap: TracksTap | None = None
-        self._procs = {
-            c.camera: ctx.Process(target=run_camera, args=(c, cfg, self._q, self._stop, logs, self._record),
-                                  name=f"camera-{c.camera}", daemon=True)
-            for c in cfg.cameras
-        }
+        self._cams = {c.camera: c for c in cfg.cameras}
+        self._procs: dict[str, Any] = {}
+        self._queues: dict[str, Any] = {c.camera: self._ctx.Queue(maxsize=cfg.queue_max) for c in cfg.cameras}
+        self._turn = 0  # which camera's queue is looked at first: a busy camera must not starve the others
         self._drain = threading.Thread(target=self._run, name="vision-drain", daemon=True)
         self._halt = threading.Event()
         # Only the drain thread touches it. Its deadline runs on the monotonic clock: the cameras' stream
@@ -137,6 +142,9 @@ class VisionService:
         self._storewide = StoreWideTraffic(cfg.cameras, wait_s=cfg.storewide_wait_s)
         self.figures: dict[str, float] = {}
         self.done: set[str] = set()
+        self.last_frame: dict[str, float] = {}  # camera -> monotonic time its last frame figures arrived
+        self.spawned: dict[str, float] = {}  # camera -> monotonic time its process was last started
+        self.supervised = [CameraChild(self, c) for c in self._cams]  # restarted by the agent's supervisor
 
     def record_tracks(self, tap: TracksTap) -> None:
         """From now on the cameras also send every frame's tracks (numbers only), handed to ``tap``."""
@@ -145,9 +153,26 @@ class VisionService:
 
     def start(self) -> None:
         self._log_listener = camera_log_listener(self._logs)
-        for p in self._procs.values():
-            p.start()
+        for camera in self._cams:
+            self._spawn(camera)
         self._drain.start()
+
+    def _spawn(self, camera: str) -> None:
+        if camera in self._procs:  # a restart: the dead process's queue may be left locked or half written
+            old = self._queues[camera]
+            old.cancel_join_thread()
+            old.close()
+            self._queues[camera] = self._ctx.Queue(maxsize=self.cfg.queue_max)
+        logs = (self._logs, logging.getLogger().getEffectiveLevel())
+        p = self._ctx.Process(target=run_camera, name=f"camera-{camera}", daemon=True,
+                              args=(self._cams[camera], self.cfg, self._queues[camera], self._stop, logs, self._record))
+        self.spawned[camera] = time.monotonic()
+        p.start()
+        self._procs[camera] = p
+
+    def pid(self, camera: str) -> int | None:
+        p = self._procs.get(camera)
+        return p.pid if p is not None else None
 
     def stop(self) -> None:
         self._stop.set()
@@ -160,14 +185,27 @@ class VisionService:
         if self._log_listener is not None:
             self._log_listener.stop()  # after the cameras: what they logged on the way out is written
 
+    def _take(self, timeout: float) -> tuple | None:
+        """The next message of any camera, or None after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            queues = list(self._queues.values())
+            for i in range(len(queues)):
+                try:
+                    msg = queues[(self._turn + i) % len(queues)].get_nowait()
+                except (queue.Empty, OSError, EOFError, ValueError):  # empty, or closed by a restart just now
+                    continue
+                self._turn += 1
+                return msg
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)  # no select over several multiprocessing queues; results are minute buckets
+
     def _run(self) -> None:
         while True:
-            try:
-                msg = self._q.get(timeout=0.2)
-            except queue.Empty:
-                if self._halt.is_set():
-                    break  # the cameras have stopped and everything they sent has been taken
-                msg = None
+            msg = self._take(0.2)
+            if msg is None and self._halt.is_set():
+                break  # the cameras have stopped and everything they sent has been taken
             try:
                 self.take(msg)
             except Exception:
@@ -199,6 +237,7 @@ class VisionService:
             until_written(lambda: self.outbox.alert(
                 "vision.stream_gap", f"camera {camera}: {reason}; no frames for {end - start:.1f} s"), self._halt)
         elif kind in ("perf", "done"):
+            self.last_frame[camera] = time.monotonic()
             for k, v in msg[2].items():
                 self.figures[f"vision.{camera}.{k}"] = float(v)
             if kind == "done":
@@ -223,3 +262,41 @@ class VisionService:
 
 def _fact(item: dict[str, Any], key: str) -> Fact:
     return Fact(ts=parse_rfc3339(item["bucket_start"]), body=json.dumps(item, separators=(",", ":")), key=key)
+
+
+class CameraChild:
+    """One camera's process, as the supervisor sees it: finished when it exited 0 (a video file ended; a
+    live stream's process returns only when stopped), dead when killed or exited otherwise (an exception:
+    a missing file, a model that does not load)."""
+
+    alerts = ("vision.camera_down", "vision.camera_recovered")
+
+    def __init__(self, service: VisionService, camera: str) -> None:
+        self.service = service
+        self.camera = camera
+        self.name = f"camera-{camera}"
+
+    def exit(self) -> tuple[Literal["running", "finished", "died"], str]:
+        p = self.service._procs.get(self.camera)
+        if p is None or p.exitcode is None:
+            return "running", ""
+        if p.exitcode == 0:
+            return "finished", ""
+        if p.exitcode < 0:
+            return "died", f"killed by {_signal_name(-p.exitcode)}"
+        return "died", f"exit code {p.exitcode}"
+
+    def working(self) -> bool:
+        """Frames analysed since this process started (its model loaded)."""
+        return self.service.last_frame.get(self.camera, float("-inf")) > self.service.spawned.get(self.camera, 0.0)
+
+    def restart(self) -> None:
+        self.service.done.discard(self.camera)
+        self.service._spawn(self.camera)
+
+
+def _signal_name(n: int) -> str:
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return f"signal {n}"
