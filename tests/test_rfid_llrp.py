@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -20,6 +21,8 @@ import pytest
 from edge_agent.rfid.formats import parse_payload
 from edge_agent.rfid.llrp import SOURCE, LlrpReaderSource, tags_to_payload
 from edge_agent.rfid.reads import TagRead
+from edge_agent.supervise import Backoff, Supervisor
+from simulators.mosquitto import free_port
 
 NOW = 1_750_000_000.0
 
@@ -78,8 +81,9 @@ def test_submit_refusal_is_counted() -> None:
 # ------------------------------------------------------------------------------------------- emulated reader
 
 
-@pytest.fixture
-def emulator() -> Iterator[Any]:
+@contextmanager
+def emulated_reader(port: int = 0) -> Iterator[Any]:
+    """An LLRP reader emulator on 127.0.0.1:``port`` (0: any free port) for the block's duration."""
     pytest.importorskip("sllurp", minversion="3")
     emu_mod = pytest.importorskip("llrpkit.emulator")
     from llrpkit.protocol import messages
@@ -114,7 +118,7 @@ def emulator() -> Iterator[Any]:
         emu_mod.EmulatedTag(epc=bytes.fromhex("3034257BF7194E4000001A85"), antennas=(1,), rssi_dbm=-50.0),
         emu_mod.EmulatedTag(epc=bytes.fromhex("E28011052000794C1B2E0A1B00000001"), antennas=(2,), rssi_dbm=-60.0),
     ]
-    emu = SpecEmulator(host="127.0.0.1", port=0, tags=tags, reads_per_sec=200.0, antenna_count=2, seed=3)
+    emu = SpecEmulator(host="127.0.0.1", port=port, tags=tags, reads_per_sec=200.0, antenna_count=2, seed=3)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="llrp-emulator", daemon=True)
     thread.start()
@@ -126,6 +130,45 @@ def emulator() -> Iterator[Any]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+@pytest.fixture
+def emulator() -> Iterator[Any]:
+    with emulated_reader() as emu:
+        yield emu
+
+
+def test_a_reader_off_at_boot_is_retried_until_it_answers() -> None:
+    """A reader switched off (or unreachable) when the agent starts must not stop the agent: the source
+    says why, the Supervisor tries again with backoff and tells HQ once (source.down), and reads flow once
+    the reader answers, with source.recovered after it has worked stable_s."""
+    pytest.importorskip("sllurp", minversion="3")
+    port = free_port()
+    got: queue.Queue[bytes] = queue.Queue()
+    src = LlrpReaderSource("127.0.0.1", lambda payload, _s, _r: got.put(payload), port=port, name="llrp-late",
+                           antennas=(1, 2), report_every_n_tags=10, timeout_s=2.0)
+    alerts: list[tuple[str, str]] = []
+    sup = Supervisor(src.supervised, Backoff(min_s=0.2, max_s=1.0, stable_s=1.0), lambda k, m: alerts.append((k, m)),
+                     poll_s=0.1)
+    src.start()  # nothing listens: logged, not raised
+    assert src.exit()[0] == "died" and "cannot connect" in src.exit()[1]
+    sup.start()
+    try:
+        time.sleep(1.5)
+        assert [k for k, _ in alerts] == ["source.down"]  # once, however often it was retried
+        with emulated_reader(port):
+            payload = got.get(timeout=30)
+            assert parse_payload(payload, now=time.time())[0]
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and len(alerts) < 2:
+                time.sleep(0.1)
+            assert [k for k, _ in alerts] == ["source.down", "source.recovered"], alerts
+            sup.stop()
+            src.stop(timeout_s=5.0)
+        assert src.exit() == ("finished", "")
+    finally:
+        sup.stop()
+        src.stop(timeout_s=5.0)
 
 
 def test_reads_from_emulated_reader(emulator: Any) -> None:

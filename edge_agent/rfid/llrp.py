@@ -36,7 +36,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -132,19 +132,50 @@ class LlrpReaderSource:
         self.rejected = 0  # payloads submit() refused (intake full)
         self._lock = threading.Lock()
         self._client: Any = None
+        self._error: str | None = None  # why the last connection attempt failed
+        self._stopped = False
+        # The agent's Supervisor retries a reader that is off or unreachable (at boot or later) with backoff,
+        # and tells HQ once per episode (source.down / source.recovered): a reader must never stop the agent.
+        self.supervised = [self]
+
+    # -- as the Supervisor's child (edge_agent.supervise.Child)
+    alerts = ("source.down", "source.recovered")
 
     def start(self) -> None:
-        """Connect and start inventory. Raises ImportError without sllurp, OSError if the reader is unreachable."""
+        """Connect and start inventory. Raises ImportError without sllurp; a reader that cannot be reached is
+        logged and left to the Supervisor, which calls restart() with backoff."""
         from sllurp.llrp import LLRPReaderClient, LLRPReaderConfig
 
+        self._stopped, self._error = False, None
         client = LLRPReaderClient(self.host, self.port, LLRPReaderConfig(dict(self.config)), timeout=self.timeout_s)
         client.add_tag_report_callback(self._on_report)
-        client.connect()
+        try:
+            client.connect()
+        except Exception as e:  # sllurp raises OSError or its own ReaderConfigurationError, among others
+            self._error = f"cannot connect to {self.host}:{self.port}: {type(e).__name__}: {e}"
+            log.error("LLRP reader %s: %s", self.name, self._error)
+            return
         self._client = client
         log.info("LLRP reader %s connected at %s:%d", self.name, self.host, self.port)
 
+    restart = start
+
+    def exit(self) -> tuple[Literal["running", "finished", "died"], str]:
+        if self._stopped:
+            return "finished", ""
+        if self._client is None:
+            return "died", self._error or "not connected"
+        if not self._client.is_alive():
+            self._client = None
+            return "died", "the connection to the reader ended"
+        return "running", ""
+
+    def working(self) -> bool:
+        return self.connected
+
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop inventory politely (delete the ROSpecs) and disconnect, waiting at most ``timeout_s``."""
+        self._stopped = True
         client, self._client = self._client, None
         if client is None:
             return

@@ -174,12 +174,16 @@ class VisionService:
         p = self._procs.get(camera)
         return p.pid if p is not None else None
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 3.0) -> None:
+        """Every camera process gets ``timeout_s`` in all (not each) to finish its bucket, then is killed:
+        the agent must be gone within the 10 s a container engine or systemd gives after SIGTERM."""
         self._stop.set()
+        deadline = time.monotonic() + timeout_s
         for p in self._procs.values():
-            p.join(10)
+            p.join(max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
+                p.join(1)
         self._halt.set()
         self._drain.join(5)
         if self._log_listener is not None:
