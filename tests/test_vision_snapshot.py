@@ -124,7 +124,15 @@ def _run_camera(video: tuple[Path, dict[str, Any]], **vision: Any) -> list[tuple
 
     vcfg = VisionConfig.model_validate({"enabled": True, "flush_s": 1.0, "cameras": [video[1]], **vision})
     out: queue.Queue[tuple] = queue.Queue()
-    run_camera(vcfg.cameras[0], vcfg, out, threading.Event())
+    # The camera process sends its log records to the main process: here, to a queue nobody reads. It takes
+    # over the root logger as a process of its own would, so the test puts this process's logging back.
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        run_camera(vcfg.cameras[0], vcfg, out, threading.Event(), (queue.Queue(), logging.INFO), threading.Event())
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
     msgs = [out.get_nowait() for _ in range(out.qsize())]
     assert msgs[-1][0] == "done" and msgs[-1][2]["frames"] == 20
     assert any(m[0] == "facts" for m in msgs)
