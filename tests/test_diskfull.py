@@ -511,6 +511,9 @@ def test_a_disk_that_fills_during_trading_loses_nothing(tmp_path: Path, disk: Ti
         health={"interval_s": 2.0},
         rfid={"enabled": True, "clock": "reads", "snapshot_interval_s": 0},
         rfid__mqtt={"enabled": True, "port": broker.port, "topic": "readers/+/events"},
+        # Every episode's lines as they happen: this test counts them against HQ's alerts, and coalescing
+        # holds a second episode's alert line back for a minute (test_logs.py tests coalescing).
+        log={"level": "INFO", "coalesce_s": 0},
     )
     with cfg.open("a") as f:
         for a in antennas:
